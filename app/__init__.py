@@ -1,0 +1,1 @@
+"""The example blog service (users → posts → comments) whose schema migrate-job migrates."""

@@ -1,0 +1,242 @@
+"""Backups with pg_dump: argument lists, the password in the environment, atomic and verified.
+
+The dump streams through us so its sha256 is computed while it is written; it lands under a
+temporary name, is fsynced, renamed, then checked with `pg_restore --list` before anything migrates.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from job.config import Database
+from job.errors import BackupFailed
+from job.logs import log
+
+CHUNK = 1 << 20
+PARTIAL = ".partial"
+
+
+@dataclass(frozen=True)
+class Backup:
+    """A verified backup and its sidecar's content."""
+
+    path: str
+    database: str
+    from_revision: list[str]
+    to_revision: list[str]
+    created_at: str
+    bytes: int
+    sha256: str
+    seconds: float
+    pg_dump_version: str
+    server_version: int
+
+
+def major_of_pg_dump(version_output: str) -> int:
+    """The major version in `pg_dump --version` output, e.g. 'pg_dump (PostgreSQL) 15.20 (Debian ...)'."""
+    match = re.search(r"\)\s*(\d+)(?:\.(\d+))?", version_output)
+    if not match:
+        raise BackupFailed(f"cannot read the pg_dump version from {version_output.strip()!r}")
+    major = int(match.group(1))
+    # before PostgreSQL 10 the major version had two parts, e.g. 9.6
+    return major * 10 + int(match.group(2) or 0) if major < 10 else major
+
+
+def check_compatible(pg_dump_major: int, server_version_num: int) -> None:
+    """Refuse a pg_dump older than the server: it cannot dump a newer server's catalog correctly."""
+    server_major = server_version_num // 10000 if server_version_num >= 100000 else server_version_num // 100
+    if pg_dump_major < server_major:
+        raise BackupFailed(
+            f"pg_dump {pg_dump_major} is older than the server ({server_major}): install "
+            f"postgresql-client-{server_major} or newer in the image (build argument PG_MAJOR)"
+        )
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise BackupFailed(f"{name} not found on PATH: install postgresql-client, or set MIGRATE_BACKUP=off")
+    return path
+
+
+def child_env(database: Database, env: Mapping[str, str]) -> dict[str, str]:
+    """The environment for pg_dump/pg_restore: ours, less our URL, plus PGPASSWORD."""
+    child = {k: v for k, v in env.items() if k not in ("DATABASE_URL", "DATABASE_URL_FILE")}
+    if database.password is not None:
+        child["PGPASSWORD"] = database.password
+    return child
+
+
+def file_name(moment: dt.datetime, database: str, from_revision: list[str], to_revision: list[str]) -> str:
+    """Timestamp first, so a plain listing sorts by time."""
+    def part(revs: list[str]) -> str:
+        return "+".join(revs) or "base"
+
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{database}_{part(from_revision)}_to_{part(to_revision)}")
+    return f"{moment.strftime('%Y%m%dT%H%M%S.%fZ')}_{safe}.dump"
+
+
+def take(
+    database: Database,
+    directory: Path,
+    database_name: str,
+    server_version: int,
+    from_revision: list[str],
+    to_revision: list[str],
+    keep: int,
+    application_name: str,
+    env: Mapping[str, str],
+) -> Backup:
+    """Dump the database into `directory`, verify it, write the sidecar, prune to the newest `keep`."""
+    pg_dump, pg_restore = tool("pg_dump"), tool("pg_restore")
+    version = _run([pg_dump, "--version"], env).strip()
+    check_compatible(major_of_pg_dump(version), server_version)
+    if not directory.is_dir():
+        raise BackupFailed(
+            f"backup directory {str(directory)!r} does not exist: mount a volume there, "
+            "set MIGRATE_BACKUP_DIR, or set MIGRATE_BACKUP=off"
+        )
+    remove_partials(directory)
+    moment = dt.datetime.now(dt.timezone.utc)
+    final = directory / file_name(moment, database_name, from_revision, to_revision)
+    log.info("backup.start", path=str(final), database=database_name)
+    started = time.monotonic()
+    child = child_env(database, env)
+    argv = [pg_dump, "--format=custom", "--no-password", f"--dbname={database.conninfo_without_password(application_name)}"]
+    size, digest = _dump_atomically(argv, child, final)
+    try:
+        _run([pg_restore, "--list", str(final)], child)
+        backup = Backup(
+            path=str(final),
+            database=database_name,
+            from_revision=from_revision,
+            to_revision=to_revision,
+            created_at=moment.isoformat(),
+            bytes=size,
+            sha256=digest,
+            seconds=round(time.monotonic() - started, 3),
+            pg_dump_version=version,
+            server_version=server_version,
+        )
+        _write_atomically(sidecar_of(final), (json.dumps(asdict(backup), indent=2) + "\n").encode())
+    except BaseException:
+        final.unlink(missing_ok=True)
+        raise
+    log.info("backup.done", path=backup.path, bytes=backup.bytes, seconds=backup.seconds, sha256=backup.sha256)
+    prune(directory, database_name, keep)
+    return backup
+
+
+def sidecar_of(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def listing(directory: Path, database_name: str | None = None) -> list[dict[str, Any]]:
+    """Sidecars of the backups in `directory`, newest first (optionally for one database)."""
+    found = []
+    for side in sorted(directory.glob("*.dump.json"), reverse=True):
+        try:
+            meta = json.loads(side.read_text())
+        except (OSError, ValueError):
+            continue
+        if database_name is None or meta.get("database") == database_name:
+            found.append(meta)
+    return found
+
+
+def prune(directory: Path, database_name: str, keep: int) -> None:
+    """Delete all but the newest `keep` backups of this database."""
+    for meta in listing(directory, database_name)[keep:]:
+        path = Path(meta["path"])
+        path.unlink(missing_ok=True)
+        sidecar_of(path).unlink(missing_ok=True)
+        log.info("backup.pruned", path=str(path))
+
+
+def remove_partials(directory: Path) -> None:
+    """Under the lock no other job writes here: a partial file is a dead run's leftover."""
+    for leftover in directory.glob(f".*{PARTIAL}"):
+        leftover.unlink(missing_ok=True)
+        log.warning("backup.partial_removed", path=str(leftover))
+
+
+def _dump_atomically(argv: list[str], env: dict[str, str], final: Path) -> tuple[int, str]:
+    """Stream pg_dump's output to a 0600 temporary file, hashing it; fsync and rename; return size and sha256."""
+    partial = final.with_name(f".{final.name}{PARTIAL}")
+    digest, size = hashlib.sha256(), 0
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        raise BackupFailed(f"cannot write to backup directory {str(final.parent)!r}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as out, tempfile.TemporaryFile() as stderr_file, subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=stderr_file, env=env
+        ) as proc:
+            try:
+                while chunk := proc.stdout.read(CHUNK):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            except BaseException as e:
+                proc.kill()
+                if isinstance(e, OSError):
+                    raise BackupFailed(f"cannot write backup {str(final)!r}: {e.strerror}") from None
+                raise
+            if proc.wait() != 0:
+                stderr_file.seek(0)
+                message = _last_line(stderr_file.read().decode(errors="replace"))
+                raise BackupFailed(f"pg_dump failed: {message}")
+        os.rename(partial, final)
+        _fsync_dir(final.parent)
+    finally:
+        partial.unlink(missing_ok=True)
+    return size, digest.hexdigest()
+
+
+def _write_atomically(path: Path, content: bytes) -> None:
+    partial = path.with_name(f".{path.name}{PARTIAL}")
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(content)
+            out.flush()
+            os.fsync(out.fileno())
+        os.rename(partial, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        raise BackupFailed(f"cannot write {str(path)!r}: {e.strerror}") from None
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _run(argv: list[str], env: Mapping[str, str]) -> str:
+    result = subprocess.run(argv, capture_output=True, env=dict(env), text=True)
+    if result.returncode != 0:
+        raise BackupFailed(f"{Path(argv[0]).name} failed: {_last_line(result.stderr)}")
+    return result.stdout
+
+
+def _last_line(stderr: str) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "no error output"

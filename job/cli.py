@@ -1,0 +1,170 @@
+"""Command line: argparse verbs → settings → pipeline; JobError → exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from job import __version__, config, db, logs, pipeline
+from job.errors import ConfigError, Interrupted, JobError
+from job.logs import log
+
+PENDING = 8
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse would print usage; raise so it is logged as JSON
+        raise ConfigError(f"{message} (see `migrate-job --help`)")
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    flag = common.add_argument
+    flag("--database-url", help="overrides DATABASE_URL")
+    flag("--config", help="alembic.ini to use (ALEMBIC_CONFIG)")
+    flag("--target", help="revision to migrate to (MIGRATE_TARGET)")
+    flag("--wait-timeout", type=float, help="seconds to wait for the database (MIGRATE_WAIT_TIMEOUT)")
+    flag("--lock-timeout", type=float, help="seconds to wait for the lock (MIGRATE_LOCK_TIMEOUT)")
+    flag("--lock-key", help="advisory lock key (MIGRATE_LOCK_KEY)")
+    flag("--backup", choices=("auto", "always", "off"), help="MIGRATE_BACKUP")
+    flag("--backup-dir", help="MIGRATE_BACKUP_DIR")
+    flag("--backup-keep", type=int, help="MIGRATE_BACKUP_KEEP")
+    flag("--log-format", choices=("json", "console"), help="MIGRATE_LOG_FORMAT")
+    flag("--log-level", choices=("debug", "info", "warning", "error"), help="MIGRATE_LOG_LEVEL")
+
+    top = _Parser(prog="migrate-job", description="Run Alembic migrations safely, once, with a backup.")
+    top.add_argument("--version", action="version", version=f"migrate-job {__version__}")
+    verbs = top.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    verbs.add_parser("run", parents=[common], help="wait, lock, back up, upgrade to the target, verify")
+    verbs.add_parser("wait", parents=[common], help="wait until the database accepts queries")
+    check = verbs.add_parser("check", parents=[common], help="exit 0 at the target, 8 when migrations are pending")
+    check.add_argument("--wait", action="store_true", help="block until at the target or the wait timeout passes")
+    check.add_argument("--format", choices=("text", "json"), default="text")
+    plan = verbs.add_parser("plan", parents=[common], help="print current, target and pending revisions")
+    plan.add_argument("--sql", action="store_true", help="print the offline SQL of the pending revisions")
+    plan.add_argument("--format", choices=("text", "json"), default="text")
+    return top
+
+
+def cmd_run(settings: config.Settings, args: argparse.Namespace) -> tuple[str, int]:
+    return pipeline.run(settings), 0
+
+
+def cmd_wait(settings: config.Settings, args: argparse.Namespace) -> tuple[str, int]:
+    return pipeline.wait(settings), 0
+
+
+def cmd_check(settings: config.Settings, args: argparse.Namespace) -> tuple[str, int]:
+    the_plan = pipeline.check(settings, block=args.wait)
+    at_target = not the_plan.pending
+    if args.format == "json":
+        _out(json.dumps({"at_target": at_target, **the_plan.as_dict()}))
+    log.info("check", at_target=at_target, current=list(the_plan.current), pending=len(the_plan.pending))
+    return ("at-target", 0) if at_target else ("pending", PENDING)
+
+
+def cmd_plan(settings: config.Settings, args: argparse.Namespace) -> tuple[str, int]:
+    the_plan, sql = pipeline.plan_of(settings, sql=args.sql)
+    if sql is not None:
+        _out(sql)
+    elif args.format == "json":
+        _out(json.dumps(the_plan.as_dict()))
+    else:
+        lines = [
+            f"current: {', '.join(the_plan.current) or 'base (empty)'}",
+            f"target:  {the_plan.target} ({', '.join(the_plan.heads)})",
+            f"pending: {len(the_plan.pending)}",
+            *(f"  {s.revision}  {s.description}" for s in the_plan.pending),
+        ]
+        _out("\n".join(lines))
+    return "planned", 0
+
+
+COMMANDS: dict[str, Callable[[config.Settings, argparse.Namespace], tuple[str, int]]] = {
+    "run": cmd_run,
+    "wait": cmd_wait,
+    "check": cmd_check,
+    "plan": cmd_plan,
+}
+# commands whose product is on stdout: their logs go to stderr
+PRINTS = {"plan", "status"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()
+    env = os.environ
+    logs.redactor.add([env["PGPASSWORD"]] if env.get("PGPASSWORD") else [])
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parser().parse_args(argv or ["run"])
+    except ConfigError as e:
+        logs.configure(*_log_settings(env, None))
+        return _failed(e, started, env)
+    prints = args.command in PRINTS or getattr(args, "format", "text") == "json"
+    logs.configure(*_log_settings(env, args), stream=sys.stderr if prints else sys.stdout)
+    db.install_signal_handlers()
+    log.info("run.start", command=args.command, version=__version__)
+    try:
+        settings = config.load(env, vars(args))
+        logs.redactor.add(settings.secrets)
+        outcome, code = COMMANDS[args.command](settings, args)
+    except (JobError, Interrupted) as e:
+        return _failed(e, started, env)
+    except Exception as e:
+        return _failed(e, started, env, detail=traceback.format_exc())
+    log.info("run.done", outcome=outcome, exit_code=code, seconds=_since(started))
+    _terminate(env, f"{outcome} (exit {code})")
+    return code
+
+
+def _failed(error: BaseException, started: float, env: Any, detail: str | None = None) -> int:
+    """Log run.failed with a one-line error, write the termination message, return the exit code."""
+    if isinstance(error, Interrupted):
+        message = f"interrupted by signal {error.signum}: the running revision was rolled back, the lock released"
+    elif isinstance(error, JobError):
+        message = str(error)
+    else:
+        message = f"unexpected error: {type(error).__name__}: {error}"
+    code = getattr(error, "exit_code", 1)
+    message = " ".join(message.split())
+    fields: dict[str, Any] = {"error_type": type(error).__name__, "error": message, "exit_code": code}
+    if detail:
+        fields["traceback"] = detail
+    log.error("run.failed", seconds=_since(started), **fields)
+    _terminate(env, logs.redactor.text(f"failed (exit {code}): {message}"))
+    return code
+
+
+def _log_settings(env: Any, args: argparse.Namespace | None) -> tuple[str, str]:
+    fmt = (getattr(args, "log_format", None) or env.get("MIGRATE_LOG_FORMAT") or "").lower()
+    if fmt not in ("json", "console"):
+        fmt = "console" if sys.stdout.isatty() else "json"
+    level = (getattr(args, "log_level", None) or env.get("MIGRATE_LOG_LEVEL") or "info").lower()
+    return fmt, level if level in logs.LEVELS else "info"
+
+
+def _terminate(env: Any, message: str) -> None:
+    """Write the outcome where Kubernetes shows it (`kubectl describe pod`), when that file is there."""
+    explicit = env.get("MIGRATE_TERMINATION_LOG")
+    path = Path(explicit or "/dev/termination-log")
+    if not (path.exists() or (explicit and path.parent.is_dir())):
+        return
+    try:
+        path.write_text(message[:4000] + "\n")
+    except OSError:
+        pass
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    sys.stdout.flush()
+
+
+def _since(started: float) -> float:
+    return round(time.monotonic() - started, 3)

@@ -1,0 +1,85 @@
+"""Connections that a signal can interrupt.
+
+A Python signal handler cannot run while psycopg2 is blocked inside libpq. With a wait callback,
+psycopg2 waits in Python (`select`), so our SIGTERM/SIGINT handler runs, raises `Interrupted`, and
+the callback turns that into a server-side cancel of the running statement. The server answers
+with an error, the transaction rolls back, and `received_signal()` tells the caller the error was
+ours, not the revision's. See psycopg2's `extras.wait_select`, which does the same for SIGINT only.
+"""
+
+from __future__ import annotations
+
+import select
+import signal
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+
+from job.errors import Interrupted
+
+_received: list[int] = []
+
+
+def _on_signal(signum: int, _frame: Any) -> None:
+    first = not _received
+    _received.append(signum)
+    if first:
+        raise Interrupted(signum)
+
+
+def install_signal_handlers() -> None:
+    """Make SIGTERM and SIGINT raise `Interrupted` once, wherever the job is, and make DB waits interruptible."""
+    _received.clear()
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    psycopg2.extensions.set_wait_callback(_wait)
+
+
+def received_signal() -> int | None:
+    """The first signal received, if any: a cancelled statement after a signal is an interruption."""
+    return _received[0] if _received else None
+
+
+def check_interrupted() -> None:
+    """Raise `Interrupted` if a signal arrived while its exception could not be raised."""
+    signum = received_signal()
+    if signum is not None:
+        raise Interrupted(signum)
+
+
+def _wait(conn: Any) -> None:
+    """psycopg2 wait callback: wait in Python, and on a signal cancel the statement and keep waiting."""
+    while True:
+        try:
+            state = conn.poll()
+            if state == psycopg2.extensions.POLL_OK:
+                return
+            if state == psycopg2.extensions.POLL_READ:
+                select.select([conn.fileno()], [], [])
+            elif state == psycopg2.extensions.POLL_WRITE:
+                select.select([], [conn.fileno()], [])
+            else:
+                raise conn.OperationalError(f"bad state from poll: {state}")
+        except Interrupted:
+            try:
+                conn.cancel()
+            except psycopg2.Error:
+                raise Interrupted(received_signal() or signal.SIGTERM) from None
+            # the server now ends the statement with an error, which breaks this loop
+
+
+def connect(kwargs: dict[str, str]) -> Any:
+    """Open an autocommit psycopg2 connection (no transaction stays open while we wait for anything)."""
+    conn = psycopg2.connect(**kwargs)
+    conn.autocommit = True
+    return conn
+
+
+def is_cancel(error: BaseException) -> bool:
+    """Whether a driver error (possibly wrapped by SQLAlchemy) is a cancelled statement."""
+    while error is not None:
+        if isinstance(error, psycopg2.errors.QueryCanceled):
+            return True
+        error = getattr(error, "orig", None) or error.__cause__
+    return False

@@ -1,0 +1,59 @@
+"""One exception hierarchy; the CLI turns each into its exit code."""
+
+
+class JobError(Exception):
+    """Base error for everything the job reports; `exit_code` is what the process exits with."""
+
+    exit_code = 1
+
+
+class ConfigError(JobError):
+    """Usage or configuration is wrong: bad flag, bad URL, missing alembic.ini."""
+
+    exit_code = 2
+
+
+class DatabaseUnavailable(JobError):
+    """The database did not accept queries within the wait timeout, or refused us outright."""
+
+    exit_code = 3
+
+
+class LockTimeout(JobError):
+    """Another session held the migration lock for longer than the lock timeout."""
+
+    exit_code = 4
+
+
+class BackupFailed(JobError):
+    """The backup could not be taken or verified; nothing was migrated."""
+
+    exit_code = 5
+
+
+class MigrationFailed(JobError):
+    """A revision failed; the database stays at the last revision that committed."""
+
+    exit_code = 6
+
+    def __init__(self, message: str, revision: str | None = None) -> None:
+        super().__init__(message)
+        self.revision = revision
+
+
+class RevisionError(JobError):
+    """The database is at a revision the scripts do not know, or `head` is ambiguous."""
+
+    exit_code = 7
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT arrived; raised from the signal handler so no `except Exception` swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

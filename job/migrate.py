@@ -1,0 +1,262 @@
+"""Alembic, driven on the connection that holds the lock, one revision per transaction.
+
+Alembic hands the work to the project's env.py. Ours takes the shared connection from
+`config.attributes["connection"]` (the Alembic cookbook's "sharing a connection" recipe); a stock
+`alembic init` env.py ignores it and builds its own engine from `sqlalchemy.url`, which we fill in.
+Either way each revision runs in its own `run_env()`, so each commits on its own, whatever
+`transaction_per_migration` the env.py passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging.config
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import psycopg2
+import psycopg2.errors
+import tenacity
+from alembic.config import Config
+from alembic.runtime.environment import EnvironmentContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy import create_engine
+from sqlalchemy.pool import StaticPool
+
+from job import db
+from job.errors import ConfigError, Interrupted, MigrationFailed, RevisionError
+from job.logs import log
+from job.wait import one_line
+
+
+LONG_TRANSACTIONS_SQL = """
+SELECT pid, application_name, state, xact_start FROM pg_stat_activity
+WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start IS NOT NULL
+  AND backend_type = 'client backend' AND application_name NOT LIKE 'migrate-job/%'
+ORDER BY xact_start LIMIT 5
+"""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One pending revision."""
+
+    revision: str
+    description: str
+
+
+class Project:
+    """An Alembic project: its config and scripts, loaded once, and the connection env.py should use."""
+
+    def __init__(self, ini: Path, sqlalchemy_url: str, raw_connection: Any | None = None) -> None:
+        self.config = Config(str(ini))
+        # configparser interpolation would read a URL-encoded password's % as a reference
+        self.config.set_main_option("sqlalchemy.url", sqlalchemy_url.replace("%", "%%"))
+        self.config.attributes["configure_logger"] = False
+        try:
+            self.script = ScriptDirectory.from_config(self.config)
+        except CommandError as e:
+            raise ConfigError(f"Alembic project in {str(ini)!r} is not usable: {e}") from None
+        self.raw_connection = raw_connection
+        self._connection: Any = None
+
+    def connection(self) -> Any:
+        """A SQLAlchemy connection over the raw psycopg2 connection (the one holding the lock)."""
+        if self._connection is None and self.raw_connection is not None:
+            raw = self.raw_connection
+            raw.autocommit = False
+            engine = create_engine("postgresql+psycopg2://", creator=lambda: raw, poolclass=StaticPool)
+            self._connection = engine.connect()
+            self.config.attributes["connection"] = self._connection
+        return self._connection
+
+    def heads(self) -> tuple[str, ...]:
+        return tuple(self.script.get_heads())
+
+    def steps(self, current: tuple[str, ...], target: str) -> list[Step]:
+        """The revisions between `current` and `target`, in the order they apply."""
+        return [Step(s.revision.revision, s.doc) for s in self._upgrade_revs(target, current)]
+
+    def validate(self, current: tuple[str, ...], target: str) -> None:
+        """Refuse a database at an unknown revision, an ambiguous `head`, or a target that is not ahead."""
+        for revision in current:
+            try:
+                self.script.get_revision(revision)
+            except Exception:
+                raise RevisionError(
+                    f"the database is at revision {revision!r}, which these migration scripts do not "
+                    "know: it was migrated by newer code, or the scripts are missing a revision"
+                ) from None
+        heads = self.heads()
+        if target == "head" and len(heads) > 1:
+            raise RevisionError(
+                f"the migration scripts have {len(heads)} heads ({', '.join(heads)}) and the target is "
+                "'head': merge them (alembic merge heads) or set MIGRATE_TARGET"
+            )
+        try:
+            self.script.get_revisions(target)
+        except Exception:
+            raise ConfigError(f"MIGRATE_TARGET {target!r} is not a revision of these scripts") from None
+
+    def _upgrade_revs(self, target: str, current: tuple[str, ...]) -> list[Any]:
+        # ScriptDirectory._upgrade_revs is what alembic.command.upgrade itself runs.
+        try:
+            return self.script._upgrade_revs(target, current)
+        except CommandError as e:
+            raise ConfigError(
+                f"cannot upgrade from {', '.join(current) or 'base'} to {target!r}: {e} "
+                "(to go back, use `migrate-job downgrade`)"
+            ) from None
+
+    def run_env(self, fn: Callable[[Any, Any], list[Any]], as_sql: bool = False, **kw: Any) -> None:
+        """Run the project's env.py once with `fn` choosing the steps; env.py never reconfigures logging."""
+        if not as_sql:
+            self.connection()
+        with _no_file_config(), EnvironmentContext(self.config, self.script, fn=fn, as_sql=as_sql, **kw):
+            self.script.run_env()
+
+    def offline_sql(self, current: tuple[str, ...], target: str) -> str:
+        """The SQL `alembic upgrade --sql` would emit from `current` to `target`."""
+        buffer = io.StringIO()
+        self.config.output_buffer = buffer
+        starting = current[0] if len(current) == 1 else None
+        self.run_env(
+            lambda rev, ctx: self._upgrade_revs(target, current),
+            as_sql=True,
+            starting_rev=starting,
+            destination_rev=target,
+        )
+        return buffer.getvalue()
+
+    def long_transactions(self) -> list[dict[str, Any]]:
+        """Other sessions' open transactions in this database, oldest first: who blocks our DDL."""
+        raw = self.raw_connection
+        if raw is None or raw.closed:
+            return []
+        try:
+            with raw.cursor() as cur:
+                cur.execute(LONG_TRANSACTIONS_SQL)
+                rows = cur.fetchall()
+            raw.rollback()
+        except psycopg2.Error:
+            return []
+        return [
+            {"pid": pid, "application_name": app, "state": state, "xact_start": start.isoformat()}
+            for pid, app, state, start in rows
+        ]
+
+    def close(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                self._connection.rollback()
+            self.config.attributes.pop("connection", None)
+            self._connection = None
+            if not self.raw_connection.closed:
+                self.raw_connection.rollback()
+                self.raw_connection.autocommit = True
+
+
+@contextlib.contextmanager
+def _no_file_config() -> Iterator[None]:
+    """A stock env.py calls logging.config.fileConfig(alembic.ini); the job owns logging, so skip it."""
+    original = logging.config.fileConfig
+    logging.config.fileConfig = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        logging.config.fileConfig = original
+
+
+def upgrade(project: Project, steps: list[Step], target: str, lock_retries: int = 0) -> None:
+    """Apply `steps` one per transaction, logging each; raise MigrationFailed naming the one that failed.
+
+    A revision whose DDL gave up waiting for a table lock (`lock_timeout`) is retried with backoff:
+    the application's transactions go first, and the migration tries again when they have moved on.
+    """
+    for step in steps:
+        log.info("migration.start", revision=step.revision, description=step.description)
+        started = time.monotonic()
+
+        def one_step(rev: Any, _context: Any, expected: str = step.revision) -> list[Any]:
+            steps_now = project._upgrade_revs(target, rev)[:1]
+            if not steps_now or steps_now[0].revision.revision != expected:
+                raise MigrationFailed(f"the database moved while we held the lock: expected {expected} next")
+            return steps_now
+
+        def before_retry(state: tenacity.RetryCallState, step: Step = step) -> None:
+            log.warning(
+                "migration.retry",
+                revision=step.revision,
+                attempt=state.attempt_number,
+                retries=lock_retries,
+                next_in=round(state.upcoming_sleep, 3),
+                error=one_line(_driver_error(state.outcome.exception())),
+                blockers=project.long_transactions(),
+            )
+
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(_is_lock_timeout),
+            stop=tenacity.stop_after_attempt(lock_retries + 1),
+            wait=tenacity.wait_random_exponential(multiplier=0.5, max=10),
+            before_sleep=before_retry,
+            reraise=True,
+        )
+        try:
+            retrying(project.run_env, one_step)
+        except (Interrupted, MigrationFailed):
+            raise
+        except Exception as e:
+            raise _failure(step, e, project) from None
+        log.info(
+            "migration.done",
+            revision=step.revision,
+            description=step.description,
+            seconds=round(time.monotonic() - started, 3),
+        )
+
+
+def _is_lock_timeout(error: BaseException) -> bool:
+    return db.received_signal() is None and isinstance(_driver_error(error), psycopg2.errors.LockNotAvailable)
+
+
+def _failure(step: Step, error: Exception, project: Project) -> BaseException:
+    """Tell a signal's cancel from a revision's own failure, and say what state the database is in."""
+    signum = db.received_signal()
+    if signum is not None and db.is_cancel(error):
+        return Interrupted(signum)
+    driver = _driver_error(error)
+    message = one_line(driver or error)
+    if isinstance(driver, psycopg2.errors.LockNotAvailable):
+        blockers = ", ".join(
+            f"pid {b['pid']} ({b['application_name'] or 'no application_name'}, {b['state']} since {b['xact_start']})"
+            for b in project.long_transactions()
+        )
+        return MigrationFailed(
+            f"revision {step.revision} ({step.description}) could not take its table locks within "
+            f"MIGRATE_STATEMENT_LOCK_TIMEOUT, after all MIGRATE_LOCK_RETRIES; rolled back. "
+            f"Blocking: {blockers or 'no transaction is open any more'}",
+            revision=step.revision,
+        )
+    if isinstance(driver, psycopg2.OperationalError) and getattr(driver, "pgcode", None) is None:
+        return MigrationFailed(
+            f"revision {step.revision} ({step.description}) lost its connection: {message}; "
+            "the server rolled the revision back, run the job again",
+            revision=step.revision,
+        )
+    return MigrationFailed(
+        f"revision {step.revision} ({step.description}) failed and was rolled back: "
+        f"{type(driver or error).__name__}: {message}",
+        revision=step.revision,
+    )
+
+
+def _driver_error(error: BaseException | None) -> psycopg2.Error | None:
+    while error is not None:
+        if isinstance(error, psycopg2.Error):
+            return error
+        error = getattr(error, "orig", None) or error.__cause__ or error.__context__
+    return None

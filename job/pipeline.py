@@ -1,0 +1,135 @@
+"""The commands: `run` is the pipeline, wait → lock → plan → backup → upgrade → verify."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Any, Iterator
+
+from job import backup, lock, migrate, plan
+from job.config import Settings, lock_key_for, version_table_of
+from job.errors import MigrationFailed
+from job.logs import log
+from job.wait import wait_for_database
+
+
+def run(settings: Settings) -> str:
+    """Migrate the database to the target under the lock; return the outcome ("migrated" or "up-to-date")."""
+    with connected(settings) as conn, locked(settings, conn), project_of(settings, conn) as project:
+        the_plan = plan.make(project, plan.current_revisions(conn, version_table(settings)), settings.target)
+        log.info("plan", **the_plan.as_dict())
+        if settings.backup == "always" or (settings.backup == "auto" and the_plan.pending):
+            take_backup(settings, conn, list(the_plan.current), list(the_plan.heads if the_plan.pending else the_plan.current))
+        if not the_plan.pending:
+            return "up-to-date"
+        set_session_timeouts(conn, settings)
+        migrate.upgrade(project, the_plan.pending, settings.target, settings.lock_retries)
+        verify(settings, conn, project)
+        return "migrated"
+
+
+def wait(settings: Settings) -> str:
+    """Return once the database accepts queries."""
+    with connected(settings):
+        return "ready"
+
+
+def check(settings: Settings, block: bool = False) -> plan.Plan:
+    """The plan from the database's current revision; with `block`, wait until nothing is pending."""
+    deadline = time.monotonic() + settings.wait_timeout
+    with connected(settings) as conn, project_of(settings, None) as project:
+        if block:
+            # the migrating job NOTIFYs when it releases the lock; poll anyway every second
+            with conn.cursor() as cur:
+                cur.execute(f"LISTEN {lock.channel(lock_key(settings, conn))}")
+        while True:
+            the_plan = plan.make(project, plan.current_revisions(conn, version_table(settings)), settings.target)
+            if not block or not the_plan.pending or time.monotonic() >= deadline:
+                return the_plan
+            log.info("check.waiting", current=list(the_plan.current), pending=len(the_plan.pending))
+            lock.sleep_or_notified(conn, min(1.0, max(deadline - time.monotonic(), 0.0)))
+
+
+def plan_of(settings: Settings, sql: bool = False) -> tuple[plan.Plan, str | None]:
+    """The plan, and with `sql` the offline SQL the pending revisions would run; changes nothing."""
+    with connected(settings) as conn, project_of(settings, None) as project:
+        the_plan = plan.make(project, plan.current_revisions(conn, version_table(settings)), settings.target)
+        return the_plan, project.offline_sql(the_plan.current, settings.target) if sql else None
+
+
+@contextlib.contextmanager
+def connected(settings: Settings) -> Iterator[Any]:
+    conn = wait_for_database(settings.database.connect_kwargs(settings.application_name), settings.wait_timeout)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def locked(settings: Settings, conn: Any) -> Iterator[None]:
+    with lock.advisory_lock(conn, lock_key(settings, conn), settings.lock_timeout):
+        yield
+
+
+@contextlib.contextmanager
+def project_of(settings: Settings, conn: Any | None) -> Iterator[migrate.Project]:
+    """The Alembic project; with `conn`, env.py migrates on that connection (the one holding the lock)."""
+    project = migrate.Project(settings.alembic_config, settings.database.sqlalchemy_url(session_options(settings)), conn)
+    try:
+        yield project
+    finally:
+        project.close()
+
+
+def version_table(settings: Settings) -> str:
+    return version_table_of(settings.alembic_config)
+
+
+def lock_key(settings: Settings, conn: Any) -> int:
+    if settings.lock_key is not None:
+        return settings.lock_key
+    return lock_key_for(conn.get_dsn_parameters()["dbname"], version_table(settings))
+
+
+def session_options(settings: Settings) -> dict[str, str]:
+    """Server settings for every migrating session: ours by SET, an env.py's own engine by `options`."""
+    return {
+        "lock_timeout": f"{int(settings.statement_lock_timeout * 1000)}ms",
+        "statement_timeout": f"{int(settings.statement_timeout * 1000)}ms",
+        # never sit on locks in an abandoned transaction
+        "idle_in_transaction_session_timeout": "60000ms",
+    }
+
+
+def set_session_timeouts(conn: Any, settings: Settings) -> None:
+    with conn.cursor() as cur:
+        for name, value in session_options(settings).items():
+            cur.execute("SELECT set_config(%s, %s, false)", (name, value))
+
+
+def take_backup(settings: Settings, conn: Any, from_revision: list[str], to_revision: list[str]) -> backup.Backup:
+    return backup.take(
+        settings.database,
+        settings.backup_dir,
+        conn.get_dsn_parameters()["dbname"],
+        conn.server_version,
+        from_revision,
+        to_revision,
+        settings.backup_keep,
+        settings.application_name,
+        os.environ,
+    )
+
+
+def verify(settings: Settings, conn: Any, project: migrate.Project) -> None:
+    """Read the version table again: the database must now be at the target."""
+    project.close()
+    current = plan.current_revisions(conn, version_table(settings))
+    left = project.steps(current, settings.target)
+    if left:
+        raise MigrationFailed(
+            f"after upgrading, the database is at {', '.join(current) or 'base'} with "
+            f"{len(left)} revision(s) still pending: {', '.join(s.revision for s in left)}"
+        )

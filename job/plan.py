@@ -1,0 +1,46 @@
+"""What the database is at, what the scripts are at, and what would run in between."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from psycopg2 import sql
+
+from job.migrate import Project, Step
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Current revision(s), the target, and the revisions that would apply, in order."""
+
+    current: tuple[str, ...]
+    target: str
+    heads: tuple[str, ...]
+    pending: list[Step] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "current": list(self.current),
+            "target": self.target,
+            "heads": list(self.heads),
+            "pending": [{"revision": s.revision, "description": s.description} for s in self.pending],
+        }
+
+
+def current_revisions(conn: Any, version_table: str, schema: str | None = None) -> tuple[str, ...]:
+    """Read the version table with the bare driver; an absent table is an empty (base) database."""
+    name = f"{schema}.{version_table}" if schema else version_table
+    table = sql.Identifier(schema, version_table) if schema else sql.Identifier(version_table)
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass(%s)", (sql.Identifier(*name.split(".")).as_string(conn),))
+        if cur.fetchone()[0] is None:
+            return ()
+        cur.execute(sql.SQL("SELECT version_num FROM {}").format(table))
+        return tuple(sorted(row[0] for row in cur.fetchall()))
+
+
+def make(project: Project, current: tuple[str, ...], target: str) -> Plan:
+    """Validate the database against the scripts and list the pending revisions."""
+    project.validate(current, target)
+    return Plan(current=current, target=target, heads=project.heads(), pending=project.steps(current, target))

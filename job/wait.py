@@ -1,0 +1,115 @@
+"""Wait until the database accepts queries: retry what is transient, fail fast on what is not."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import psycopg2
+import tenacity
+
+from job import db
+from job.errors import ConfigError, DatabaseUnavailable
+from job.logs import log
+
+# Connection errors worth waiting out: the server or its DNS name is not there yet, it is
+# starting, recovering or full. Anything else (a refused password, a missing database or role,
+# a pg_hba rule) will not fix itself by waiting.
+TRANSIENT = (
+    "connection refused",
+    "could not translate host name",
+    "temporary failure in name resolution",
+    "name or service not known",
+    "no such file or directory",  # the Unix socket is not there yet
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "the database system is not yet accepting connections",
+    "too many connections",
+    "remaining connection slots are reserved",
+    "timeout expired",
+    "server closed the connection unexpectedly",
+    "no route to host",
+    "network is unreachable",
+    "connection reset by peer",
+    "could not receive data from server",
+    "is in recovery",
+)
+
+HINTS = {
+    "password authentication failed": "check the password in DATABASE_URL (URL-encode @ : / % in it)",
+    "no password supplied": "put the password in DATABASE_URL or PGPASSWORD",
+    "does not exist": "check the database and user names in DATABASE_URL; the job does not create them",
+    "no pg_hba.conf entry": "the server's pg_hba.conf does not admit this client, user and database",
+}
+
+
+class _StillInRecovery(psycopg2.OperationalError):
+    """The server accepts connections but is a read-only standby: migrations need the primary."""
+
+
+def is_transient(error: BaseException) -> bool:
+    return isinstance(error, psycopg2.OperationalError) and any(
+        t in str(error).lower() for t in TRANSIENT
+    )
+
+
+def one_line(error: BaseException) -> str:
+    """The first meaningful line of a driver error."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def wait_for_database(connect_kwargs: dict[str, str], timeout: float) -> Any:
+    """Return an autocommit connection once the database answers queries, retrying for `timeout` seconds."""
+    started = time.monotonic()
+
+    def attempt() -> Any:
+        remaining = timeout - (time.monotonic() - started)
+        # libpq's smallest useful connect_timeout is 2 s
+        kwargs = {**connect_kwargs, "connect_timeout": str(max(2, min(int(remaining) or 2, 5)))}
+        conn = db.connect(kwargs)
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_is_in_recovery()")
+            (in_recovery,) = cur.fetchone()
+        if in_recovery:
+            conn.close()
+            raise _StillInRecovery("the server is in recovery (a read-only standby); migrations need the primary")
+        return conn
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        log.info(
+            "wait.retry",
+            attempt=state.attempt_number,
+            error=one_line(state.outcome.exception()),
+            next_in=round(state.upcoming_sleep, 3),
+            waited=round(time.monotonic() - started, 3),
+        )
+
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(is_transient),
+        stop=tenacity.stop_after_delay(timeout),
+        wait=tenacity.wait_random_exponential(multiplier=0.1, max=2),
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+    try:
+        conn = retrying(attempt)
+    except psycopg2.ProgrammingError as e:
+        raise ConfigError(f"invalid connection parameters: {one_line(e)}") from None
+    except psycopg2.OperationalError as e:
+        message = one_line(e)
+        if is_transient(e):
+            raise DatabaseUnavailable(
+                f"database not ready after {timeout:g} s (MIGRATE_WAIT_TIMEOUT): {message}"
+            ) from None
+        hint = next((h for key, h in HINTS.items() if key in message.lower()), None)
+        raise DatabaseUnavailable(
+            f"database refused the connection: {message}" + (f" ({hint})" if hint else "")
+        ) from None
+    log.info(
+        "wait.ready",
+        seconds=round(time.monotonic() - started, 3),
+        server_version=conn.server_version,
+    )
+    return conn
