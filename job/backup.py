@@ -97,6 +97,7 @@ def take(
     keep: int,
     application_name: str,
     env: Mapping[str, str],
+    lock_wait_timeout: float = 300,
 ) -> Backup:
     """Dump the database into `directory`, verify it, write the sidecar, prune to the newest `keep`."""
     pg_dump, pg_restore = tool("pg_dump"), tool("pg_restore")
@@ -113,7 +114,14 @@ def take(
     log.info("backup.start", path=str(final), database=database_name)
     started = time.monotonic()
     child = child_env(database, env)
-    argv = [pg_dump, "--format=custom", "--no-password", f"--dbname={database.conninfo_without_password(application_name)}"]
+    argv = [
+        pg_dump,
+        "--format=custom",
+        "--no-password",
+        # pg_dump takes a share lock on every table: never wait forever behind an app's transaction
+        f"--lock-wait-timeout={int(lock_wait_timeout * 1000)}",
+        f"--dbname={database.conninfo_without_password(application_name)}",
+    ]
     size, digest = _dump_atomically(argv, child, final)
     try:
         _run([pg_restore, "--list", str(final)], child)

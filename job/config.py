@@ -59,6 +59,9 @@ class Database:
                 f"invalid database URL {redact_url(url)!r}: {redact_url(str(e)).strip()}"
             ) from None
         password = params.pop("password", None)
+        for port in params.get("port", "").split(","):
+            if port and not port.isdigit():
+                raise ConfigError(f"invalid database URL {redact_url(url)!r}: port {port!r} is not a number")
         return cls(params=params, password=password)
 
     @classmethod

@@ -120,6 +120,7 @@ def take_backup(settings: Settings, conn: Any, from_revision: list[str], to_revi
         settings.backup_keep,
         settings.application_name,
         os.environ,
+        lock_wait_timeout=settings.lock_timeout,
     )
 
 

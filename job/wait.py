@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -99,6 +100,8 @@ def wait_for_database(connect_kwargs: dict[str, str], timeout: float) -> Any:
         raise ConfigError(f"invalid connection parameters: {one_line(e)}") from None
     except psycopg2.OperationalError as e:
         message = one_line(e)
+        if re.search(r"invalid .* (value|option)|unrecognized .* option", message.lower()):
+            raise ConfigError(f"invalid connection parameters: {message}") from None
         if is_transient(e):
             raise DatabaseUnavailable(
                 f"database not ready after {timeout:g} s (MIGRATE_WAIT_TIMEOUT): {message}"

@@ -1,0 +1,50 @@
+# migrate-job: `make migrate` runs the pipeline (against a local throwaway PostgreSQL when
+# DATABASE_URL is unset), `make test` runs the test suite. Both install what they need first.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+LOCAL  := .local
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: install migrate test lint plan revision db-up db-down clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[app,test]'
+	touch $@
+
+# DATABASE_URL of the local throwaway cluster, started when DATABASE_URL is not set
+DB = $${DATABASE_URL:-$$($(BIN)/python -m tests.pgcluster up $(LOCAL)/pg)}
+
+migrate: install
+	@mkdir -p $(LOCAL)/backups
+	@url="$(DB)" && DATABASE_URL="$$url" MIGRATE_BACKUP_DIR="$${MIGRATE_BACKUP_DIR:-$(LOCAL)/backups}" \
+		$(BIN)/migrate-job run
+
+plan: install
+	@url="$(DB)" && DATABASE_URL="$$url" $(BIN)/migrate-job plan
+
+test: install
+	$(BIN)/pytest -n 2 --dist loadgroup
+
+lint: install
+	$(BIN)/python -m compileall -q job app alembic tests
+
+# make revision m="add a column"
+revision: install
+	@test -n "$(m)" || { echo 'usage: make revision m="what it does"'; exit 2; }
+	@url="$(DB)" && DATABASE_URL="$$url" $(BIN)/alembic revision -m "$(m)"
+
+db-up: install
+	@$(BIN)/python -m tests.pgcluster up $(LOCAL)/pg
+
+db-down: install
+	@$(BIN)/python -m tests.pgcluster down $(LOCAL)/pg
+
+clean:
+	-$(BIN)/python -m tests.pgcluster down $(LOCAL)/pg
+	rm -rf $(LOCAL) $(VENV)

@@ -1,0 +1,152 @@
+"""A throwaway PostgreSQL cluster in a folder: for `make migrate` and for tests that stop, restart or
+delay a server.
+
+PostgreSQL refuses to run as root, so as root the server runs as an unprivileged user (`postgres`
+where it exists, else `nobody`) through `runuser`; as a normal user it runs as that user.
+
+    python -m tests.pgcluster up .local/pg      # prints the DATABASE_URL of its `blog` database
+    python -m tests.pgcluster down .local/pg
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_user() -> str | None:
+    """The user the server runs as when we are root; None when we are not root."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "nobody"):
+        try:
+            pwd.getpwnam(name)
+            return name
+        except KeyError:
+            continue
+    raise RuntimeError("running as root and no unprivileged user (postgres, nobody) to run PostgreSQL as")
+
+
+class Cluster:
+    """One data directory, one port, a superuser `postgres` (password `password` over TCP)."""
+
+    def __init__(self, directory: Path, port: int | None = None, password_auth: bool = False) -> None:
+        self.directory = Path(directory).resolve()
+        self.data = self.directory / "data"
+        self.port_file = self.directory / "port"
+        if port is None and self.port_file.exists():
+            port = int(self.port_file.read_text())
+        self.port = port or free_port()
+        self.password_auth = password_auth
+        self.user = server_user()
+
+    def url(self, database: str = "postgres", user: str = "postgres", password: str | None = None) -> str:
+        auth = f"{user}:{password}" if password else user
+        return f"postgresql://{auth}@127.0.0.1:{self.port}/{database}"
+
+    def _as_server_user(self, argv: list[str], **kw) -> subprocess.CompletedProcess:
+        if self.user is not None:
+            argv = ["runuser", "-u", self.user, "--", *argv]
+        return subprocess.run(argv, check=True, capture_output=True, text=True, **kw)
+
+    def init(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if (self.data / "PG_VERSION").exists():
+            return
+        if self.user is not None:
+            # the server user needs its folder, and to reach it (every parent must be searchable)
+            shutil.chown(self.directory, self.user)
+        auth = ["--auth-local=trust", "--auth-host=scram-sha-256"] if self.password_auth else ["--auth=trust"]
+        pwfile = self.directory / "pwfile"
+        pwfile.write_text("password\n")
+        if self.user is not None:
+            shutil.chown(pwfile, self.user)
+        self._as_server_user(
+            [str(BIN / "initdb"), "-D", str(self.data), "-U", "postgres", f"--pwfile={pwfile}", "-E", "UTF8",
+             "--locale=C.UTF-8", *auth]
+        )
+        pwfile.unlink()
+
+    def start(self, wait: bool = True) -> None:
+        self.init()
+        self.port_file.write_text(str(self.port))
+        options = (
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.directory} "
+            "-c fsync=off -c full_page_writes=off -c max_connections=200"
+        )
+        argv = [str(BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.directory / "server.log"), "-o", options]
+        argv += ["-w", "start"] if wait else ["-W", "start"]
+        self._as_server_user(argv)
+
+    def stop(self, mode: str = "fast") -> None:
+        if (self.data / "postmaster.pid").exists():
+            self._as_server_user([str(BIN / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"])
+
+    def restart(self) -> None:
+        self.stop(mode="immediate")
+        self.start()
+
+    def running(self) -> bool:
+        return (self.data / "postmaster.pid").exists()
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if subprocess.run([str(BIN / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
+                              capture_output=True).returncode == 0:
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"cluster on port {self.port} not ready")
+
+    def psql(self, sql: str, database: str = "postgres") -> str:
+        result = subprocess.run(
+            [str(BIN / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-d", database,
+             "-XAtqc", sql],
+            check=True, capture_output=True, text=True, env={**os.environ, "PGPASSWORD": "password"},
+        )
+        return result.stdout.strip()
+
+    def destroy(self) -> None:
+        try:
+            self.stop(mode="immediate")
+        finally:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pgcluster", description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=("up", "down", "url"))
+    parser.add_argument("directory", type=Path)
+    args = parser.parse_args(argv)
+    cluster = Cluster(args.directory)
+    if args.action == "up":
+        if not cluster.running():
+            cluster.start()
+        cluster.wait_ready()
+        if cluster.psql("SELECT 1 FROM pg_database WHERE datname = 'blog'") != "1":
+            cluster.psql("CREATE DATABASE blog")
+        print(cluster.url("blog"))
+    elif args.action == "down":
+        cluster.stop()
+    else:
+        print(cluster.url("blog"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
