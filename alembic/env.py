@@ -1,15 +1,15 @@
 """Alembic environment for the blog.
 
-Online, it migrates on the connection the caller shares through `config.attributes["connection"]`
-(migrate-job passes the one that holds its advisory lock; pytest-alembic does the same), and
-only otherwise builds its own engine from `sqlalchemy.url` or DATABASE_URL.
+Online, it migrates on what the caller shares through `config.attributes["connection"]`:
+migrate-job passes the Connection that holds its advisory lock, pytest-alembic an Engine. Only
+otherwise does it build its own engine from `sqlalchemy.url` or DATABASE_URL.
 """
 
 import os
 from logging.config import fileConfig
 
 from alembic import context
-from sqlalchemy import engine_from_config, pool
+from sqlalchemy import Connection, engine_from_config, pool
 
 from app.models import Base
 from job.config import Database
@@ -58,8 +58,12 @@ def do_run_migrations(connection) -> None:
 
 def run_migrations_online() -> None:
     shared = config.attributes.get("connection")
-    if shared is not None:
+    if isinstance(shared, Connection):
         do_run_migrations(shared)
+        return
+    if shared is not None:  # an Engine, as pytest-alembic shares it
+        with shared.connect() as connection:
+            do_run_migrations(connection)
         return
     section = {**config.get_section(config.config_ini_section, {}), "sqlalchemy.url": url()}
     engine = engine_from_config(section, prefix="sqlalchemy.", poolclass=pool.NullPool)

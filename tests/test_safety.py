@@ -131,7 +131,10 @@ def test_signal_mid_revision_rolls_back_and_releases(db: Db, env: dict[str, str]
     assert ["s001"] == db.version()
     assert [(0,)] == db.query("SELECT count(*) FROM ran")
     assert 0 == db.advisory_locks()
-    assert [] == db.query("SELECT pid FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%%'")
+    assert [] == db.query(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND state = 'active' "
+        "AND query LIKE 'SELECT pg_sleep%%'"
+    )
     assert "lock.released" in result.names
 
 

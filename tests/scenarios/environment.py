@@ -1,7 +1,7 @@
 """The env.py every scenario shares: the shared connection first, else an engine from sqlalchemy.url."""
 
 from alembic import context
-from sqlalchemy import engine_from_config, pool
+from sqlalchemy import Connection, engine_from_config, pool
 
 
 def run() -> None:
@@ -12,7 +12,7 @@ def run() -> None:
             context.run_migrations()
         return
     shared = config.attributes.get("connection")
-    if shared is not None:
+    if isinstance(shared, Connection):
         _migrate(shared)
         return
     engine = engine_from_config(config.get_section(config.config_ini_section, {}), prefix="sqlalchemy.",
