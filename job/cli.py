@@ -49,6 +49,8 @@ def parser() -> argparse.ArgumentParser:
     plan = verbs.add_parser("plan", parents=[common], help="print current, target and pending revisions")
     plan.add_argument("--sql", action="store_true", help="print the offline SQL of the pending revisions")
     plan.add_argument("--format", choices=("text", "json"), default="text")
+    verbs.add_parser("manifest", parents=[common],
+                     help="record the script heads so start-ups at head skip loading Alembic (run at image build)")
     return top
 
 
@@ -86,12 +88,21 @@ def cmd_plan(settings: config.Settings, args: argparse.Namespace) -> tuple[str, 
     return "planned", 0
 
 
+def cmd_manifest(settings: config.Settings, args: argparse.Namespace) -> tuple[str, int]:
+    path = pipeline.write_manifest(settings)
+    log.info("manifest.written", path=str(path))
+    return "written", 0
+
+
 COMMANDS: dict[str, Callable[[config.Settings, argparse.Namespace], tuple[str, int]]] = {
     "run": cmd_run,
     "wait": cmd_wait,
     "check": cmd_check,
     "plan": cmd_plan,
+    "manifest": cmd_manifest,
 }
+# commands that never connect
+OFFLINE = {"manifest"}
 # commands whose product is on stdout: their logs go to stderr
 PRINTS = {"plan", "status"}
 
@@ -111,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     db.install_signal_handlers()
     log.info("run.start", command=args.command, version=__version__)
     try:
-        settings = config.load(env, vars(args))
+        settings = config.load(env, vars(args), need_database=args.command not in OFFLINE)
         logs.redactor.add(settings.secrets)
         outcome, code = COMMANDS[args.command](settings, args)
     except (JobError, Interrupted) as e:

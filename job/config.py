@@ -189,7 +189,7 @@ def version_table_of(alembic_ini: Path) -> str:
     return parser.get("alembic", "version_table", fallback="alembic_version")
 
 
-def load(env: Mapping[str, str], flags: Mapping[str, object]) -> Settings:
+def load(env: Mapping[str, str], flags: Mapping[str, object], need_database: bool = True) -> Settings:
     """Resolve settings: flags override the environment, which overrides the defaults."""
 
     def pick(flag: str, var: str) -> str | None:
@@ -199,7 +199,11 @@ def load(env: Mapping[str, str], flags: Mapping[str, object]) -> Settings:
         value = env.get(var)
         return value if value not in (None, "") else None
 
-    database = _database(pick("database_url", "DATABASE_URL"), env)
+    url = pick("database_url", "DATABASE_URL")
+    if need_database or url or env.get("DATABASE_URL_FILE"):
+        database = _database(url, env)
+    else:
+        database = Database.from_libpq_env(env)
     alembic_config = Path(pick("config", "ALEMBIC_CONFIG") or "alembic.ini")
     if not alembic_config.is_file():
         raise ConfigError(

@@ -13,7 +13,6 @@ import contextlib
 import io
 import logging.config
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -29,6 +28,7 @@ from sqlalchemy.pool import StaticPool
 
 from job import db
 from job.errors import ConfigError, Interrupted, MigrationFailed, RevisionError
+from job.plan import Step
 from job.logs import log
 from job.wait import one_line
 
@@ -39,14 +39,6 @@ WHERE datname = current_database() AND pid <> pg_backend_pid() AND xact_start IS
   AND backend_type = 'client backend' AND application_name NOT LIKE 'migrate-job/%'
 ORDER BY xact_start LIMIT 5
 """
-
-
-@dataclass(frozen=True)
-class Step:
-    """One pending revision."""
-
-    revision: str
-    description: str
 
 
 class Project:

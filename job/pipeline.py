@@ -5,28 +5,37 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Any, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
 
-from job import backup, lock, migrate, plan
+from job import backup, lock, plan
 from job.config import Settings, lock_key_for, version_table_of
-from job.errors import MigrationFailed
+from job.errors import ConfigError, MigrationFailed
 from job.logs import log
 from job.wait import wait_for_database
+
+if TYPE_CHECKING:
+    from job import migrate
 
 
 def run(settings: Settings) -> str:
     """Migrate the database to the target under the lock; return the outcome ("migrated" or "up-to-date")."""
-    with connected(settings) as conn, locked(settings, conn), project_of(settings, conn) as project:
-        the_plan = plan.make(project, plan.current_revisions(conn, version_table(settings)), settings.target)
-        log.info("plan", **the_plan.as_dict())
-        if settings.backup == "always" or (settings.backup == "auto" and the_plan.pending):
-            take_backup(settings, conn, list(the_plan.current), list(the_plan.heads if the_plan.pending else the_plan.current))
-        if not the_plan.pending:
+    with connected(settings) as conn, locked(settings, conn):
+        current = plan.current_revisions(conn, version_table(settings))
+        known = plan.known_at_target(settings.alembic_config, current, settings.target)
+        if known and settings.backup != "always":
+            log.info("plan", **known.as_dict())
             return "up-to-date"
-        set_session_timeouts(conn, settings)
-        migrate.upgrade(project, the_plan.pending, settings.target, settings.lock_retries)
-        verify(settings, conn, project)
-        return "migrated"
+        with project_of(settings, conn) as project:
+            the_plan = plan.make(project, current, settings.target)
+            log.info("plan", **the_plan.as_dict())
+            if settings.backup == "always" or (settings.backup == "auto" and the_plan.pending):
+                take_backup(settings, conn, the_plan.current, the_plan.heads if the_plan.pending else the_plan.current)
+            if not the_plan.pending:
+                return "up-to-date"
+            upgrade(settings, conn, project, the_plan)
+            verify(settings, conn, project)
+            return "migrated"
 
 
 def wait(settings: Settings) -> str:
@@ -38,13 +47,18 @@ def wait(settings: Settings) -> str:
 def check(settings: Settings, block: bool = False) -> plan.Plan:
     """The plan from the database's current revision; with `block`, wait until nothing is pending."""
     deadline = time.monotonic() + settings.wait_timeout
-    with connected(settings) as conn, project_of(settings, None) as project:
+    project = None
+    with connected(settings) as conn, contextlib.ExitStack() as stack:
         if block:
             # the migrating job NOTIFYs when it releases the lock; poll anyway every second
             with conn.cursor() as cur:
                 cur.execute(f"LISTEN {lock.channel(lock_key(settings, conn))}")
         while True:
-            the_plan = plan.make(project, plan.current_revisions(conn, version_table(settings)), settings.target)
+            current = plan.current_revisions(conn, version_table(settings))
+            the_plan = plan.known_at_target(settings.alembic_config, current, settings.target)
+            if the_plan is None:
+                project = project or stack.enter_context(project_of(settings, None))
+                the_plan = plan.make(project, current, settings.target)
             if not block or not the_plan.pending or time.monotonic() >= deadline:
                 return the_plan
             log.info("check.waiting", current=list(the_plan.current), pending=len(the_plan.pending))
@@ -76,6 +90,8 @@ def locked(settings: Settings, conn: Any) -> Iterator[None]:
 @contextlib.contextmanager
 def project_of(settings: Settings, conn: Any | None) -> Iterator[migrate.Project]:
     """The Alembic project; with `conn`, env.py migrates on that connection (the one holding the lock)."""
+    from job import migrate  # SQLAlchemy and Alembic: only when the fast path cannot answer
+
     project = migrate.Project(settings.alembic_config, settings.database.sqlalchemy_url(session_options(settings)), conn)
     try:
         yield project
@@ -109,19 +125,27 @@ def set_session_timeouts(conn: Any, settings: Settings) -> None:
             cur.execute("SELECT set_config(%s, %s, false)", (name, value))
 
 
-def take_backup(settings: Settings, conn: Any, from_revision: list[str], to_revision: list[str]) -> backup.Backup:
+def take_backup(settings: Settings, conn: Any, from_revision: tuple[str, ...], to_revision: tuple[str, ...]) -> backup.Backup:
     return backup.take(
         settings.database,
         settings.backup_dir,
         conn.get_dsn_parameters()["dbname"],
         conn.server_version,
-        from_revision,
-        to_revision,
+        list(from_revision),
+        list(to_revision),
         settings.backup_keep,
         settings.application_name,
         os.environ,
         lock_wait_timeout=settings.lock_timeout,
     )
+
+
+def upgrade(settings: Settings, conn: Any, project: migrate.Project, the_plan: plan.Plan) -> None:
+    """Apply the pending revisions, each in its own transaction, with our session's timeouts."""
+    from job import migrate
+
+    set_session_timeouts(conn, settings)
+    migrate.upgrade(project, the_plan.pending, settings.target, settings.lock_retries)
 
 
 def verify(settings: Settings, conn: Any, project: migrate.Project) -> None:
@@ -134,3 +158,14 @@ def verify(settings: Settings, conn: Any, project: migrate.Project) -> None:
             f"after upgrading, the database is at {', '.join(current) or 'base'} with "
             f"{len(left)} revision(s) still pending: {', '.join(s.revision for s in left)}"
         )
+
+
+def write_manifest(settings: Settings) -> Path:
+    """Record the scripts' heads (as Alembic computes them) for the fast path."""
+    from job import manifest, migrate
+
+    project = migrate.Project(settings.alembic_config, "postgresql+psycopg2://")
+    try:
+        return manifest.write(settings.alembic_config, project.heads())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot write the heads manifest: {e}") from None

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from psycopg2 import sql
 
-from job.migrate import Project, Step
+from job import manifest
+
+if TYPE_CHECKING:  # Alembic is imported only when there is work to do
+    from job.migrate import Project
+
+
+@dataclass(frozen=True)
+class Step:
+    """One pending revision."""
+
+    revision: str
+    description: str
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,16 @@ def current_revisions(conn: Any, version_table: str, schema: str | None = None) 
             return ()
         cur.execute(sql.SQL("SELECT version_num FROM {}").format(table))
         return tuple(sorted(row[0] for row in cur.fetchall()))
+
+
+def known_at_target(ini: Any, current: tuple[str, ...], target: str) -> Plan | None:
+    """The empty plan when the heads manifest proves the database is at the target; None means ask Alembic."""
+    if target not in ("head", "heads"):
+        return None
+    heads = manifest.heads(ini)
+    if heads is None or (target == "head" and len(heads) != 1) or tuple(sorted(current)) != heads:
+        return None
+    return Plan(current=current, target=target, heads=heads)
 
 
 def make(project: Project, current: tuple[str, ...], target: str) -> Plan:
