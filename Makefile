@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 LOCAL  := .local
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install migrate test lint plan revision db-up db-down clean
+.PHONY: install migrate test lint plan revision db-up db-down bench clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ plan: install
 
 test: install
 	$(BIN)/pytest -n 2 --dist loadgroup
+
+# side-by-side measurements against bare Alembic and bare pg_dump (not a test: no pass/fail)
+bench: install
+	$(BIN)/python bench/bench.py
 
 lint: install
 	$(BIN)/python -m compileall -q job app alembic tests

@@ -1,3 +1,3 @@
-from job.cli import main
+from job.cli import entrypoint
 
-raise SystemExit(main())
+entrypoint()

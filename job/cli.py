@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -49,6 +50,7 @@ def parser() -> argparse.ArgumentParser:
     plan = verbs.add_parser("plan", parents=[common], help="print current, target and pending revisions")
     plan.add_argument("--sql", action="store_true", help="print the offline SQL of the pending revisions")
     plan.add_argument("--format", choices=("text", "json"), default="text")
+    verbs.add_parser("backup", parents=[common], help="take a backup now, under the lock")
     verbs.add_parser("manifest", parents=[common],
                      help="record the script heads so start-ups at head skip loading Alembic (run at image build)")
     return top
@@ -88,6 +90,11 @@ def cmd_plan(settings: config.Settings, args: argparse.Namespace) -> tuple[str, 
     return "planned", 0
 
 
+def cmd_backup(settings: config.Settings, args: argparse.Namespace) -> tuple[str, int]:
+    pipeline.backup_now(settings)
+    return "backed-up", 0
+
+
 def cmd_manifest(settings: config.Settings, args: argparse.Namespace) -> tuple[str, int]:
     path = pipeline.write_manifest(settings)
     log.info("manifest.written", path=str(path))
@@ -100,6 +107,7 @@ COMMANDS: dict[str, Callable[[config.Settings, argparse.Namespace], tuple[str, i
     "check": cmd_check,
     "plan": cmd_plan,
     "manifest": cmd_manifest,
+    "backup": cmd_backup,
 }
 # commands that never connect
 OFFLINE = {"manifest"}
@@ -132,6 +140,19 @@ def main(argv: list[str] | None = None) -> int:
     log.info("run.done", outcome=outcome, exit_code=code, seconds=_since(started))
     _terminate(env, f"{outcome} (exit {code})")
     return code
+
+
+def entrypoint() -> None:
+    """The console script: run, flush, and exit without the interpreter's teardown.
+
+    By the time main() returns every connection is closed and every line written; tearing down
+    the modules costs 20 ms alone and a quarter of a second when sixteen replicas exit together.
+    """
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _failed(error: BaseException, started: float, env: Any, detail: str | None = None) -> int:

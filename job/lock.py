@@ -8,11 +8,12 @@ covers a holder that vanished without a word (its session ends and the server fr
 
 from __future__ import annotations
 
+import os
 import random
 import select
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import psycopg2
 
@@ -69,13 +70,21 @@ def sleep_or_notified(conn: Any, seconds: float) -> None:
         conn.notifies.clear()
 
 
-def acquire(conn: Any, key: int, timeout: float) -> float:
-    """Take the lock within `timeout` seconds or raise LockTimeout; return the seconds waited."""
+def acquire(conn: Any, key: int, timeout: float, while_waiting: Callable[[], None] | None = None) -> float:
+    """Take the lock within `timeout` seconds or raise LockTimeout; return the seconds waited.
+
+    `while_waiting` runs once, after the first miss: work worth doing while another session holds it.
+    """
     started = time.monotonic()
     if _try(conn, key):
         return 0.0
     with conn.cursor() as cur:
         cur.execute(f"LISTEN {channel(key)}")
+    # The holder is migrating and every start-up waits on it: give it the CPU (a waiter's own work
+    # is a poll now and then, and with no manifest loading Alembic, which can wait).
+    os.nice(10)
+    if while_waiting is not None:
+        while_waiting()
     try:
         next_report, attempt = started, 0
         while True:
@@ -118,9 +127,9 @@ def release(conn: Any, key: int) -> None:
 
 
 @contextmanager
-def advisory_lock(conn: Any, key: int, timeout: float) -> Iterator[None]:
+def advisory_lock(conn: Any, key: int, timeout: float, while_waiting: Callable[[], None] | None = None) -> Iterator[None]:
     """Hold the migration lock on `conn` for the body of the `with`."""
-    waited = acquire(conn, key, timeout)
+    waited = acquire(conn, key, timeout, while_waiting)
     log.info("lock.acquired", key=key, waited=round(waited, 3))
     try:
         yield

@@ -56,16 +56,27 @@ def fingerprint(ini: Path) -> tuple[Path, str] | None:
     digest = hashlib.sha256()
     for location in versions:
         digest.update(f"location {location}\n".encode())
-        if not location.is_dir():
-            continue
-        if recursive:
-            files = sorted(p for p in location.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-        else:
-            files = sorted(p for p in location.iterdir() if p.is_file())
-        for path in files:
-            digest.update(f"file {path.relative_to(location)} {path.stat().st_size}\n".encode())
-            digest.update(path.read_bytes())
+        for relative, path in sorted(_files(str(location), "", recursive)):
+            with open(path, "rb") as f:
+                content = f.read()
+            digest.update(f"file {relative} {len(content)}\n".encode())
+            digest.update(content)
     return script / NAME, digest.hexdigest()
+
+
+def _files(directory: str, prefix: str, recursive: bool) -> list[tuple[str, str]]:
+    """(relative name, path) of every file under `directory`; os.scandir, as this runs at every start-up."""
+    try:
+        entries = list(os.scandir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = []
+    for entry in entries:
+        if entry.is_file():
+            found.append((prefix + entry.name, entry.path))
+        elif recursive and entry.is_dir() and entry.name != "__pycache__":
+            found.extend(_files(entry.path, f"{prefix}{entry.name}/", recursive))
+    return found
 
 
 def heads(ini: Path) -> tuple[str, ...] | None:

@@ -51,8 +51,11 @@ class Project:
         self.config.attributes["configure_logger"] = False
         try:
             self.script = ScriptDirectory.from_config(self.config)
-        except CommandError as e:
-            raise ConfigError(f"Alembic project in {str(ini)!r} is not usable: {e}") from None
+            self.script.revision_map.heads  # imports every revision file now, not mid-plan
+        except Exception as e:
+            raise ConfigError(
+                f"the Alembic project in {str(ini)!r} cannot be loaded: {type(e).__name__}: {e}"
+            ) from None
         self.raw_connection = raw_connection
         self._connection: Any = None
 
@@ -173,7 +176,10 @@ def upgrade(project: Project, steps: list[Step], target: str, lock_retries: int 
         log.info("migration.start", revision=step.revision, description=step.description)
         started = time.monotonic()
 
+        reached: list[bool] = []
+
         def one_step(rev: Any, _context: Any, expected: str = step.revision) -> list[Any]:
+            reached.append(True)
             steps_now = project._upgrade_revs(target, rev)[:1]
             if not steps_now or steps_now[0].revision.revision != expected:
                 raise MigrationFailed(f"the database moved while we held the lock: expected {expected} next")
@@ -202,6 +208,11 @@ def upgrade(project: Project, steps: list[Step], target: str, lock_retries: int 
         except (Interrupted, MigrationFailed):
             raise
         except Exception as e:
+            if not reached and db.received_signal() is None:
+                raise ConfigError(
+                    f"the Alembic environment (env.py) failed before revision {step.revision} could run: "
+                    f"{type(e).__name__}: {one_line(e)}"
+                ) from None
             raise _failure(step, e, project) from None
         log.info(
             "migration.done",

@@ -8,25 +8,35 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from job import backup, lock, plan
+from job import lock, manifest, plan
 from job.config import Settings, lock_key_for, version_table_of
 from job.errors import ConfigError, MigrationFailed
 from job.logs import log
 from job.wait import wait_for_database
 
 if TYPE_CHECKING:
-    from job import migrate
+    from job import backup, migrate
 
 
 def run(settings: Settings) -> str:
     """Migrate the database to the target under the lock; return the outcome ("migrated" or "up-to-date")."""
-    with connected(settings) as conn, locked(settings, conn):
-        current = plan.current_revisions(conn, version_table(settings))
-        known = plan.known_at_target(settings.alembic_config, current, settings.target)
-        if known and settings.backup != "always":
-            log.info("plan", **known.as_dict())
-            return "up-to-date"
-        with project_of(settings, conn) as project:
+    heads = manifest.heads(settings.alembic_config)
+    with connected(settings) as conn, contextlib.ExitStack() as later:
+        project = None
+
+        def prepare() -> None:
+            """Without a manifest only Alembic can answer: load it while another replica holds the lock."""
+            nonlocal project
+            if heads is None:
+                project = later.enter_context(project_of(settings, conn))
+
+        with locked(settings, conn, while_waiting=prepare):
+            current = plan.current_revisions(conn, version_table(settings))
+            known = plan.known_at_target(heads, current, settings.target)
+            if known and settings.backup != "always":
+                log.info("plan", **known.as_dict())
+                return "up-to-date"
+            project = project or later.enter_context(project_of(settings, conn))
             the_plan = plan.make(project, current, settings.target)
             log.info("plan", **the_plan.as_dict())
             if settings.backup == "always" or (settings.backup == "auto" and the_plan.pending):
@@ -38,6 +48,13 @@ def run(settings: Settings) -> str:
             return "migrated"
 
 
+def backup_now(settings: Settings) -> backup.Backup:
+    """Take a backup under the lock, labelled with the current revision."""
+    with connected(settings) as conn, locked(settings, conn):
+        current = plan.current_revisions(conn, version_table(settings))
+        return take_backup(settings, conn, current, current)
+
+
 def wait(settings: Settings) -> str:
     """Return once the database accepts queries."""
     with connected(settings):
@@ -47,6 +64,7 @@ def wait(settings: Settings) -> str:
 def check(settings: Settings, block: bool = False) -> plan.Plan:
     """The plan from the database's current revision; with `block`, wait until nothing is pending."""
     deadline = time.monotonic() + settings.wait_timeout
+    heads = manifest.heads(settings.alembic_config)
     project = None
     with connected(settings) as conn, contextlib.ExitStack() as stack:
         if block:
@@ -55,7 +73,7 @@ def check(settings: Settings, block: bool = False) -> plan.Plan:
                 cur.execute(f"LISTEN {lock.channel(lock_key(settings, conn))}")
         while True:
             current = plan.current_revisions(conn, version_table(settings))
-            the_plan = plan.known_at_target(settings.alembic_config, current, settings.target)
+            the_plan = plan.known_at_target(heads, current, settings.target)
             if the_plan is None:
                 project = project or stack.enter_context(project_of(settings, None))
                 the_plan = plan.make(project, current, settings.target)
@@ -82,8 +100,8 @@ def connected(settings: Settings) -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def locked(settings: Settings, conn: Any) -> Iterator[None]:
-    with lock.advisory_lock(conn, lock_key(settings, conn), settings.lock_timeout):
+def locked(settings: Settings, conn: Any, while_waiting: Any = None) -> Iterator[None]:
+    with lock.advisory_lock(conn, lock_key(settings, conn), settings.lock_timeout, while_waiting):
         yield
 
 
@@ -126,6 +144,8 @@ def set_session_timeouts(conn: Any, settings: Settings) -> None:
 
 
 def take_backup(settings: Settings, conn: Any, from_revision: tuple[str, ...], to_revision: tuple[str, ...]) -> backup.Backup:
+    from job import backup
+
     return backup.take(
         settings.database,
         settings.backup_dir,
@@ -162,7 +182,7 @@ def verify(settings: Settings, conn: Any, project: migrate.Project) -> None:
 
 def write_manifest(settings: Settings) -> Path:
     """Record the scripts' heads (as Alembic computes them) for the fast path."""
-    from job import manifest, migrate
+    from job import migrate
 
     project = migrate.Project(settings.alembic_config, "postgresql+psycopg2://")
     try:

@@ -7,8 +7,6 @@ from typing import TYPE_CHECKING, Any
 
 from psycopg2 import sql
 
-from job import manifest
-
 if TYPE_CHECKING:  # Alembic is imported only when there is work to do
     from job.migrate import Project
 
@@ -51,11 +49,10 @@ def current_revisions(conn: Any, version_table: str, schema: str | None = None) 
         return tuple(sorted(row[0] for row in cur.fetchall()))
 
 
-def known_at_target(ini: Any, current: tuple[str, ...], target: str) -> Plan | None:
-    """The empty plan when the heads manifest proves the database is at the target; None means ask Alembic."""
+def known_at_target(heads: tuple[str, ...] | None, current: tuple[str, ...], target: str) -> Plan | None:
+    """The empty plan when the manifest's heads prove the database is at the target; None means ask Alembic."""
     if target not in ("head", "heads"):
         return None
-    heads = manifest.heads(ini)
     if heads is None or (target == "head" and len(heads) != 1) or tuple(sorted(current)) != heads:
         return None
     return Plan(current=current, target=target, heads=heads)

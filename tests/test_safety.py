@@ -342,3 +342,34 @@ def _pg_dump_processes(timeout: float) -> tuple[list[str], list[str]]:
             return cmdlines, environs
         time.sleep(0.02)
     return [], []
+
+
+def test_broken_env_py_is_a_configuration_error(db: Db, env: dict[str, str], tmp_path: Path) -> None:
+    """An env.py that cannot even import exits 2 naming env.py, not 6 naming a revision."""
+    import shutil
+
+    project = tmp_path / "broken"
+    shutil.copytree(Path(scenario("failing")).parent, project)
+    (project / "env.py").write_text("import no_such_module_anywhere\n")
+
+    result = run_job("run", env={**env, "ALEMBIC_CONFIG": str(project / "alembic.ini"), "PYTHONPATH": str(ROOT)})
+
+    assert 2 == result.code
+    assert "env.py" in result.event("run.failed")["error"]
+    assert [] == db.version()
+
+
+def test_revision_file_that_does_not_import_is_a_configuration_error(db: Db, env: dict[str, str], tmp_path: Path) -> None:
+    """A revision file with a syntax error exits 2 before any backup or change."""
+    import shutil
+
+    project = tmp_path / "broken"
+    shutil.copytree(Path(scenario("failing")).parent, project)
+    (project / "versions" / "f003.py").write_text("revision = 'f003'\ndown_revision = 'f002'\ndef upgrade(:\n")
+
+    result = run_job("run", env={**env, "ALEMBIC_CONFIG": str(project / "alembic.ini"), "PYTHONPATH": str(ROOT)})
+
+    assert 2 == result.code
+    assert "SyntaxError" in result.event("run.failed")["error"]
+    assert [] == result.events("backup.start")
+    assert [] == db.version()

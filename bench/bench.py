@@ -1,0 +1,263 @@
+"""`make bench`: migrate-job against bare Alembic and bare pg_dump, side by side in one run.
+
+Sets up its own databases on BENCH_DATABASE_URL's server (default: the machine's 127.0.0.1:5432),
+runs each pair alternately on the same data, and prints medians and ratios against the targets.
+It is a measurement, not a test: nothing here passes or fails on machine speed.
+
+    BENCH_RUNS=21 BENCH_BACKUP_MB=120 python bench/bench.py
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import psycopg2
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+ADMIN_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+RUNS = int(os.environ.get("BENCH_RUNS", "15"))
+BACKUP_MB = int(os.environ.get("BENCH_BACKUP_MB", "110"))
+WORK = Path(tempfile.mkdtemp(prefix="migrate-job-bench-"))
+
+
+def main() -> int:
+    print(f"migrate-job benchmark: {RUNS} runs per side, {os.cpu_count()} cores, {sys.version.split()[0]}")
+    rows = [at_head(), revisions_flat(), replicas(manifest=True), replicas(manifest=False), handoff(), backup()]
+    print()
+    print(f"{'work':58} {'measured':>28} {'target':>14}")
+    for name, measured, target in rows:
+        print(f"{name:58} {measured:>28} {target:>14}")
+    shutil.rmtree(WORK, ignore_errors=True)
+    return 0
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def admin(sql: str) -> None:
+    conn = psycopg2.connect(ADMIN_URL)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(sql)
+    conn.close()
+
+
+def new_database() -> str:
+    name = f"bench_{uuid.uuid4().hex[:10]}"
+    admin(f'CREATE DATABASE "{name}" TEMPLATE template0')
+    return name
+
+
+def url_of(name: str) -> str:
+    return ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+
+
+def env_for(name: str, ini: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MIGRATE_", "DATABASE_URL", "ALEMBIC_"))}
+    backups = WORK / "backups"
+    backups.mkdir(exist_ok=True)
+    env.update(DATABASE_URL=url_of(name), ALEMBIC_CONFIG=str(ini), MIGRATE_BACKUP_DIR=str(backups),
+               MIGRATE_LOG_FORMAT="json", PYTHONPATH=str(ROOT))
+    env.update(extra)
+    return env
+
+
+def timed(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[float, int]:
+    """Wall seconds and peak RSS (KiB) of one process."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{argv} exited {os.waitstatus_to_exitcode(status)}")
+    return elapsed, usage.ru_maxrss
+
+
+def alternate(a: tuple[list[str], dict, Path], b: tuple[list[str], dict, Path]) -> tuple[list, list]:
+    """Run a and b alternately RUNS times each (after one warm-up each); return their samples."""
+    timed(*a), timed(*b)
+    sa, sb = [], []
+    for _ in range(RUNS):
+        sa.append(timed(*a))
+        sb.append(timed(*b))
+    return sa, sb
+
+
+def med(samples: list[tuple[float, int]], index: int = 0) -> float:
+    return statistics.median(s[index] for s in samples)
+
+
+def linear_project(count: int, url: str) -> Path:
+    """An Alembic project of `count` trivial linear revisions; `url` for bare `alembic` runs."""
+    project = WORK / f"linear{count}"
+    (project / "versions").mkdir(parents=True)
+    shutil.copy(ROOT / "tests" / "scenarios" / "slow" / "env.py", project / "env.py")
+    (project / "alembic.ini").write_text(
+        "[alembic]\nscript_location = %(here)s\nprepend_sys_path = " + str(ROOT) + "\npath_separator = os\n"
+        + "sqlalchemy.url = " + url.replace("postgresql://", "postgresql+psycopg2://") + "\n"
+    )
+    previous = None
+    for i in range(1, count + 1):
+        rev = f"r{i:04d}"
+        (project / "versions" / f"{rev}.py").write_text(
+            f'"""step {i}"""\nfrom alembic import op\n\nrevision = "{rev}"\ndown_revision = {previous!r}\n'
+            "branch_labels = None\ndepends_on = None\n\n\ndef upgrade():\n"
+            f'    op.execute("SELECT {i}")\n\n\n'
+            "def downgrade():\n    pass\n"
+        )
+        previous = rev
+    return project / "alembic.ini"
+
+
+def log_times(path: Path, event: str) -> list[dt.datetime]:
+    times = []
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if record["event"] == event:
+            times.append(dt.datetime.fromisoformat(record["timestamp"].replace("Z", "+00:00")))
+    return times
+
+
+def wait_for(path: Path, event: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and f'"event": "{event}"' in path.read_text():
+            return
+        time.sleep(0.005)
+    raise TimeoutError(event)
+
+
+# --- rows ------------------------------------------------------------------------------------
+
+def at_head() -> tuple[str, str, str]:
+    """migrate-job run at head (with the image's heads manifest) vs alembic upgrade head at head."""
+    name = new_database()
+    ini = WORK / "example" / "alembic.ini"
+    shutil.copytree(ROOT / "alembic", ini.parent / "alembic", ignore=shutil.ignore_patterns("migrate-job-heads.json"))
+    shutil.copy(ROOT / "alembic.ini", ini)
+    env = env_for(name, ini)
+    subprocess.run([BIN / "migrate-job", "run"], env=env, cwd=ini.parent, check=True, capture_output=True)
+    subprocess.run([BIN / "migrate-job", "manifest"], env=env, cwd=ini.parent, check=True, capture_output=True)
+    job, alembic = alternate(
+        ([str(BIN / "migrate-job"), "run"], env, ini.parent),
+        ([str(BIN / "alembic"), "upgrade", "head"], env, ini.parent),
+    )
+    print(f"at head: migrate-job {med(job)*1000:.0f} ms {med(job, 1)/1024:.1f} MiB; "
+          f"alembic {med(alembic)*1000:.0f} ms {med(alembic, 1)/1024:.1f} MiB")
+    admin(f'DROP DATABASE "{name}" WITH (FORCE)')
+    return (
+        "run at head vs alembic upgrade head (wall; peak RSS)",
+        f"{med(job)/med(alembic):.2f}x; {med(job, 1)/med(alembic, 1):.2f}x",
+        "<=0.5x; <=1x",
+    )
+
+
+def revisions_flat() -> tuple[str, str, str]:
+    """run at head with 500 revisions vs with 5."""
+    samples = {}
+    setups = {}
+    for count in (5, 500):
+        name = new_database()
+        ini = linear_project(count, url_of(name))
+        env = env_for(name, ini, MIGRATE_BACKUP="off")
+        subprocess.run([BIN / "migrate-job", "run"], env=env, cwd=ini.parent, check=True, capture_output=True)
+        subprocess.run([BIN / "migrate-job", "manifest"], env=env, cwd=ini.parent, check=True, capture_output=True)
+        setups[count] = ([str(BIN / "migrate-job"), "run"], env, ini.parent, name)
+    five, many = alternate(setups[5][:3], setups[500][:3])
+    alembic5, alembic500 = alternate(
+        ([str(BIN / "alembic"), "upgrade", "head"], setups[5][1], setups[5][2]),
+        ([str(BIN / "alembic"), "upgrade", "head"], setups[500][1], setups[500][2]),
+    )
+    print(f"revisions: migrate-job 5 → {med(five)*1000:.0f} ms, 500 → {med(many)*1000:.0f} ms; "
+          f"alembic 5 → {med(alembic5)*1000:.0f} ms, 500 → {med(alembic500)*1000:.0f} ms")
+    for count in (5, 500):
+        admin(f'DROP DATABASE "{setups[count][3]}" WITH (FORCE)')
+    return ("run at head, 500 revisions vs 5", f"{med(many)/med(five):.2f}x (alembic {med(alembic500)/med(alembic5):.2f}x)",
+            "<=1.1x")
+
+
+def replicas(manifest: bool) -> tuple[str, str, str]:
+    """16 replicas started at once on a 2 s migration, with the image's heads manifest or without."""
+    name = new_database()
+    project = WORK / f"slow-{manifest}"
+    shutil.copytree(ROOT / "tests" / "scenarios" / "slow", project, ignore=shutil.ignore_patterns("migrate-job-heads.json"))
+    env = env_for(name, project / "alembic.ini", SCENARIO_SLEEP="2", MIGRATE_BACKUP="off")
+    if manifest:
+        subprocess.run([BIN / "migrate-job", "manifest"], env=env, cwd=ROOT, check=True, capture_output=True)
+    started = time.perf_counter()
+    procs = [subprocess.Popen([BIN / "migrate-job", "run"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for _ in range(16)]
+    codes = [p.wait() for p in procs]
+    wall = time.perf_counter() - started
+    conn = psycopg2.connect(url_of(name))
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM ran")
+        ran = cur.fetchone()[0]
+    conn.close()
+    admin(f'DROP DATABASE "{name}" WITH (FORCE)')
+    label = "with manifest" if manifest else "no manifest"
+    print(f"replicas ({label}): exit codes {sorted(set(codes))}, migration ran {ran}x, wall {wall:.2f} s")
+    return (f"16 replicas, 2 s migration, {label}: start to last exit",
+            f"{wall:.2f} s, all 0: {set(codes) == {0}}, ran {ran}x", "<=3 s")
+
+
+def handoff() -> tuple[str, str, str]:
+    """Holder releases → next waiter holds it, from the two jobs' own log timestamps."""
+    gaps = []
+    for _ in range(max(5, RUNS // 2)):
+        name = new_database()
+        env = env_for(name, ROOT / "tests" / "scenarios" / "slow" / "alembic.ini", SCENARIO_SLEEP="0.5",
+                      MIGRATE_BACKUP="off")
+        first, second = WORK / f"{name}.a", WORK / f"{name}.b"
+        a = subprocess.Popen([BIN / "migrate-job", "run"], env=env, cwd=ROOT, stdout=first.open("w"))
+        wait_for(first, "lock.acquired")
+        b = subprocess.Popen([BIN / "migrate-job", "run"], env=env, cwd=ROOT, stdout=second.open("w"))
+        wait_for(second, "lock.waiting")
+        a.wait(), b.wait()
+        released = log_times(first, "lock.released")[0]
+        acquired = log_times(second, "lock.acquired")[0]
+        gaps.append((acquired - released).total_seconds())
+        admin(f'DROP DATABASE "{name}" WITH (FORCE)')
+    print(f"hand-off gaps (ms): {sorted(round(g * 1000, 1) for g in gaps)}")
+    return ("lock hand-off: release to next holder", f"{statistics.median(gaps)*1000:.1f} ms median", "<=250 ms")
+
+
+def backup() -> tuple[str, str, str]:
+    """migrate-job backup vs bare pg_dump -Fc on a database of at least BACKUP_MB."""
+    name = new_database()
+    rows = BACKUP_MB * 1024 * 1024 // 140
+    conn = psycopg2.connect(url_of(name))
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(
+            "CREATE TABLE big AS SELECT g AS id, md5(g::text) || md5((g * 7)::text) AS a, "
+            "md5((g * 13)::text) AS b, now() AS t FROM generate_series(1, %s) g", (rows,)
+        )
+        cur.execute("SELECT pg_database_size(current_database())")
+        size = cur.fetchone()[0]
+    conn.close()
+    ini = ROOT / "alembic.ini"
+    env = env_for(name, ini, MIGRATE_BACKUP_KEEP="1")
+    dump = WORK / "bare.dump"
+    runs = max(3, RUNS // 3)
+    job, bare = [], []
+    for _ in range(runs):
+        job.append(timed([str(BIN / "migrate-job"), "backup"], env, ROOT))
+        bare.append(timed(["pg_dump", "--format=custom", f"--dbname={url_of(name)}", "-f", str(dump)], env, ROOT))
+    admin(f'DROP DATABASE "{name}" WITH (FORCE)')
+    print(f"backup of {size / 2**20:.0f} MiB: migrate-job {med(job):.2f} s, pg_dump {med(bare):.2f} s ({runs} runs each)")
+    return (f"backup vs pg_dump -Fc ({size / 2**20:.0f} MiB database)", f"{med(job)/med(bare):.2f}x", "<=1.1x")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

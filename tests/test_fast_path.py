@@ -1,0 +1,155 @@
+"""The heads manifest's fast path gives the same answer as Alembic in every case, or steps aside."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from job import manifest
+from tests.conftest import ROOT, SCENARIOS, Db, run_job
+
+MERGE = '''"""merge the two branches
+
+Revision ID: m004
+Revises: b002, b003
+"""
+
+revision = "m004"
+down_revision = ("b002", "b003")
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    pass
+
+
+def downgrade() -> None:
+    pass
+'''
+
+
+def _project(tmp_path: Path, name: str) -> Path:
+    """A copy of a scenario (or the example) that the test may write a manifest into."""
+    if name == "example":
+        shutil.copytree(ROOT / "alembic", tmp_path / "alembic", ignore=shutil.ignore_patterns("migrate-job-heads.json"))
+        ini = tmp_path / "alembic.ini"
+        shutil.copy(ROOT / "alembic.ini", ini)
+        return ini
+    shutil.copytree(SCENARIOS / ("branched" if name == "merged" else name), tmp_path / name)
+    if name == "merged":
+        (tmp_path / name / "versions" / "m004.py").write_text(MERGE)
+    return tmp_path / name / "alembic.ini"
+
+
+def _set_version(db: Db, revisions: list[str]) -> None:
+    db.query("CREATE TABLE IF NOT EXISTS alembic_version (version_num varchar(32) PRIMARY KEY)")
+    db.query("DELETE FROM alembic_version")
+    for revision in revisions:
+        db.query("INSERT INTO alembic_version VALUES (%s)", (revision,))
+
+
+@pytest.fixture
+def env(env: dict[str, str]) -> dict[str, str]:
+    """The copied projects import `app`, `job` and `tests.scenarios` from the repository."""
+    return {**env, "PYTHONPATH": str(ROOT)}
+
+
+def _check(env: dict[str, str], ini: Path, target: str) -> tuple[int, dict | None]:
+    result = run_job("check", "--format", "json", env={**env, "ALEMBIC_CONFIG": str(ini), "MIGRATE_TARGET": target},
+                     cwd=ini.parent)
+    document = json.loads(result.stdout) if result.code in (0, 8) else None
+    return result.code, document and {"at_target": document["at_target"], "pending": document["pending"]}
+
+
+CASES = [
+    ("example", ["0006"], "head"),
+    ("example", ["0004"], "head"),
+    ("example", [], "head"),
+    ("example", ["0006"], "heads"),
+    ("example", ["feedface"], "head"),
+    ("branched", ["b002", "b003"], "heads"),
+    ("branched", ["b002", "b003"], "head"),
+    ("branched", ["b002"], "heads"),
+    ("merged", ["b002", "b003"], "head"),
+    ("merged", ["m004"], "head"),
+    ("merged", ["b002"], "heads"),
+]
+
+
+@pytest.mark.parametrize(("name", "current", "target"), CASES)
+def test_manifest_and_alembic_agree(db: Db, env: dict[str, str], tmp_path: Path, name: str,
+                                    current: list[str], target: str) -> None:
+    """`check` answers the same with a valid manifest as with Alembic alone."""
+    ini = _project(tmp_path, name)
+    _set_version(db, current)
+    without = _check(env, ini, target)
+
+    assert 0 == run_job("manifest", env={**env, "ALEMBIC_CONFIG": str(ini)}, cwd=ini.parent).code
+    assert manifest.heads(ini) is not None
+
+    assert without == _check(env, ini, target)
+
+
+def test_manifest_records_alembic_heads(env: dict[str, str], tmp_path: Path) -> None:
+    """The manifest of the merged history holds its one head."""
+    ini = _project(tmp_path, "merged")
+
+    run_job("manifest", env={**env, "ALEMBIC_CONFIG": str(ini)}, cwd=ini.parent)
+
+    assert ("m004",) == manifest.heads(ini)
+
+
+def test_a_new_revision_makes_the_manifest_stale(db: Db, env: dict[str, str], tmp_path: Path) -> None:
+    """A revision added after the manifest was written is seen: check says pending, run applies it."""
+    ini = _project(tmp_path, "branched")
+    run_env = {**env, "ALEMBIC_CONFIG": str(ini), "MIGRATE_TARGET": "heads"}
+    assert 0 == run_job("run", env=run_env, cwd=ini.parent).code
+    run_job("manifest", env=run_env, cwd=ini.parent)
+    (ini.parent / "versions" / "m004.py").write_text(MERGE)
+
+    assert manifest.heads(ini) is None
+    assert 8 == run_job("check", env=run_env, cwd=ini.parent).code
+    assert 0 == run_job("run", env=run_env, cwd=ini.parent).code
+    assert ["m004"] == db.version()
+
+
+def test_an_edit_that_keeps_size_and_mtime_makes_the_manifest_stale(env: dict[str, str], tmp_path: Path) -> None:
+    """The manifest is checked against file contents, not sizes and times."""
+    ini = _project(tmp_path, "branched")
+    run_job("manifest", env={**env, "ALEMBIC_CONFIG": str(ini)}, cwd=ini.parent)
+    script = ini.parent / "versions" / "b003.py"
+    stat = script.stat()
+    script.write_text(script.read_text().replace('down_revision = "b001"', 'down_revision = "b002"'))
+    os.utime(script, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    assert stat.st_size == script.stat().st_size
+    assert manifest.heads(ini) is None
+
+
+def test_a_manifest_from_other_scripts_is_ignored(env: dict[str, str], tmp_path: Path) -> None:
+    """A manifest copied beside different scripts does not match their fingerprint."""
+    example = _project(tmp_path / "a", "example")
+    run_job("manifest", env={**env, "ALEMBIC_CONFIG": str(example)}, cwd=example.parent)
+    branched = _project(tmp_path / "b", "branched")
+    shutil.copy(example.parent / "alembic" / manifest.NAME, branched.parent / manifest.NAME)
+
+    assert manifest.heads(branched) is None
+
+
+def test_at_head_run_with_a_manifest_does_not_import_alembic(db: Db, env: dict[str, str], tmp_path: Path) -> None:
+    """With a valid manifest, an at-head run answers without loading SQLAlchemy or Alembic."""
+    ini = _project(tmp_path, "example")
+    run_env = {**env, "ALEMBIC_CONFIG": str(ini), "PYTHONVERBOSE": "1"}
+    assert 0 == run_job("run", env={**env, "ALEMBIC_CONFIG": str(ini)}, cwd=ini.parent).code
+    run_job("manifest", env=run_env, cwd=ini.parent)
+
+    result = run_job("run", env=run_env, cwd=ini.parent)
+
+    assert "up-to-date" == result.event("run.done")["outcome"]
+    assert "import 'alembic'" not in result.stderr and "import 'sqlalchemy'" not in result.stderr
+    assert "import 'psycopg2'" in result.stderr  # the verbose import log is really there
