@@ -185,7 +185,12 @@ def _hash_key(text: str) -> int:
 def version_table_of(alembic_ini: Path) -> str:
     """The version table name our env.py uses: `version_table` in alembic.ini, else Alembic's default."""
     parser = configparser.ConfigParser(interpolation=None)
-    parser.read(alembic_ini)
+    try:
+        parser.read(alembic_ini)
+    except configparser.Error as e:
+        raise ConfigError(f"{str(alembic_ini)!r} is not a valid alembic.ini: {' '.join(str(e).split())}") from None
+    if not parser.has_section("alembic"):
+        raise ConfigError(f"{str(alembic_ini)!r} has no [alembic] section: is ALEMBIC_CONFIG the right file?")
     return parser.get("alembic", "version_table", fallback="alembic_version")
 
 
@@ -210,6 +215,7 @@ def load(env: Mapping[str, str], flags: Mapping[str, object], need_database: boo
             f"Alembic config {str(alembic_config)!r} not found: run from your project directory "
             "or set ALEMBIC_CONFIG (or --config) to its alembic.ini"
         )
+    version_table_of(alembic_config)  # fail on a broken alembic.ini now, before connecting
     lock_key = pick("lock_key", "MIGRATE_LOCK_KEY")
     history = pick("history_table", "MIGRATE_HISTORY_TABLE") or "migrate_job_history"
     termination_log = pick("termination_log", "MIGRATE_TERMINATION_LOG")

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 import psycopg2
 
-from job.errors import LockTimeout
+from job.errors import ConfigError, LockTimeout
 from job.logs import log
 
 HOLDER_SQL = """
@@ -36,6 +36,33 @@ FIRST_DELAY, MAX_DELAY = 0.05, 1.0
 
 def channel(key: int) -> str:
     return f"migrate_job_{key & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+def ensure_own_session(conn: Any, connect_kwargs: dict[str, str]) -> None:
+    """Refuse a pooler in transaction mode (PgBouncer's pool_mode=transaction), where a session
+    advisory lock stays on a server connection that the next client is handed.
+
+    Our session notes its backend pid; a second client connects and notes its own. Connected
+    directly, or through a session pool, the two differ while we are connected. A transaction pool
+    gives the second client the server connection our statement just released: the same pid.
+    """
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_backend_pid()")
+        ours = cur.fetchone()[0]
+    other = psycopg2.connect(**connect_kwargs)
+    try:
+        with other.cursor() as cur:
+            cur.execute("SELECT pg_backend_pid()")
+            theirs = cur.fetchone()[0]
+    finally:
+        other.close()
+    if ours == theirs:
+        raise ConfigError(
+            "DATABASE_URL reaches PostgreSQL through a pooler in transaction mode (PgBouncer "
+            "pool_mode=transaction?): another client was given our server session, so the "
+            "migration lock would not be ours alone. Point the job at PostgreSQL directly, or at a "
+            "pool in session mode"
+        )
 
 
 def holder(conn: Any, key: int) -> dict[str, Any] | None:

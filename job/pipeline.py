@@ -101,6 +101,7 @@ def connected(settings: Settings) -> Iterator[Any]:
 
 @contextlib.contextmanager
 def locked(settings: Settings, conn: Any, while_waiting: Any = None) -> Iterator[None]:
+    lock.ensure_own_session(conn, settings.database.connect_kwargs(settings.application_name))
     with lock.advisory_lock(conn, lock_key(settings, conn), settings.lock_timeout, while_waiting):
         yield
 

@@ -45,6 +45,22 @@ HINTS = {
 }
 
 
+# One round trip: is this the primary, and make the *server* notice when our pod vanishes, so
+# that it ends our session and frees the lock within about 10 + 5 * 3 = 25 s. (libpq's keepalive
+# parameters only make the client notice a dead server.)
+SESSION_SQL = """
+SELECT pg_is_in_recovery(),
+       set_config('tcp_keepalives_idle', '10', false),
+       set_config('tcp_keepalives_interval', '5', false),
+       set_config('tcp_keepalives_count', '3', false),
+       set_config('tcp_user_timeout', '25000', false),
+       -- PostgreSQL 14+: notice a client that went away even mid-statement (a SIGKILLed holder's
+       -- pg_sleep or long UPDATE is cancelled within a second, and its lock freed)
+       CASE WHEN current_setting('server_version_num')::int >= 140000
+            THEN set_config('client_connection_check_interval', '1000', false) END
+"""
+
+
 class _StillInRecovery(psycopg2.OperationalError):
     """The server accepts connections but is a read-only standby: migrations need the primary."""
 
@@ -71,8 +87,8 @@ def wait_for_database(connect_kwargs: dict[str, str], timeout: float) -> Any:
         kwargs = {**connect_kwargs, "connect_timeout": str(max(2, min(int(remaining) or 2, 5)))}
         conn = db.connect(kwargs)
         with conn.cursor() as cur:
-            cur.execute("SELECT pg_is_in_recovery()")
-            (in_recovery,) = cur.fetchone()
+            cur.execute(SESSION_SQL)
+            in_recovery = cur.fetchone()[0]
         if in_recovery:
             conn.close()
             raise _StillInRecovery("the server is in recovery (a read-only standby); migrations need the primary")

@@ -1,0 +1,366 @@
+"""Fault injection against real PostgreSQL: each case asserts the exit code, the log event, the
+database state afterwards, and that the lock is free. Run alone with `pytest -m faults`."""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from job import backup as job_backup
+from job.config import Database
+from job.errors import BackupFailed
+from tests.conftest import (
+    ROOT, Db, Result, finish, run_job, scenario, start_job, wait_for_event,
+)
+from tests.pgcluster import server_user
+
+pytestmark = pytest.mark.faults
+
+
+def _started_in_file(env: dict[str, str], out: Path, **kw) -> subprocess.Popen:
+    from tests.conftest import MIGRATE_JOB
+
+    return subprocess.Popen([MIGRATE_JOB, "run"], env=env, cwd=ROOT, stdout=out.open("w"),
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _result(proc: subprocess.Popen, out: Path, timeout: float = 60) -> Result:
+    proc.wait(timeout=timeout)
+    return Result(proc.returncode, out.read_text(), proc.stderr.read())
+
+
+def _wait_until(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+# --- the application's transactions ----------------------------------------------------------
+
+def test_revision_blocked_by_an_app_transaction_retries_then_succeeds(db: Db, env: dict[str, str]) -> None:
+    """DDL behind a long app transaction gives up after the lock timeout, retries, and succeeds once
+    the transaction ends; meanwhile the app's queries never wait longer than that timeout."""
+    assert 0 == run_job("run", env={**env, "MIGRATE_TARGET": "0004"}).code
+    app = db.connect(application_name="blog-app")
+    app.autocommit = False
+    with app.cursor() as cur:
+        cur.execute("SELECT count(*) FROM users")  # holds ACCESS SHARE on users until commit
+    waits: list[float] = []
+    stop = threading.Event()
+
+    def app_queries() -> None:
+        reader = db.connect()
+        while not stop.is_set():
+            started = time.monotonic()
+            with reader.cursor() as cur:
+                cur.execute("SELECT count(*) FROM users")
+            waits.append(time.monotonic() - started)
+            time.sleep(0.02)
+        reader.close()
+
+    readers = threading.Thread(target=app_queries)
+    readers.start()
+    job = start_job("run", env={**env, "MIGRATE_STATEMENT_LOCK_TIMEOUT": "0.5", "MIGRATE_LOCK_RETRIES": "20"})
+    time.sleep(3)
+    app.commit()
+    app.close()
+    result = finish(job)
+    stop.set()
+    readers.join()
+
+    assert 0 == result.code, result.stdout
+    retries = result.events("migration.retry")
+    assert retries and retries[0]["revision"] == "0005"
+    assert "blog-app" in [b["application_name"] for b in retries[0]["blockers"]]
+    assert ["0006"] == db.version()
+    assert max(waits) < 0.5 + 0.4, sorted(waits)[-5:]
+    assert 0 == db.advisory_locks()
+
+
+def test_revision_blocked_past_its_retries_exits_6_naming_the_blocker(db: Db, env: dict[str, str]) -> None:
+    """When the app's transaction outlasts every retry, the job exits 6 and names the blocking pid."""
+    assert 0 == run_job("run", env={**env, "MIGRATE_TARGET": "0004"}).code
+    app = db.connect(application_name="long-report")
+    app.autocommit = False
+    with app.cursor() as cur:
+        cur.execute("SELECT count(*) FROM users")
+        cur.execute("SELECT pg_backend_pid()")
+        (pid,) = cur.fetchone()
+
+    result = run_job("run", env={**env, "MIGRATE_STATEMENT_LOCK_TIMEOUT": "0.2", "MIGRATE_LOCK_RETRIES": "1"})
+    app.rollback()
+    app.close()
+
+    assert 6 == result.code
+    error = result.event("run.failed")["error"]
+    assert "0005" in error and f"pid {pid}" in error and "long-report" in error
+    assert 1 == len(result.events("migration.retry"))
+    assert ["0004"] == db.version()
+    assert 0 == db.advisory_locks()
+
+
+# --- the server and the process going away ---------------------------------------------------
+
+def test_server_restarted_mid_revision_exits_6_and_the_next_run_completes(cluster, env: dict[str, str],
+                                                                          tmp_path: Path) -> None:
+    """A server restart during a revision: exit 6 saying it was rolled back; the next run finishes."""
+    cluster.start()
+    slow = {**env, "DATABASE_URL": cluster.url(), "ALEMBIC_CONFIG": scenario("slow"), "SCENARIO_SLEEP": "30",
+            "MIGRATE_BACKUP": "off"}
+    out = tmp_path / "out"
+    proc = _started_in_file(slow, out)
+    wait_for_event(out, "migration.done")
+    time.sleep(0.5)
+    cluster.restart()
+
+    result = _result(proc, out)
+
+    assert 6 == result.code, result.stdout
+    error = result.event("run.failed")["error"]
+    assert "s002" in error and "rolled the revision back" in error
+    assert "s001" == cluster.psql("SELECT version_num FROM alembic_version")
+    assert 0 == run_job("run", env={**slow, "SCENARIO_SLEEP": "0"}).code
+    assert "s002" == cluster.psql("SELECT version_num FROM alembic_version")
+    assert "1" == cluster.psql("SELECT count(*) FROM ran")
+
+
+def test_sigkill_of_the_holder_rolls_back_and_frees_the_lock(db: Db, env: dict[str, str], tmp_path: Path) -> None:
+    """A holder killed outright: the server rolls its revision back and frees the lock; the next run completes."""
+    slow = {**env, "ALEMBIC_CONFIG": scenario("slow"), "SCENARIO_SLEEP": "30"}
+    out = tmp_path / "out"
+    proc = _started_in_file(slow, out)
+    wait_for_event(out, "migration.done")
+    time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+
+    assert _wait_until(lambda: db.advisory_locks() == 0)
+    assert ["s001"] == db.version()
+    assert [(0,)] == db.query("SELECT count(*) FROM ran")
+    result = run_job("run", env={**slow, "SCENARIO_SLEEP": "0"})
+    assert 0 == result.code
+    assert ["s002"] == db.version()
+    assert [(1,)] == db.query("SELECT count(*) FROM ran")
+
+
+def test_chaos_of_killed_runners_still_applies_every_revision_once(db: Db, env: dict[str, str],
+                                                                   backup_dir: Path) -> None:
+    """24 runners, a few SIGKILLed at random moments, re-run until all exit 0: the database ends
+    at head, every revision applied exactly once, no partial backup, no lock left."""
+    chaos = {**env, "ALEMBIC_CONFIG": scenario("chaos"), "MIGRATE_LOCK_TIMEOUT": "120"}
+    rng = random.Random(20261125)
+    procs = [start_job("run", env=chaos) for _ in range(24)]
+    deadline = time.monotonic() + 6
+    killed = 0
+    while time.monotonic() < deadline and killed < 6:
+        time.sleep(rng.uniform(0.2, 1.0))
+        alive = [p for p in procs if p.poll() is None]
+        if alive:
+            rng.choice(alive).kill()
+            killed += 1
+    codes = [p.wait(timeout=120) for p in procs]
+    for _ in range(3):  # the killed ones are started again, as Kubernetes would
+        failed = [i for i, code in enumerate(codes) if code != 0]
+        if not failed:
+            break
+        reruns = [start_job("run", env=chaos) for _ in failed]
+        for i, proc in zip(failed, reruns):
+            codes[i] = finish(proc).code
+
+    assert killed > 0
+    assert [0] * 24 == codes
+    assert ["c006"] == db.version()
+    assert [(f"c00{i}", 1) for i in range(1, 7)] == db.query(
+        "SELECT revision, count(*) FROM effects GROUP BY revision ORDER BY revision"
+    )
+    assert [] == [p.name for p in backup_dir.iterdir() if p.name.endswith(".partial")]
+    for dump in backup_dir.glob("*.dump"):
+        assert Path(f"{dump}.json").exists()
+    assert 0 == db.advisory_locks()
+
+
+# --- backups that cannot be written ----------------------------------------------------------
+
+def _limit_file_size(limit: int):
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def test_full_disk_during_backup_exits_5_and_keeps_older_backups(db: Db, env: dict[str, str],
+                                                                 backup_dir: Path) -> None:
+    """A backup that hits the file size limit exits 5: nothing migrated, no partial file, older backups intact."""
+    assert 0 == run_job("run", env={**env, "MIGRATE_TARGET": "0004"}).code
+    db.query("INSERT INTO users (email, first_name, last_name) "
+             "SELECT 'u' || g || '@example.org', md5(g::text), md5((g * 3)::text) FROM generate_series(1, 5000) g")
+    older = sorted((p.name, p.read_bytes()) for p in backup_dir.iterdir())
+    from tests.conftest import MIGRATE_JOB
+
+    proc = subprocess.run([MIGRATE_JOB, "run"], env=env, cwd=ROOT, capture_output=True, text=True,
+                          preexec_fn=_limit_file_size(64 * 1024))
+    result = Result(proc.returncode, proc.stdout, proc.stderr)
+
+    assert 5 == result.code, result.stdout
+    assert "SIGXFSZ" in result.event("run.failed")["error"] or "File too large" in result.event("run.failed")["error"]
+    assert ["0004"] == db.version()
+    assert older == sorted((p.name, p.read_bytes()) for p in backup_dir.iterdir())
+    assert 0 == db.advisory_locks()
+
+
+def test_backup_dir_that_is_not_writable_exits_5(db: Db, env: dict[str, str]) -> None:
+    """A backup directory the job may not write to exits 5 with nothing migrated."""
+    locked_dir = Path(tempfile.mkdtemp(prefix="migrate-job-ro-"))
+    # root ignores permissions; an immutable directory stops root too
+    lock_cmd, unlock_cmd = (["chattr", "+i"], ["chattr", "-i"]) if os.geteuid() == 0 else (["chmod", "555"], ["chmod", "755"])
+    subprocess.run([*lock_cmd, str(locked_dir)], check=True)
+    try:
+        result = run_job("run", env={**env, "MIGRATE_BACKUP_DIR": str(locked_dir)})
+    finally:
+        subprocess.run([*unlock_cmd, str(locked_dir)], check=True)
+        shutil.rmtree(locked_dir)
+
+    assert 5 == result.code, result.stdout + result.stderr
+    assert "cannot write to backup directory" in result.event("run.failed")["error"]
+    assert [] == db.version()
+    assert 0 == db.advisory_locks()
+
+
+def test_missing_backup_dir_exits_5(db: Db, env: dict[str, str], tmp_path: Path) -> None:
+    """A backup directory that does not exist exits 5 and says how to fix it."""
+    result = run_job("run", env={**env, "MIGRATE_BACKUP_DIR": str(tmp_path / "nope")})
+
+    assert 5 == result.code
+    assert "MIGRATE_BACKUP_DIR" in result.event("run.failed")["error"]
+    assert [] == db.version()
+
+
+def test_pg_dump_older_than_the_server_is_refused() -> None:
+    """pg_dump 14 against a 15 server is refused; the machine's own pg_dump parses as its major."""
+    with pytest.raises(BackupFailed, match="older than the server"):
+        job_backup.check_compatible(14, 150020)
+    job_backup.check_compatible(15, 150020)
+    job_backup.check_compatible(16, 150020)
+    version = subprocess.run(["pg_dump", "--version"], capture_output=True, text=True, check=True).stdout
+    assert 15 <= job_backup.major_of_pg_dump(version)
+    assert 96 == job_backup.major_of_pg_dump("pg_dump (PostgreSQL) 9.6.24")
+
+
+# --- configuration -----------------------------------------------------------------------------
+
+def test_invalid_alembic_ini_exits_2(env: dict[str, str], tmp_path: Path) -> None:
+    """An alembic.ini that is not an Alembic configuration exits 2."""
+    ini = tmp_path / "alembic.ini"
+    ini.write_text("this is not\n[an ini\n")
+
+    result = run_job("run", env={**env, "ALEMBIC_CONFIG": str(ini)})
+
+    assert 2 == result.code
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_session_tells_the_server_to_notice_a_vanished_client(env: dict[str, str]) -> None:
+    """The job's session sets server-side TCP keepalives, so a vanished pod's lock is freed."""
+    from job.wait import wait_for_database
+
+    conn = wait_for_database(Database.from_url(env["DATABASE_URL"]).connect_kwargs("t"), timeout=5)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT current_setting('tcp_keepalives_idle'), current_setting('tcp_keepalives_count')")
+            assert ("10", "3") == cur.fetchone()
+            cur.execute("SELECT current_setting('client_connection_check_interval')")
+            assert ("1s",) == cur.fetchone()
+    finally:
+        conn.close()
+
+
+def test_url_parameters_reach_psycopg2_and_pg_dump(db: Db, env: dict[str, str]) -> None:
+    """sslmode from the URL reaches psycopg2 (a non-SSL server refuses it) and pg_dump's conninfo."""
+    result = run_job("run", env={**env, "DATABASE_URL": db.url + "?sslmode=require"})
+    database = Database.from_url("postgresql://u:pw@h:5433/d?sslmode=require&sslrootcert=/ca.pem")
+
+    assert 3 == result.code
+    assert "SSL" in result.event("run.failed")["error"]
+    conninfo = database.conninfo_without_password("x")
+    assert "sslmode=require" in conninfo and "sslrootcert=/ca.pem" in conninfo and "pw" not in conninfo
+    assert 0 == run_job("run", env={**env, "DATABASE_URL": db.url + "?sslmode=disable"}).code
+
+
+# --- PgBouncer -------------------------------------------------------------------------------
+
+@pytest.fixture
+def pgbouncer(db: Db):
+    """Start Debian's pgbouncer in front of the test server; yields a function making its URL for a pool mode."""
+    binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    if not Path(binary).exists():
+        pytest.fail("pgbouncer is not installed (.ci/run installs Debian's pgbouncer)")
+    started: list[tuple[subprocess.Popen, Path]] = []
+
+    def start(mode: str) -> str:
+        from tests.pgcluster import free_port
+
+        directory = Path(tempfile.mkdtemp(prefix="migrate-job-bouncer-"))
+        port = free_port()
+        (directory / "users.txt").write_text('"postgres" ""\n')
+        (directory / "pgbouncer.ini").write_text(
+            "[databases]\n* = host=127.0.0.1 port=5432\n"
+            f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nauth_type = trust\n"
+            f"auth_file = {directory}/users.txt\npool_mode = {mode}\nunix_socket_dir =\n"
+            f"logfile = {directory}/pgbouncer.log\npidfile = {directory}/pgbouncer.pid\n"
+            "ignore_startup_parameters = extra_float_digits,options\n"
+        )
+        user = server_user()
+        if user is not None:
+            shutil.chown(directory, user)
+            for f in directory.iterdir():
+                shutil.chown(f, user)
+        argv = ([binary] if user is None else ["runuser", "-u", user, "--", binary]) + [str(directory / "pgbouncer.ini")]
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started.append((proc, directory))
+        url = f"postgresql://postgres@127.0.0.1:{port}/{db.name}"
+        import psycopg2
+
+        def accepts() -> bool:
+            try:
+                psycopg2.connect(url, connect_timeout=1).close()
+                return True
+            except psycopg2.OperationalError:
+                return False
+
+        assert _wait_until(accepts), (directory / "pgbouncer.log").read_text()
+        return url
+
+    yield start
+    for proc, directory in started:
+        proc.terminate()
+        proc.wait(timeout=10)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_pgbouncer_transaction_pooling_is_refused(db: Db, env: dict[str, str], pgbouncer) -> None:
+    """Through PgBouncer in transaction mode the session lock is not ours: exit 2, nothing migrated."""
+    result = run_job("run", env={**env, "DATABASE_URL": pgbouncer("transaction")})
+
+    assert 2 == result.code, result.stdout
+    assert "transaction mode" in result.event("run.failed")["error"]
+    assert [] == result.events("lock.acquired")
+    assert [] == db.version()
+
+
+def test_pgbouncer_session_pooling_works(db: Db, env: dict[str, str], pgbouncer) -> None:
+    """Through PgBouncer in session mode the lock is sound, and the job migrates."""
+    result = run_job("run", env={**env, "DATABASE_URL": pgbouncer("session")})
+
+    assert 0 == result.code, result.stdout
+    assert ["0006"] == db.version()
+    assert 0 == db.advisory_locks()
