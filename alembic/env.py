@@ -20,6 +20,12 @@ if config.config_file_name is not None and config.attributes.get("configure_logg
 
 target_metadata = Base.metadata
 version_table = config.get_main_option("version_table", "alembic_version")
+# migrate-job's run history lives beside the schema, not in the models: autogenerate leaves it be
+history_table = os.environ.get("MIGRATE_HISTORY_TABLE", "migrate_job_history")
+
+
+def include_name(name, type_, parent_names) -> bool:
+    return not (type_ == "table" and name == history_table)
 
 
 def url() -> str:
@@ -51,6 +57,7 @@ def do_run_migrations(connection) -> None:
         target_metadata=target_metadata,
         version_table=version_table,
         transaction_per_migration=True,
+        include_name=include_name,
     )
     with context.begin_transaction():
         context.run_migrations()

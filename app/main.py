@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.models import Comment, Post, User
 from job import config as job_config
-from job import pipeline
+from job import commands
 from job.errors import JobError
 
 app = FastAPI(title="blog")
@@ -87,7 +87,7 @@ def healthz() -> dict[str, str]:
 @app.get("/readyz")
 def readyz(response: Response) -> dict[str, object]:
     try:
-        the_plan = pipeline.check(settings())
+        the_plan = commands.check(settings())
     except JobError as e:
         response.status_code = 503
         return {"ready": False, "error": str(e)}

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from job.config import Database
-from job.errors import BackupFailed
+from job.errors import BackupFailed, RestoreFailed
 from job.logs import log
 
 CHUNK = 1 << 20  # bytes read at a time when hashing
@@ -99,6 +99,7 @@ def take(
     application_name: str,
     env: Mapping[str, str],
     lock_wait_timeout: float = 300,
+    exclude_tables: list[str] = [],
 ) -> Backup:
     """Dump the database into `directory`, verify it, write the sidecar, prune to the newest `keep`."""
     pg_dump, pg_restore = tool("pg_dump"), tool("pg_restore")
@@ -121,6 +122,9 @@ def take(
         "--no-password",
         # pg_dump takes a share lock on every table: never wait forever behind an app's transaction
         f"--lock-wait-timeout={int(lock_wait_timeout * 1000)}",
+        # the job's own history is not the application's data: a restore must not rewind it
+        # (and its id sequence, which pg_restore --clean would otherwise try to drop from under it)
+        *(f"--exclude-table={name}" for table in exclude_tables for name in (table, f"{table}_id_seq")),
         f"--dbname={database.conninfo_without_password(application_name)}",
     ]
     size, digest = _dump_atomically(argv, child, final)
@@ -145,6 +149,41 @@ def take(
     log.info("backup.done", path=backup.path, bytes=backup.bytes, seconds=backup.seconds, sha256=backup.sha256)
     prune(directory, database_name, keep)
     return backup
+
+
+def verified(directory: Path, name: str) -> tuple[Path, dict[str, Any]]:
+    """The backup `name` (a path, or a file in `directory`) and its sidecar, its sha256 checked."""
+    path = Path(name) if Path(name).exists() or os.sep in name else directory / name
+    try:
+        meta = json.loads(sidecar_of(path).read_text())
+    except FileNotFoundError:
+        raise RestoreFailed(f"no backup {str(path)!r} with a sidecar ({sidecar_of(path).name}) to check it against") from None
+    except ValueError:
+        raise RestoreFailed(f"the sidecar of {str(path)!r} is not valid JSON") from None
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as dump:
+            while chunk := dump.read(CHUNK):
+                digest.update(chunk)
+    except OSError as e:
+        raise RestoreFailed(f"cannot read backup {str(path)!r}: {e.strerror}") from None
+    if digest.hexdigest() != meta.get("sha256"):
+        raise RestoreFailed(
+            f"backup {str(path)!r} does not match its sidecar's sha256: it is damaged or was changed; not restoring"
+        )
+    return path, meta
+
+
+def restore(database: Database, path: Path, application_name: str, env: Mapping[str, str]) -> None:
+    """pg_restore --clean --if-exists in a single transaction: all of the backup, or no change at all."""
+    pg_restore = tool("pg_restore")
+    argv = [
+        pg_restore, "--clean", "--if-exists", "--single-transaction", "--no-password",
+        f"--dbname={database.conninfo_without_password(application_name)}", str(path),
+    ]
+    result = subprocess.run(argv, capture_output=True, text=True, env=child_env(database, env))
+    if result.returncode != 0:
+        raise RestoreFailed(f"pg_restore failed, the database is unchanged: {_last_line(result.stderr)}")
 
 
 def sidecar_of(path: Path) -> Path:

@@ -12,8 +12,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from job import __version__, config, db, logs, pipeline
-from job.errors import ConfigError, Interrupted, JobError
+from job import __version__, commands, config, db, logs, pipeline
+from job.errors import ConfigError, Interrupted, JobError, RevisionError
 from job.logs import log
 
 PENDING = 8
@@ -50,7 +50,21 @@ def parser() -> argparse.ArgumentParser:
     plan = verbs.add_parser("plan", parents=[common], help="print current, target and pending revisions")
     plan.add_argument("--sql", action="store_true", help="print the offline SQL of the pending revisions")
     plan.add_argument("--format", choices=("text", "json"), default="text")
-    verbs.add_parser("backup", parents=[common], help="take a backup now, under the lock")
+    status = verbs.add_parser("status", parents=[common], help="revisions, pending, lock holder, backups, history")
+    status.add_argument("--format", choices=("text", "json"), default="text")
+    backup = verbs.add_parser("backup", parents=[common], help="take a backup now, under the lock")
+    backup.add_argument("--list", action="store_true", help="list the backups and their sidecars instead")
+    backup.add_argument("--format", choices=("text", "json"), default="text")
+    restore = verbs.add_parser("restore", parents=[common], help="restore a backup, under the lock")
+    restore.add_argument("backup_name", metavar="BACKUP", help="a backup file, or its name in MIGRATE_BACKUP_DIR")
+    restore.add_argument("--yes", action="store_true", help="yes, replace the database's contents")
+    restore.add_argument("--force", action="store_true", help="restore a backup of another database")
+    downgrade = verbs.add_parser("downgrade", parents=[common], help="back up, then downgrade under the lock")
+    downgrade.add_argument("revision", metavar="REVISION", help="revision to go down to (or base, or -1)")
+    downgrade.add_argument("--yes", action="store_true", help="yes, undo revisions")
+    lint = verbs.add_parser("lint", parents=[common], help="check the pending revisions' SQL for unsafe operations")
+    lint.add_argument("--all", action="store_true", help="every revision from base, offline (no database)")
+    lint.add_argument("--allow", help="more allowed findings: rule or revision:rule, comma-separated")
     verbs.add_parser("manifest", parents=[common],
                      help="record the script heads so start-ups at head skip loading Alembic (run at image build)")
     return top
@@ -61,11 +75,11 @@ def cmd_run(settings: config.Settings, args: argparse.Namespace) -> tuple[str, i
 
 
 def cmd_wait(settings: config.Settings, args: argparse.Namespace) -> tuple[str, int]:
-    return pipeline.wait(settings), 0
+    return commands.wait(settings), 0
 
 
 def cmd_check(settings: config.Settings, args: argparse.Namespace) -> tuple[str, int]:
-    the_plan = pipeline.check(settings, block=args.wait)
+    the_plan = commands.check(settings, block=args.wait)
     at_target = not the_plan.pending
     if args.format == "json":
         _out(json.dumps({"at_target": at_target, **the_plan.as_dict()}))
@@ -74,29 +88,66 @@ def cmd_check(settings: config.Settings, args: argparse.Namespace) -> tuple[str,
 
 
 def cmd_plan(settings: config.Settings, args: argparse.Namespace) -> tuple[str, int]:
-    the_plan, sql = pipeline.plan_of(settings, sql=args.sql)
+    the_plan, sql = commands.plan_of(settings, sql=args.sql)
     if sql is not None:
         _out(sql)
     elif args.format == "json":
         _out(json.dumps(the_plan.as_dict()))
     else:
-        lines = [
+        _out("\n".join([
             f"current: {', '.join(the_plan.current) or 'base (empty)'}",
             f"target:  {the_plan.target} ({', '.join(the_plan.heads)})",
             f"pending: {len(the_plan.pending)}",
             *(f"  {s.revision}  {s.description}" for s in the_plan.pending),
-        ]
-        _out("\n".join(lines))
+        ]))
     return "planned", 0
 
 
+def cmd_status(settings: config.Settings, args: argparse.Namespace) -> tuple[str, int]:
+    report = commands.status(settings)
+    if args.format == "json":
+        _out(json.dumps(report))
+    else:
+        _out(_status_text(report))
+    return "reported", RevisionError.exit_code if report["problem"] else 0
+
+
 def cmd_backup(settings: config.Settings, args: argparse.Namespace) -> tuple[str, int]:
-    pipeline.backup_now(settings)
-    return "backed-up", 0
+    if not args.list:
+        commands.backup_now(settings)
+        return "backed-up", 0
+    found = commands.backups(settings)
+    if args.format == "json":
+        _out(json.dumps(found))
+    else:
+        _out("\n".join(
+            f"{Path(b['path']).name}  {b['database']}  {'+'.join(b['from_revision']) or 'base'} -> "
+            f"{'+'.join(b['to_revision']) or 'base'}  {_size(b['bytes'])}  {b['created_at']}"
+            for b in found
+        ) or "no backups")
+    return "listed", 0
+
+
+def cmd_restore(settings: config.Settings, args: argparse.Namespace) -> tuple[str, int]:
+    if not args.yes:
+        raise ConfigError("restore replaces the database's contents with the backup's: add --yes to go ahead")
+    commands.restore(settings, args.backup_name, force=args.force)
+    return "restored", 0
+
+
+def cmd_downgrade(settings: config.Settings, args: argparse.Namespace) -> tuple[str, int]:
+    if not args.yes:
+        raise ConfigError(f"downgrade undoes revisions down to {args.revision}: add --yes to go ahead")
+    return commands.downgrade(settings, args.revision), 0
+
+
+def cmd_lint(settings: config.Settings, args: argparse.Namespace) -> tuple[str, int]:
+    commands.lint(settings, everything=args.all, allow=args.allow or os.environ.get("MIGRATE_LINT_ALLOW"))
+    return "clean", 0
 
 
 def cmd_manifest(settings: config.Settings, args: argparse.Namespace) -> tuple[str, int]:
-    path = pipeline.write_manifest(settings)
+    path = commands.write_manifest(settings)
     log.info("manifest.written", path=str(path))
     return "written", 0
 
@@ -106,13 +157,51 @@ COMMANDS: dict[str, Callable[[config.Settings, argparse.Namespace], tuple[str, i
     "wait": cmd_wait,
     "check": cmd_check,
     "plan": cmd_plan,
-    "manifest": cmd_manifest,
+    "status": cmd_status,
     "backup": cmd_backup,
+    "restore": cmd_restore,
+    "downgrade": cmd_downgrade,
+    "lint": cmd_lint,
+    "manifest": cmd_manifest,
 }
-# commands that never connect
-OFFLINE = {"manifest"}
 # commands whose product is on stdout: their logs go to stderr
 PRINTS = {"plan", "status"}
+
+
+def _status_text(report: dict[str, Any]) -> str:
+    holder = report["lock"]["holder"]
+    lines = [
+        f"database: {report['database']}",
+        f"current:  {', '.join(report['current']) or 'base (empty)'}",
+        f"heads:    {', '.join(report['heads'])}",
+        f"pending:  {report['pending_count'] if report['problem'] is None else 'unknown: ' + report['problem']}",
+        *(f"  {p['revision']}  {p['description']}" for p in report["pending"] or []),
+        "lock:     " + ("free" if holder is None else
+                        f"held by pid {holder['pid']} ({holder['application_name']}, {holder['client_addr']}, "
+                        f"since {holder['since']})"),
+        "backups:" + ("  none" if not report["backups"] else ""),
+        *(f"  {Path(b['path']).name}  {'+'.join(b['from']) or 'base'} -> {'+'.join(b['to']) or 'base'}  "
+          f"{_size(b['bytes'])}  {_age(b['age_seconds'])} ago" for b in report["backups"]),
+        "history:" + ("  none" if not report["history"] else ""),
+        *(f"  {h['started_at'][:19]}  {h['command']:<9} {h['outcome'] or 'no outcome (killed?)':<12} "
+          f"{(h['seconds'] or 0):.1f} s  {h['host']}  {h['revisions'] or ''}" for h in report["history"]),
+    ]
+    return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,12 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         logs.configure(*_log_settings(env, None))
         return _failed(e, started, env)
-    prints = args.command in PRINTS or getattr(args, "format", "text") == "json"
+    prints = args.command in PRINTS or getattr(args, "format", "text") == "json" or getattr(args, "list", False)
     logs.configure(*_log_settings(env, args), stream=sys.stderr if prints else sys.stdout)
     db.install_signal_handlers()
     log.info("run.start", command=args.command, version=__version__)
     try:
-        settings = config.load(env, vars(args), need_database=args.command not in OFFLINE)
+        offline = args.command == "manifest" or (args.command == "lint" and args.all)
+        settings = config.load(env, vars(args), need_database=not offline)
         logs.redactor.add(settings.secrets)
         outcome, code = COMMANDS[args.command](settings, args)
     except (JobError, Interrupted) as e:

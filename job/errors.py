@@ -31,6 +31,11 @@ class BackupFailed(JobError):
     exit_code = 5
 
 
+class RestoreFailed(BackupFailed):
+    """A backup could not be restored: missing, damaged (sha256 mismatch), or pg_restore failed
+    (in one transaction, so the database is unchanged)."""
+
+
 class MigrationFailed(JobError):
     """A revision failed; the database stays at the last revision that committed."""
 
@@ -45,6 +50,12 @@ class RevisionError(JobError):
     """The database is at a revision the scripts do not know, or `head` is ambiguous."""
 
     exit_code = 7
+
+
+class LintFindings(JobError):
+    """`lint` found unsafe operations in the revisions' SQL that no allow-list entry accepts."""
+
+    exit_code = 9
 
 
 class Interrupted(BaseException):

@@ -97,4 +97,11 @@ def configure(log_format: str = "json", level: str = "info", run_id: str | None 
     # SQLAlchemy echoes every statement at INFO: only in debug.
     logging.getLogger("sqlalchemy").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
     logging.getLogger("alembic").setLevel(LEVELS[level])
+    # Alembic announces each of its plugins at INFO: only in debug
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
     return run_id
+
+
+def run_id() -> str:
+    """This run's id, as every log line carries it."""
+    return structlog.contextvars.get_contextvars().get("run_id", "")

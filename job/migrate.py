@@ -10,6 +10,7 @@ Either way each revision runs in its own `run_env()`, so each commits on its own
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import io
 import logging.config
 import time
@@ -72,9 +73,9 @@ class Project:
     def heads(self) -> tuple[str, ...]:
         return tuple(self.script.get_heads())
 
-    def steps(self, current: tuple[str, ...], target: str) -> list[Step]:
-        """The revisions between `current` and `target`, in the order they apply."""
-        return [Step(s.revision.revision, s.doc) for s in self._upgrade_revs(target, current)]
+    def steps(self, current: tuple[str, ...], target: str, direction: str = "upgrade") -> list[Step]:
+        """The revisions between `current` and `target`, in the order they apply (or are undone)."""
+        return [Step(s.revision.revision, s.doc) for s in self._revs(direction, target, current)]
 
     def validate(self, current: tuple[str, ...], target: str) -> None:
         """Refuse a database at an unknown revision, an ambiguous `head`, or a target that is not ahead."""
@@ -97,15 +98,15 @@ class Project:
         except Exception:
             raise ConfigError(f"MIGRATE_TARGET {target!r} is not a revision of these scripts") from None
 
-    def _upgrade_revs(self, target: str, current: tuple[str, ...]) -> list[Any]:
-        # ScriptDirectory._upgrade_revs is what alembic.command.upgrade itself runs.
+    def _revs(self, direction: str, target: str, current: tuple[str, ...]) -> list[Any]:
+        # ScriptDirectory._upgrade_revs / _downgrade_revs are what alembic.command.upgrade and
+        # downgrade themselves run.
+        revs = self.script._upgrade_revs if direction == "upgrade" else self.script._downgrade_revs
         try:
-            return self.script._upgrade_revs(target, current)
+            return revs(target, current)
         except CommandError as e:
-            raise ConfigError(
-                f"cannot upgrade from {', '.join(current) or 'base'} to {target!r}: {e} "
-                "(to go back, use `migrate-job downgrade`)"
-            ) from None
+            hint = "to go back, use `migrate-job downgrade`" if direction == "upgrade" else "to go forward, use run"
+            raise ConfigError(f"cannot {direction} from {', '.join(current) or 'base'} to {target!r}: {e} ({hint})") from None
 
     def run_env(self, fn: Callable[[Any, Any], list[Any]], as_sql: bool = False, **kw: Any) -> None:
         """Run the project's env.py once with `fn` choosing the steps; env.py never reconfigures logging."""
@@ -120,7 +121,7 @@ class Project:
         self.config.output_buffer = buffer
         starting = current[0] if len(current) == 1 else None
         self.run_env(
-            lambda rev, ctx: self._upgrade_revs(target, current),
+            lambda rev, ctx: self._revs("upgrade", target, current),
             as_sql=True,
             starting_rev=starting,
             destination_rev=target,
@@ -144,6 +145,28 @@ class Project:
             for pid, app, state, start in rows
         ]
 
+    def after_downgrade(self, steps: list[Step]) -> list[str]:
+        """The revision(s) the database is at once `steps` (a downgrade, in order) are undone."""
+        down = self.script.get_revision(steps[-1].revision).down_revision
+        return [] if down is None else [down] if isinstance(down, str) else list(down)
+
+    def step_sql(self, revision: str) -> str:
+        """The offline SQL of upgrading through one revision only (what `lint` checks)."""
+        from alembic.runtime.migration import MigrationStep
+
+        script = self.script.get_revision(revision)
+        step = MigrationStep.upgrade_from_script(self.script.revision_map, script)
+        down = script.down_revision
+        buffer = io.StringIO()
+        self.config.output_buffer = buffer
+        self.run_env(
+            lambda rev, ctx: [step],
+            as_sql=True,
+            starting_rev=down if isinstance(down, str) or down is None else down[0],
+            destination_rev=revision,
+        )
+        return buffer.getvalue()
+
     def close(self) -> None:
         if self._connection is not None:
             with contextlib.suppress(Exception):
@@ -166,21 +189,29 @@ def _no_file_config() -> Iterator[None]:
         logging.config.fileConfig = original
 
 
-def upgrade(project: Project, steps: list[Step], target: str, lock_retries: int = 0) -> None:
-    """Apply `steps` one per transaction, logging each; raise MigrationFailed naming the one that failed.
+def apply(
+    project: Project,
+    steps: list[Step],
+    target: str,
+    direction: str = "upgrade",
+    lock_retries: int = 0,
+    on_step: Callable[[Step, dt.datetime, float, str, str | None], None] | None = None,
+) -> None:
+    """Apply `steps` (upgrade or downgrade) one per transaction, logging each; raise MigrationFailed
+    naming the one that failed. `on_step(step, started, seconds, outcome, error)` hears of each.
 
     A revision whose DDL gave up waiting for a table lock (`lock_timeout`) is retried with backoff:
     the application's transactions go first, and the migration tries again when they have moved on.
     """
+    record = on_step or (lambda *args: None)
     for step in steps:
-        log.info("migration.start", revision=step.revision, description=step.description)
-        started = time.monotonic()
-
+        log.info("migration.start", revision=step.revision, description=step.description, direction=direction)
+        started, started_at = time.monotonic(), dt.datetime.now(dt.timezone.utc)
         reached: list[bool] = []
 
         def one_step(rev: Any, _context: Any, expected: str = step.revision) -> list[Any]:
             reached.append(True)
-            steps_now = project._upgrade_revs(target, rev)[:1]
+            steps_now = project._revs(direction, target, rev)[:1]
             if not steps_now or steps_now[0].revision.revision != expected:
                 raise MigrationFailed(f"the database moved while we held the lock: expected {expected} next")
             return steps_now
@@ -205,21 +236,23 @@ def upgrade(project: Project, steps: list[Step], target: str, lock_retries: int 
         )
         try:
             retrying(project.run_env, one_step)
-        except (Interrupted, MigrationFailed):
-            raise
         except Exception as e:
-            if not reached and db.received_signal() is None:
+            if not reached and db.received_signal() is None and not isinstance(e, MigrationFailed):
                 raise ConfigError(
                     f"the Alembic environment (env.py) failed before revision {step.revision} could run: "
                     f"{type(e).__name__}: {one_line(e)}"
                 ) from None
-            raise _failure(step, e, project) from None
-        log.info(
-            "migration.done",
-            revision=step.revision,
-            description=step.description,
-            seconds=round(time.monotonic() - started, 3),
-        )
+            failure = e if isinstance(e, MigrationFailed) else _failure(step, e, project)
+            record(step, started_at, time.monotonic() - started,
+                   "interrupted" if isinstance(failure, Interrupted) else "failed", str(failure))
+            raise failure from None
+        except Interrupted:
+            record(step, started_at, time.monotonic() - started, "interrupted", None)
+            raise
+        seconds = time.monotonic() - started
+        record(step, started_at, seconds, "applied", None)
+        log.info("migration.done", revision=step.revision, description=step.description, direction=direction,
+                 seconds=round(seconds, 3))
 
 
 def _is_lock_timeout(error: BaseException) -> bool:

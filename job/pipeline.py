@@ -1,20 +1,20 @@
-"""The commands: `run` is the pipeline, wait → lock → plan → backup → upgrade → verify."""
+"""`run`, the pipeline: wait → lock → plan → backup → upgrade → verify; and the session helpers
+every command shares."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import time
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from job import lock, manifest, plan
 from job.config import Settings, lock_key_for, version_table_of
-from job.errors import ConfigError, MigrationFailed
-from job.logs import log
+from job.errors import MigrationFailed
+from job.history import History
+from job.logs import log, run_id
 from job.wait import wait_for_database
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # Alembic, SQLAlchemy and the backup code load only when there is work
     from job import backup, migrate
 
 
@@ -39,59 +39,25 @@ def run(settings: Settings) -> str:
             project = project or later.enter_context(project_of(settings, conn))
             the_plan = plan.make(project, current, settings.target)
             log.info("plan", **the_plan.as_dict())
-            if settings.backup == "always" or (settings.backup == "auto" and the_plan.pending):
-                take_backup(settings, conn, the_plan.current, the_plan.heads if the_plan.pending else the_plan.current)
-            if not the_plan.pending:
+            backing_up = settings.backup == "always" or (settings.backup == "auto" and the_plan.pending)
+            if not the_plan.pending and not backing_up:
                 return "up-to-date"
-            upgrade(settings, conn, project, the_plan)
-            verify(settings, conn, project)
-            return "migrated"
-
-
-def backup_now(settings: Settings) -> backup.Backup:
-    """Take a backup under the lock, labelled with the current revision."""
-    with connected(settings) as conn, locked(settings, conn):
-        current = plan.current_revisions(conn, version_table(settings))
-        return take_backup(settings, conn, current, current)
-
-
-def wait(settings: Settings) -> str:
-    """Return once the database accepts queries."""
-    with connected(settings):
-        return "ready"
-
-
-def check(settings: Settings, block: bool = False) -> plan.Plan:
-    """The plan from the database's current revision; with `block`, wait until nothing is pending."""
-    deadline = time.monotonic() + settings.wait_timeout
-    heads = manifest.heads(settings.alembic_config)
-    project = None
-    with connected(settings) as conn, contextlib.ExitStack() as stack:
-        if block:
-            # the migrating job NOTIFYs when it releases the lock; poll anyway every second
-            with conn.cursor() as cur:
-                cur.execute(f"LISTEN {lock.channel(lock_key(settings, conn))}")
-        while True:
-            current = plan.current_revisions(conn, version_table(settings))
-            the_plan = plan.known_at_target(heads, current, settings.target)
-            if the_plan is None:
-                project = project or stack.enter_context(project_of(settings, None))
-                the_plan = plan.make(project, current, settings.target)
-            if not block or not the_plan.pending or time.monotonic() >= deadline:
-                return the_plan
-            log.info("check.waiting", current=list(the_plan.current), pending=len(the_plan.pending))
-            lock.sleep_or_notified(conn, min(1.0, max(deadline - time.monotonic(), 0.0)))
-
-
-def plan_of(settings: Settings, sql: bool = False) -> tuple[plan.Plan, str | None]:
-    """The plan, and with `sql` the offline SQL the pending revisions would run; changes nothing."""
-    with connected(settings) as conn, project_of(settings, None) as project:
-        the_plan = plan.make(project, plan.current_revisions(conn, version_table(settings)), settings.target)
-        return the_plan, project.offline_sql(the_plan.current, settings.target) if sql else None
+            with history(settings, conn).run("run") as record:
+                if backing_up:
+                    to = the_plan.heads if the_plan.pending else the_plan.current
+                    record.backup_path = take_backup(settings, conn, the_plan.current, to).path
+                if not the_plan.pending:
+                    record.outcome = "up-to-date"
+                    return "up-to-date"
+                apply(settings, conn, project, the_plan.pending, settings.target, "upgrade", record)
+                verify(settings, conn, project)
+                record.outcome = "migrated"
+                return "migrated"
 
 
 @contextlib.contextmanager
 def connected(settings: Settings) -> Iterator[Any]:
+    """A connection once the database answers, closed at the end."""
     conn = wait_for_database(settings.database.connect_kwargs(settings.application_name), settings.wait_timeout)
     try:
         yield conn
@@ -100,7 +66,8 @@ def connected(settings: Settings) -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def locked(settings: Settings, conn: Any, while_waiting: Any = None) -> Iterator[None]:
+def locked(settings: Settings, conn: Any, while_waiting: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold the migration lock on `conn` (refusing a transaction-mode pooler first)."""
     lock.ensure_own_session(conn, settings.database.connect_kwargs(settings.application_name))
     with lock.advisory_lock(conn, lock_key(settings, conn), settings.lock_timeout, while_waiting):
         yield
@@ -109,7 +76,7 @@ def locked(settings: Settings, conn: Any, while_waiting: Any = None) -> Iterator
 @contextlib.contextmanager
 def project_of(settings: Settings, conn: Any | None) -> Iterator[migrate.Project]:
     """The Alembic project; with `conn`, env.py migrates on that connection (the one holding the lock)."""
-    from job import migrate  # SQLAlchemy and Alembic: only when the fast path cannot answer
+    from job import migrate
 
     project = migrate.Project(settings.alembic_config, settings.database.sqlalchemy_url(session_options(settings)), conn)
     try:
@@ -118,14 +85,22 @@ def project_of(settings: Settings, conn: Any | None) -> Iterator[migrate.Project
         project.close()
 
 
+def history(settings: Settings, conn: Any) -> History:
+    return History(conn, settings.history_table, run_id())
+
+
 def version_table(settings: Settings) -> str:
     return version_table_of(settings.alembic_config)
+
+
+def database_name(conn: Any) -> str:
+    return conn.get_dsn_parameters()["dbname"]
 
 
 def lock_key(settings: Settings, conn: Any) -> int:
     if settings.lock_key is not None:
         return settings.lock_key
-    return lock_key_for(conn.get_dsn_parameters()["dbname"], version_table(settings))
+    return lock_key_for(database_name(conn), version_table(settings))
 
 
 def session_options(settings: Settings) -> dict[str, str]:
@@ -145,12 +120,13 @@ def set_session_timeouts(conn: Any, settings: Settings) -> None:
 
 
 def take_backup(settings: Settings, conn: Any, from_revision: tuple[str, ...], to_revision: tuple[str, ...]) -> backup.Backup:
+    """A verified backup of this database, labelled with the revisions it goes from and to."""
     from job import backup
 
     return backup.take(
         settings.database,
         settings.backup_dir,
-        conn.get_dsn_parameters()["dbname"],
+        database_name(conn),
         conn.server_version,
         list(from_revision),
         list(to_revision),
@@ -158,35 +134,31 @@ def take_backup(settings: Settings, conn: Any, from_revision: tuple[str, ...], t
         settings.application_name,
         os.environ,
         lock_wait_timeout=settings.lock_timeout,
+        exclude_tables=[settings.history_table] if settings.history_table else [],
     )
 
 
-def upgrade(settings: Settings, conn: Any, project: migrate.Project, the_plan: plan.Plan) -> None:
-    """Apply the pending revisions, each in its own transaction, with our session's timeouts."""
+def apply(settings: Settings, conn: Any, project: migrate.Project, steps: list[plan.Step], target: str,
+          direction: str, record: History) -> None:
+    """Apply the steps, each in its own transaction, with our session's timeouts, into the history."""
     from job import migrate
 
     set_session_timeouts(conn, settings)
-    migrate.upgrade(project, the_plan.pending, settings.target, settings.lock_retries)
+    migrate.apply(
+        project, steps, target, direction, settings.lock_retries,
+        on_step=lambda step, started, seconds, outcome, error: record.revision(
+            step.revision, direction, started, seconds, outcome, error),
+    )
 
 
-def verify(settings: Settings, conn: Any, project: migrate.Project) -> None:
+def verify(settings: Settings, conn: Any, project: migrate.Project, direction: str = "upgrade",
+           target: str | None = None) -> None:
     """Read the version table again: the database must now be at the target."""
     project.close()
     current = plan.current_revisions(conn, version_table(settings))
-    left = project.steps(current, settings.target)
+    left = project.steps(current, target or settings.target, direction)
     if left:
         raise MigrationFailed(
-            f"after upgrading, the database is at {', '.join(current) or 'base'} with "
-            f"{len(left)} revision(s) still pending: {', '.join(s.revision for s in left)}"
+            f"after the {direction}, the database is at {', '.join(current) or 'base'} with "
+            f"{len(left)} revision(s) still to go: {', '.join(s.revision for s in left)}"
         )
-
-
-def write_manifest(settings: Settings) -> Path:
-    """Record the scripts' heads (as Alembic computes them) for the fast path."""
-    from job import migrate
-
-    project = migrate.Project(settings.alembic_config, "postgresql+psycopg2://")
-    try:
-        return manifest.write(settings.alembic_config, project.heads())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot write the heads manifest: {e}") from None

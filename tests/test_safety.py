@@ -17,6 +17,8 @@ from tests.conftest import (
     wait_for_event,
 )
 
+pytestmark = pytest.mark.faults
+
 
 def _started_in_file(env: dict[str, str], out: Path, *args: str) -> subprocess.Popen:
     """Start the job with stdout going to `out`, so a test can watch its events as they come."""

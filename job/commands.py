@@ -1,0 +1,191 @@
+"""The commands besides `run`: wait, check, plan, status, backup, restore, downgrade, lint, manifest.
+
+Each takes the settings and returns what it found or did; the CLI prints and maps to exit codes.
+All that change the database hold the same advisory lock as `run`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from job import history, lock, manifest, plan
+from job.config import Settings
+from job.errors import ConfigError, LintFindings
+from job.logs import log
+from job.pipeline import (
+    apply, connected, database_name, lock_key, locked, project_of, take_backup, verify, version_table,
+)
+from job.pipeline import history as history_of
+
+
+def wait(settings: Settings) -> str:
+    """Return once the database accepts queries."""
+    with connected(settings):
+        return "ready"
+
+
+def check(settings: Settings, block: bool = False) -> plan.Plan:
+    """The plan from the database's current revision; with `block`, wait until nothing is pending."""
+    deadline = time.monotonic() + settings.wait_timeout
+    heads = manifest.heads(settings.alembic_config)
+    project = None
+    with connected(settings) as conn, contextlib.ExitStack() as stack:
+        if block:
+            # the migrating job NOTIFYs when it releases the lock; poll anyway every second
+            with conn.cursor() as cur:
+                cur.execute(f"LISTEN {lock.channel(lock_key(settings, conn))}")
+        while True:
+            current = plan.current_revisions(conn, version_table(settings))
+            the_plan = plan.known_at_target(heads, current, settings.target)
+            if the_plan is None:
+                project = project or stack.enter_context(project_of(settings, None))
+                the_plan = plan.make(project, current, settings.target)
+            if not block or not the_plan.pending or time.monotonic() >= deadline:
+                return the_plan
+            log.info("check.waiting", current=list(the_plan.current), pending=len(the_plan.pending))
+            lock.sleep_or_notified(conn, min(1.0, max(deadline - time.monotonic(), 0.0)))
+
+
+def plan_of(settings: Settings, sql: bool = False) -> tuple[plan.Plan, str | None]:
+    """The plan, and with `sql` the offline SQL the pending revisions would run; changes nothing."""
+    with connected(settings) as conn, project_of(settings, None) as project:
+        the_plan = plan.make(project, plan.current_revisions(conn, version_table(settings)), settings.target)
+        return the_plan, project.offline_sql(the_plan.current, settings.target) if sql else None
+
+
+def status(settings: Settings) -> dict[str, Any]:
+    """Revisions, pending work, the lock's holder, the newest backups and the last runs."""
+    from job import backup
+
+    with connected(settings) as conn, project_of(settings, None) as project:
+        name = database_name(conn)
+        current = plan.current_revisions(conn, version_table(settings))
+        key = lock_key(settings, conn)
+        report: dict[str, Any] = {"database": name, "current": list(current), "target": settings.target}
+        try:
+            the_plan = plan.make(project, current, settings.target)
+            report.update(heads=list(the_plan.heads), pending_count=len(the_plan.pending),
+                          pending=the_plan.as_dict()["pending"], problem=None)
+        except Exception as e:  # still show everything else: this is what on-call reads
+            report.update(heads=list(project.heads()), pending_count=None, pending=None, problem=str(e))
+        holder = lock.holder(conn, key)
+        report["lock"] = {"key": key, "held": holder is not None, "holder": holder}
+        now = dt.datetime.now(dt.timezone.utc)
+        report["backups"] = [
+            {"path": b["path"], "from": b["from_revision"], "to": b["to_revision"], "bytes": b["bytes"],
+             "created_at": b["created_at"],
+             "age_seconds": round((now - dt.datetime.fromisoformat(b["created_at"])).total_seconds())}
+            for b in (backup.listing(settings.backup_dir, name)[:5] if settings.backup_dir.is_dir() else [])
+        ]
+        report["history"] = history.recent(conn, settings.history_table)
+        return report
+
+
+def backup_now(settings: Settings) -> str:
+    """Take a backup under the lock, labelled with the current revision; return its path."""
+    with connected(settings) as conn, locked(settings, conn):
+        current = plan.current_revisions(conn, version_table(settings))
+        with history_of(settings, conn).run("backup") as record:
+            record.backup_path = take_backup(settings, conn, current, current).path
+            return record.backup_path
+
+
+def backups(settings: Settings) -> list[dict[str, Any]]:
+    """The backups in the backup directory, newest first, with their sidecars."""
+    from job import backup
+
+    if not settings.backup_dir.is_dir():
+        raise ConfigError(f"backup directory {str(settings.backup_dir)!r} does not exist (MIGRATE_BACKUP_DIR)")
+    return backup.listing(settings.backup_dir)
+
+
+def restore(settings: Settings, name: str, force: bool = False) -> tuple[list[str], list[str]]:
+    """Check the backup against its sidecar, then restore it under the lock; return revisions before and after."""
+    from job import backup
+
+    path, meta = backup.verified(settings.backup_dir, name)
+    with connected(settings) as conn:
+        database = database_name(conn)
+        if meta.get("database") != database and not force:
+            raise ConfigError(
+                f"backup {path.name} is of database {meta.get('database')!r}, not {database!r}: "
+                "add --force to restore it here anyway"
+            )
+        with locked(settings, conn), history_of(settings, conn).run("restore") as record:
+            before = list(plan.current_revisions(conn, version_table(settings)))
+            # a backup holds the database as it was before the migration it preceded: from_revision
+            log.info("restore.start", path=str(path), before=before, backup_at=meta.get("from_revision"))
+            record.backup_path = str(path)
+            backup.restore(settings.database, path, settings.application_name, os.environ)
+            after = list(plan.current_revisions(conn, version_table(settings)))
+            log.info("restore.done", path=str(path), before=before, after=after)
+            return before, after
+
+
+def downgrade(settings: Settings, target: str) -> str:
+    """Back up, then downgrade to `target` one revision per transaction, under the lock."""
+    with connected(settings) as conn, locked(settings, conn), project_of(settings, conn) as project:
+        current = plan.current_revisions(conn, version_table(settings))
+        project.validate(current, "heads")
+        steps = project.steps(current, target, "downgrade")
+        log.info("plan", current=list(current), target=target, direction="downgrade",
+                 pending=[{"revision": s.revision, "description": s.description} for s in steps])
+        if not steps:
+            return "up-to-date"
+        final = project.after_downgrade(steps)
+        # a relative target (-1) is resolved once: after the first step it would mean something else
+        absolute = "base" if not final else final[0] if len(final) == 1 else target
+        with history_of(settings, conn).run("downgrade") as record:
+            if settings.backup != "off":
+                record.backup_path = take_backup(settings, conn, current, tuple(final)).path
+            apply(settings, conn, project, steps, absolute, "downgrade", record)
+            verify(settings, conn, project, "downgrade", absolute)
+            record.outcome = "downgraded"
+            return "downgraded"
+
+
+def lint(settings: Settings, everything: bool = False, allow: str | None = None) -> list[Any]:
+    """Check the pending revisions' SQL (with `everything`, the whole history, offline) with squawk."""
+    from job import lint as linter
+
+    allowed = linter.allowances(settings.alembic_config, allow)
+    if everything:
+        with project_of(settings, None) as project:
+            steps = project.steps((), "heads")
+            sql = [(s, project.step_sql(s.revision)) for s in steps]
+        pg_version = "15"
+    else:
+        with connected(settings) as conn, project_of(settings, None) as project:
+            current = plan.current_revisions(conn, version_table(settings))
+            steps = plan.make(project, current, settings.target).pending
+            sql = [(s, project.step_sql(s.revision)) for s in steps]
+            pg_version = str(conn.server_version // 10000)
+    sql = [(step, linter.without_version_table(text, version_table(settings))) for step, text in sql]
+    findings = linter.check(sql, allowed, pg_version)
+    for finding in findings:
+        log.warning("lint.finding", revision=finding.revision, rule=finding.rule, message=finding.message,
+                    line=finding.line)
+    log.info("lint.done", revisions=len(steps), findings=len(findings))
+    if findings:
+        raise LintFindings(
+            f"{len(findings)} unsafe operation(s) in {len({f.revision for f in findings})} revision(s): "
+            + "; ".join(f"{f.revision} {f.rule}" for f in findings)
+            + " (fix them, or allow them with a reason in alembic.ini [migrate_job] lint_allow)"
+        )
+    return findings
+
+
+def write_manifest(settings: Settings) -> Path:
+    """Record the scripts' heads (as Alembic computes them) for the fast path."""
+    from job import migrate
+
+    project = migrate.Project(settings.alembic_config, "postgresql+psycopg2://")
+    try:
+        return manifest.write(settings.alembic_config, project.heads())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot write the heads manifest: {e}") from None

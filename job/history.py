@@ -1,0 +1,134 @@
+"""The run history table: one row per run that changed something, and one per revision applied.
+
+Like Flyway's schema history, for Alembic. The job creates the table itself on first use, in its
+own transaction, beside (never in) Alembic's version table. Rows are written on the session that
+holds the lock, between revision transactions. A run's row is written when it starts, so a run
+that was killed outright still leaves a row, with no outcome. At-head starts write nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import socket
+from typing import Any, Iterator
+
+import psycopg2
+from psycopg2 import sql
+
+from job.errors import Interrupted, JobError
+from job.logs import log, redactor
+
+DDL = """
+CREATE TABLE IF NOT EXISTS {table} (
+    id bigserial PRIMARY KEY,
+    run_id text NOT NULL,
+    kind text NOT NULL,            -- 'run' or 'revision'
+    command text,                  -- run, downgrade, restore, backup
+    revision text,
+    direction text,                -- upgrade or downgrade
+    started_at timestamptz NOT NULL,
+    finished_at timestamptz,
+    seconds double precision,
+    outcome text,                  -- NULL while running (or if the process was killed)
+    error text,
+    backup_path text,
+    host text NOT NULL
+)
+"""
+
+
+class History:
+    """Writes to the history table on `conn`; a table name of None turns it off."""
+
+    def __init__(self, conn: Any, table: str | None, run_id: str) -> None:
+        self.conn = conn
+        self.table = sql.Identifier(table) if table else None
+        self.run_id = run_id
+        self.host = socket.gethostname()
+        self.backup_path: str | None = None
+        self.outcome: str | None = None
+        self._created = False
+
+    def _write(self, statement: str, params: dict[str, Any]) -> Any:
+        """Run one statement in its own transaction; history never fails a migration."""
+        if self.table is None or self.conn.closed:
+            return None
+        try:
+            autocommit = self.conn.autocommit
+            self.conn.autocommit = True
+            with self.conn.cursor() as cur:
+                if not self._created:
+                    cur.execute(sql.SQL(DDL).format(table=self.table))
+                    self._created = True
+                cur.execute(sql.SQL(statement).format(table=self.table), params)
+                row = cur.fetchone() if cur.description else None
+            self.conn.autocommit = autocommit
+            return row
+        except psycopg2.Error as e:
+            log.warning("history.unavailable", error=str(e).strip().splitlines()[0])
+            return None
+
+    @contextlib.contextmanager
+    def run(self, command: str) -> Iterator[History]:
+        """Record a run: its row now, its outcome (or error) when the body ends."""
+        started = dt.datetime.now(dt.timezone.utc)
+        row = self._write(
+            "INSERT INTO {table} (run_id, kind, command, started_at, host) "
+            "VALUES (%(run_id)s, 'run', %(command)s, %(started)s, %(host)s) RETURNING id",
+            {"run_id": self.run_id, "command": command, "started": started, "host": self.host},
+        )
+        outcome, error = "succeeded", None
+        try:
+            yield self
+            outcome = self.outcome or outcome
+        except Interrupted as e:
+            outcome, error = "interrupted", f"signal {e.signum}"
+            raise
+        except JobError as e:
+            outcome, error = "failed", redactor.text(str(e))
+            raise
+        finally:
+            if row is not None:
+                finished = dt.datetime.now(dt.timezone.utc)
+                self._write(
+                    "UPDATE {table} SET finished_at = %(finished)s, seconds = %(seconds)s, outcome = %(outcome)s, "
+                    "error = %(error)s, backup_path = %(backup)s WHERE id = %(id)s",
+                    {"finished": finished, "seconds": (finished - started).total_seconds(), "outcome": outcome,
+                     "error": error, "backup": self.backup_path, "id": row[0]},
+                )
+
+    def revision(self, revision: str, direction: str, started: dt.datetime, seconds: float, outcome: str,
+                 error: str | None = None) -> None:
+        """Record one revision applied (or failed, or interrupted)."""
+        self._write(
+            "INSERT INTO {table} (run_id, kind, revision, direction, started_at, finished_at, seconds, outcome, "
+            "error, host) VALUES (%(run_id)s, 'revision', %(revision)s, %(direction)s, %(started)s, "
+            "%(started)s + make_interval(secs => %(seconds)s), %(seconds)s, %(outcome)s, %(error)s, %(host)s)",
+            {"run_id": self.run_id, "revision": revision, "direction": direction, "started": started,
+             "seconds": seconds, "outcome": outcome, "error": error and redactor.text(error), "host": self.host},
+        )
+
+
+def recent(conn: Any, table: str | None, limit: int = 10) -> list[dict[str, Any]]:
+    """The newest runs, for `status`; empty when the table is off or not there yet."""
+    if table is None:
+        return []
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass(%s)", (sql.Identifier(table).as_string(conn),))
+        if cur.fetchone()[0] is None:
+            return []
+        cur.execute(
+            sql.SQL(
+                "SELECT run_id, command, started_at, seconds, outcome, error, backup_path, host, "
+                "(SELECT string_agg(r.revision || ' ' || r.direction || ' ' || coalesce(r.outcome, '?'), ', ' "
+                "ORDER BY r.id) FROM {table} r WHERE r.run_id = t.run_id AND r.kind = 'revision') "
+                "FROM {table} t WHERE kind = 'run' ORDER BY id DESC LIMIT %s"
+            ).format(table=sql.Identifier(table)),
+            (limit,),
+        )
+        rows = cur.fetchall()
+    keys = ("run_id", "command", "started_at", "seconds", "outcome", "error", "backup_path", "host", "revisions")
+    return [
+        {k: (v.isoformat() if isinstance(v, dt.datetime) else v) for k, v in zip(keys, row)} for row in rows
+    ]

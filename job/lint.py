@@ -1,0 +1,84 @@
+"""`lint`: each pending revision's offline SQL, checked by squawk for operations that lock or
+rewrite tables unsafely. Findings name the revision; an allow-list accepts some on purpose."""
+
+from __future__ import annotations
+
+import configparser
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from job.errors import ConfigError
+from job.plan import Step
+
+# Rules the job itself takes care of, for every revision.
+JOB_ALLOWS = {
+    "require-lock-timeout": "the job sets lock_timeout (MIGRATE_STATEMENT_LOCK_TIMEOUT) on its session",
+    "require-statement-timeout": "the job sets statement_timeout (MIGRATE_STATEMENT_TIMEOUT) when asked to",
+    "prefer-robust-stmts": "each revision runs in its own transaction, so a failure leaves nothing half-done",
+    "transaction-nesting": "the offline SQL wraps each revision in the transaction the job runs it in",
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    revision: str
+    rule: str
+    message: str
+    line: int
+
+
+def allowances(ini: Path, extra: str | None) -> set[str]:
+    """Entries `rule` or `revision:rule`: from alembic.ini's [migrate_job] lint_allow, MIGRATE_LINT_ALLOW, --allow."""
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(ini)
+    listed = parser.get("migrate_job", "lint_allow", fallback="")
+    entries = [line.split("#", 1)[0].strip() for line in listed.splitlines()]
+    entries += [e.strip() for e in (extra or "").split(",")]
+    return {e for e in entries if e} | set(JOB_ALLOWS)
+
+
+def squawk() -> str:
+    found = shutil.which("squawk") or str(Path(sys.executable).parent / "squawk")
+    if not Path(found).exists():
+        raise ConfigError("squawk not found: pip install squawk-cli")
+    return found
+
+
+def without_version_table(sql: str, version_table: str) -> str:
+    """Drop Alembic's own statements on its version table: they are not the revision's to fix."""
+    statements = sql.split(";\n")
+    return ";\n".join(st for st in statements if version_table not in st)
+
+
+def check(sql_by_step: list[tuple[Step, str]], allowed: set[str], pg_version: str) -> list[Finding]:
+    """Run squawk over each revision's SQL; keep the findings no allowance covers."""
+    with tempfile.TemporaryDirectory(prefix="migrate-job-lint-") as tmp:
+        files = {}
+        for index, (step, text) in enumerate(sql_by_step):
+            path = Path(tmp) / f"{index:05d}.sql"
+            path.write_text(text)
+            files[str(path)] = step
+        if not files:
+            return []
+        result = subprocess.run(
+            [squawk(), "--reporter", "json", f"--pg-version={pg_version}", *files],
+            capture_output=True, text=True,
+        )
+    try:
+        reported: list[dict[str, Any]] = json.loads(result.stdout or "[]")
+    except ValueError:
+        raise ConfigError(f"squawk failed: {(result.stderr or result.stdout).strip()[:500]}") from None
+    findings = []
+    for item in reported:
+        step = files[item["file"]]
+        rule = item["rule_name"]
+        if rule in allowed or f"{step.revision}:{rule}" in allowed:
+            continue
+        findings.append(Finding(step.revision, rule, item["message"], item["line"] + 1))
+    return findings
