@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 LOCAL  := .local
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install migrate test lint plan revision db-up db-down bench clean
+.PHONY: install migrate test lint lint-migrations plan revision db-up db-down bench chart clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ test: install
 # side-by-side measurements against bare Alembic and bare pg_dump (not a test: no pass/fail)
 bench: install
 	$(BIN)/python bench/bench.py
+
+# squawk over every revision's offline SQL: a pre-deploy gate that needs no database
+lint-migrations: install
+	$(BIN)/migrate-job lint --all
 
 lint: install
 	$(BIN)/python -m compileall -q job app alembic tests
