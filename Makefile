@@ -11,11 +11,15 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[app,test]'
-	touch $@
+# (quiet, and on stderr: `make chart` and `make plan` keep stdout for their output)
+$(VENV)/.installed: pyproject.toml requirements.txt
+	@echo "installing into $(VENV)" >&2
+	@$(PYTHON) -m venv $(VENV) >&2
+	@$(BIN)/pip install --quiet --upgrade pip >&2
+	@$(BIN)/pip install --quiet -e '.[app,test]' >&2
+	@# a local wheelhouse, so the test that builds the image's venv downloads nothing at test time
+	@$(BIN)/pip download --quiet --dest $(LOCAL)/wheels --requirement requirements.txt setuptools >&2
+	@touch $@
 
 # DATABASE_URL of the local throwaway cluster, started when DATABASE_URL is not set
 DB = $${DATABASE_URL:-$$($(BIN)/python -m tests.pgcluster up $(LOCAL)/pg)}
@@ -36,11 +40,16 @@ bench: install
 	$(BIN)/python bench/bench.py
 
 # squawk over every revision's offline SQL: a pre-deploy gate that needs no database
+# the Helm chart rendered offline to stdout (make chart VALUES=my-values.yaml)
+chart: install
+	@$(BIN)/python deploy/helm/render.py $(VALUES)
+
 lint-migrations: install
 	$(BIN)/migrate-job lint --all
 
 lint: install
-	$(BIN)/python -m compileall -q job app alembic tests
+	$(BIN)/python -m compileall -q job app alembic tests bench deploy
+	$(BIN)/hadolint Dockerfile
 
 # make revision m="add a column"
 revision: install

@@ -1,0 +1,151 @@
+{{/* Names */}}
+{{- define "migrate-job.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "migrate-job.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "migrate-job.labels" -}}
+app.kubernetes.io/name: {{ include "migrate-job.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "migrate-job.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "migrate-job.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "migrate-job.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/* The Secret holding DATABASE_URL, and its key */}}
+{{- define "migrate-job.secretName" -}}
+{{- default (printf "%s-database" (include "migrate-job.fullname" .)) .Values.database.existingSecret -}}
+{{- end -}}
+
+{{- define "migrate-job.secretKey" -}}
+{{- if .Values.database.existingSecret -}}{{ .Values.database.existingSecretKey }}{{- else -}}DATABASE_URL{{- end -}}
+{{- end -}}
+
+{{/* Are backups on, and on which claim */}}
+{{- define "migrate-job.backupsOn" -}}
+{{- if ne .Values.backups.mode "off" -}}true{{- end -}}
+{{- end -}}
+
+{{- define "migrate-job.claimName" -}}
+{{- default (printf "%s-backups" (include "migrate-job.fullname" .)) .Values.backups.persistence.existingClaim -}}
+{{- end -}}
+
+{{/* Values that the schema alone cannot check */}}
+{{- define "migrate-job.validate" -}}
+{{- if and (not .Values.database.existingSecret) (not .Values.database.url) -}}
+{{- fail "database: set database.existingSecret (a Secret holding DATABASE_URL; recommended) or database.url" -}}
+{{- end -}}
+{{- if and (include "migrate-job.backupsOn" .) (not .Values.backups.persistence.existingClaim) (not .Values.backups.persistence.create) -}}
+{{- fail "backups: they need a PersistentVolumeClaim (backups.persistence.existingClaim, or backups.persistence.create: true); an emptyDir would lose them with the pod. Or set backups.mode: off" -}}
+{{- end -}}
+{{- if and (eq .Values.migration.mode "initContainer") (include "migrate-job.backupsOn" .) (not .Values.backups.persistence.existingClaim) (gt (int .Values.app.replicas) 1) (not (has "ReadWriteMany" .Values.backups.persistence.accessModes)) -}}
+{{- fail "backups: in initContainer mode every app pod mounts the backup claim; with more than one replica it must be ReadWriteMany (backups.persistence.accessModes), an existingClaim that is, or backups.mode: off" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Pod-level settings every pod of the chart shares */}}
+{{- define "migrate-job.podSpecCommon" -}}
+serviceAccountName: {{ include "migrate-job.serviceAccountName" . }}
+automountServiceAccountToken: {{ .Values.serviceAccount.automountServiceAccountToken }}
+securityContext:
+  {{- toYaml .Values.securityContext.pod | nindent 2 }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* The job's environment; `withBackups` adds the backup settings */}}
+{{- define "migrate-job.env" -}}
+- name: DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "migrate-job.secretName" .root }}
+      key: {{ include "migrate-job.secretKey" .root }}
+- name: MIGRATE_TARGET
+  value: {{ .root.Values.migration.target | quote }}
+- name: MIGRATE_WAIT_TIMEOUT
+  value: {{ .waitTimeout | quote }}
+- name: MIGRATE_LOCK_TIMEOUT
+  value: {{ .root.Values.migration.lockTimeout | quote }}
+- name: MIGRATE_STATEMENT_LOCK_TIMEOUT
+  value: {{ .root.Values.migration.statementLockTimeout | quote }}
+- name: MIGRATE_LOCK_RETRIES
+  value: {{ .root.Values.migration.lockRetries | quote }}
+- name: MIGRATE_LOG_FORMAT
+  value: {{ .root.Values.migration.logFormat | quote }}
+- name: MIGRATE_LOG_LEVEL
+  value: {{ .root.Values.migration.logLevel | quote }}
+{{- if .withBackups }}
+- name: MIGRATE_BACKUP
+  value: {{ .root.Values.backups.mode | quote }}
+{{- end }}
+{{- if and .withBackups (include "migrate-job.backupsOn" .root) }}
+- name: MIGRATE_BACKUP_DIR
+  value: /backups
+- name: MIGRATE_BACKUP_KEEP
+  value: {{ .root.Values.backups.keep | quote }}
+{{- end }}
+{{- with .root.Values.migration.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* A migrate-job container: name, args, wait timeout, and whether it mounts the backups */}}
+{{- define "migrate-job.container" -}}
+- name: {{ .name }}
+  image: {{ include "migrate-job.image" .root }}
+  imagePullPolicy: {{ .root.Values.image.pullPolicy }}
+  args:
+    {{- toYaml .args | nindent 4 }}
+  env:
+    {{- include "migrate-job.env" . | nindent 4 }}
+  securityContext:
+    {{- toYaml .root.Values.securityContext.container | nindent 4 }}
+  resources:
+    {{- toYaml .root.Values.migration.resources | nindent 4 }}
+  terminationMessagePath: /dev/termination-log
+  terminationMessagePolicy: FallbackToLogsOnError
+  volumeMounts:
+    - name: tmp
+      mountPath: /tmp
+    {{- if and .withBackups (include "migrate-job.backupsOn" .root) }}
+    - name: backups
+      mountPath: /backups
+    {{- end }}
+{{- end -}}
+
+{{- define "migrate-job.volumes" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: 64Mi
+{{- if and .withBackups (include "migrate-job.backupsOn" .root) }}
+- name: backups
+  persistentVolumeClaim:
+    claimName: {{ include "migrate-job.claimName" .root }}
+{{- end }}
+{{- end -}}

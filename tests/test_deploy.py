@@ -1,0 +1,414 @@
+"""The image, the Helm chart and the plain manifests: rendered by the real Helm v4 SDK offline,
+validated against a current Kubernetes schema, and their containers run as local processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.conftest import ROOT, Db, Result
+
+CHART = ROOT / "deploy" / "helm" / "migrate-job"
+K8S = ROOT / "deploy" / "k8s"
+DOCKERFILE = ROOT / "Dockerfile"
+URL_VALUES = {"database": {"url": "postgresql://blog:s3cret@db:5432/blog"}}
+KUBERNETES = kubernetes_validate.latest_version()
+
+
+def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The chart's documents for `values` (on top of a database URL), as Helm renders them."""
+    merged = {**URL_VALUES, **(values or {})}
+    chart = helm_python.Chart.load(CHART)
+    rendered = chart.render(merged, name="blog", namespace="prod", is_install=True)
+    return [doc for text in rendered.values() for doc in yaml.safe_load_all(text) if doc]
+
+
+def one(docs: list[dict[str, Any]], kind: str, name_part: str = "") -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and name_part in d["metadata"]["name"]]
+    assert len(found) == 1, f"expected one {kind} {name_part!r}, got {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def kinds(docs: list[dict[str, Any]]) -> list[str]:
+    return sorted(d["kind"] for d in docs)
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def annotations(doc: dict[str, Any]) -> dict[str, str]:
+    return doc["metadata"].get("annotations") or {}
+
+
+# --- hook mode -------------------------------------------------------------------------------
+
+def test_hook_mode_renders_a_pre_install_pre_upgrade_job() -> None:
+    """By default the Job is a pre-install/pre-upgrade hook, deleted before the next and on success."""
+    job = one(render(), "Job")
+
+    assert {
+        "helm.sh/hook": "pre-install,pre-upgrade",
+        "helm.sh/hook-weight": "0",
+        "helm.sh/hook-delete-policy": "before-hook-creation,hook-succeeded",
+    } == annotations(job)
+    assert (2, 1800, "Never") == (job["spec"]["backoffLimit"], job["spec"]["activeDeadlineSeconds"],
+                                  job["spec"]["template"]["spec"]["restartPolicy"])
+    assert ["run"] == job["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_hook_mode_app_waits_for_migrations() -> None:
+    """In hook mode the app's init container only waits: `check --wait`, no backups mounted."""
+    deployment = one(render(), "Deployment")
+    (init,) = deployment["spec"]["template"]["spec"]["initContainers"]
+
+    assert ("wait-for-migrations", ["check", "--wait"]) == (init["name"], init["args"])
+    assert "MIGRATE_BACKUP_DIR" not in env_of(init)
+    assert ["tmp"] == [m["name"] for m in init["volumeMounts"]]
+
+
+def test_ttl_is_left_out_when_null_and_kept_when_zero() -> None:
+    """ttlSecondsAfterFinished renders only when set; 0 is a value, not 'unset'."""
+    assert "ttlSecondsAfterFinished" not in one(render(), "Job")["spec"]
+    assert 0 == one(render({"migration": {"mode": "hook", "ttlSecondsAfterFinished": 0}}), "Job")["spec"][
+        "ttlSecondsAfterFinished"]
+    assert 600 == one(render({"migration": {"mode": "hook", "ttlSecondsAfterFinished": 600}}), "Job")["spec"][
+        "ttlSecondsAfterFinished"]
+
+
+def test_without_helm_hooks_the_job_is_plain() -> None:
+    """useHelmHooks: false renders the Job, Secret and claim without hook annotations (Argo CD, helm --wait)."""
+    docs = render({"useHelmHooks": False})
+
+    assert not any(k.startswith("helm.sh/hook") for d in docs for k in annotations(d))
+    assert "Job" in kinds(docs)
+
+
+def test_user_annotations_are_merged_into_the_job() -> None:
+    """migration.annotations join the hook annotations; the hook's own keys win."""
+    job = one(render({"migration": {"mode": "hook", "annotations": {
+        "argocd.argoproj.io/hook": "PreSync", "helm.sh/hook-weight": "99"}}}), "Job")
+
+    assert "PreSync" == annotations(job)["argocd.argoproj.io/hook"]
+    assert "0" == annotations(job)["helm.sh/hook-weight"]
+
+
+def test_chart_created_secret_and_account_are_hooks_before_the_job() -> None:
+    """Without existingSecret the chart's Secret (and ServiceAccount) are hooks weighted before the Job."""
+    docs = render()
+    secret = one(docs, "Secret")
+
+    assert "pre-install,pre-upgrade" == annotations(secret)["helm.sh/hook"]
+    assert int(annotations(secret)["helm.sh/hook-weight"]) < int(annotations(one(docs, "Job"))["helm.sh/hook-weight"])
+    assert int(annotations(one(docs, "ServiceAccount"))["helm.sh/hook-weight"]) < 0
+    assert "postgresql://blog:s3cret@db:5432/blog" == secret["stringData"]["DATABASE_URL"]
+
+
+def test_existing_secret_is_used_and_none_is_created() -> None:
+    """database.existingSecret: no Secret rendered; every container reads the URL from it."""
+    docs = render({"database": {"existingSecret": "blog-db", "existingSecretKey": "url"}})
+
+    assert "Secret" not in kinds(docs)
+    for container in _containers(docs):
+        assert {"secretKeyRef": {"name": "blog-db", "key": "url"}} == env_of(container)["DATABASE_URL"]
+
+
+# --- init-container mode ---------------------------------------------------------------------
+
+def test_init_container_mode_has_no_job_and_the_app_runs_the_pipeline() -> None:
+    """migration.mode: initContainer renders no Job; each app pod's init container runs `run` with backups."""
+    docs = render({"migration": {"mode": "initContainer"}, "app": {"replicas": 1}})
+    (init,) = one(docs, "Deployment")["spec"]["template"]["spec"]["initContainers"]
+
+    assert "Job" not in kinds(docs)
+    assert ("migrate", ["run"]) == (init["name"], init["args"])
+    assert "/backups" == env_of(init)["MIGRATE_BACKUP_DIR"]
+    assert not any(k.startswith("helm.sh/hook") for d in docs for k in annotations(d))
+
+
+# --- backups ---------------------------------------------------------------------------------
+
+def test_backups_get_a_kept_claim_created_once() -> None:
+    """By default a PVC is created as a pre-install hook and kept on uninstall, mounted at /backups."""
+    docs = render()
+    claim = one(docs, "PersistentVolumeClaim")
+    job = one(docs, "Job")["spec"]["template"]["spec"]
+
+    assert ("keep", "pre-install") == (annotations(claim)["helm.sh/resource-policy"], annotations(claim)["helm.sh/hook"])
+    assert {"name": "backups", "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}} in job["volumes"]
+    assert "/backups" == env_of(job["containers"][0])["MIGRATE_BACKUP_DIR"]
+
+
+def test_existing_claim_is_mounted_and_none_is_created() -> None:
+    """backups.persistence.existingClaim is mounted; no claim is rendered."""
+    docs = render({"backups": {"persistence": {"existingClaim": "blog-backups"}}})
+    job = one(docs, "Job")["spec"]["template"]["spec"]
+
+    assert "PersistentVolumeClaim" not in kinds(docs)
+    assert {"name": "backups", "persistentVolumeClaim": {"claimName": "blog-backups"}} in job["volumes"]
+
+
+def test_backups_off_mounts_nothing() -> None:
+    """backups.mode: off renders no claim and no volume, and tells the job."""
+    docs = render({"backups": {"mode": "off"}})
+    job = one(docs, "Job")["spec"]["template"]["spec"]
+
+    assert "PersistentVolumeClaim" not in kinds(docs)
+    assert ["tmp"] == [v["name"] for v in job["volumes"]]
+    assert "off" == env_of(job["containers"][0])["MIGRATE_BACKUP"]
+
+
+# --- security --------------------------------------------------------------------------------
+
+def test_every_pod_and_container_is_locked_down() -> None:
+    """Non-root, read-only root, no escalation, no capabilities, RuntimeDefault seccomp, no token."""
+    for values in ({}, {"migration": {"mode": "initContainer"}, "app": {"replicas": 1}}):
+        docs = render(values)
+        for spec in _pod_specs(docs):
+            assert spec["securityContext"]["runAsNonRoot"] is True
+            assert "RuntimeDefault" == spec["securityContext"]["seccompProfile"]["type"]
+            assert spec["automountServiceAccountToken"] is False
+        for container in _containers(docs):
+            sc = container["securityContext"]
+            assert (True, False, ["ALL"]) == (sc["readOnlyRootFilesystem"], sc["allowPrivilegeEscalation"],
+                                              sc["capabilities"]["drop"])
+            assert container["resources"]["limits"]["memory"]
+        assert one(docs, "ServiceAccount")["automountServiceAccountToken"] is False
+
+
+def test_app_is_ready_only_at_head() -> None:
+    """The app's readiness probe is /readyz (503 until the database is at head), its Service targets it."""
+    docs = render()
+    app = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+
+    assert "/readyz" == app["readinessProbe"]["httpGet"]["path"]
+    assert "http" == one(docs, "Service")["spec"]["ports"][0]["targetPort"]
+
+
+# --- bad values ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"migration": {"mode": "sidecar"}}, "mode"),
+    ({"database": {}}, "database"),
+    ({"database": {"url": "mysql://u:p@h/db"}}, "url"),
+    ({"backups": {"persistence": {"create": False}}}, "PersistentVolumeClaim"),
+    ({"migration": {"mode": "initContainer"}}, "ReadWriteMany"),
+    ({"migraton": {}}, "migraton"),
+    ({"migration": {"mode": "hook", "ttlSecondsAfterFinished": -1}}, "ttlSecondsAfterFinished"),
+])
+def test_bad_values_fail_to_render_with_a_clear_message(values: dict[str, Any], message: str) -> None:
+    """Unknown modes or keys, no database, backups without a claim: rendering fails and says why."""
+    merged = {**values} if "database" in values else {**URL_VALUES, **values}
+    chart = helm_python.Chart.load(CHART)
+
+    with pytest.raises(helm_python.HelmError) as failure:
+        chart.render(merged, name="blog", namespace="prod", is_install=True)
+
+    assert message in str(failure.value)
+
+
+# --- validation ------------------------------------------------------------------------------
+
+VALUE_SETS = {
+    "default": {},
+    "existing-secret": {"database": {"existingSecret": "blog-db"}},
+    "init-container": {"migration": {"mode": "initContainer"}, "app": {"replicas": 1}},
+    "no-hooks": {"useHelmHooks": False},
+    "backups-off": {"backups": {"mode": "off"}},
+    "existing-claim-ttl": {"backups": {"persistence": {"existingClaim": "b"}},
+                           "migration": {"mode": "hook", "ttlSecondsAfterFinished": 0}},
+    "no-app": {"app": {"enabled": False}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_every_rendered_document_is_valid_kubernetes(name: str) -> None:
+    """Each document validates strictly against the current Kubernetes schema."""
+    docs = render(VALUE_SETS[name])
+
+    assert docs
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_helm_lint_finds_no_error(name: str) -> None:
+    """helm lint (strict) reports no warning or error for the value sets."""
+    report = helm_python.lint(CHART, {**URL_VALUES, **VALUE_SETS[name]}, strict=True, namespace="prod")
+
+    assert [] == report["errors"]
+    assert [] == [m for m in report["messages"] if m["severity"] >= 2]
+
+
+def test_plain_manifests_are_valid_kubernetes() -> None:
+    """Every resource file in deploy/k8s validates strictly."""
+    files = [f for f in K8S.rglob("*.yaml") if f.name != "kustomization.yaml"]
+
+    assert len(files) >= 7
+    for path in files:
+        for doc in yaml.safe_load_all(path.read_text()):
+            kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+
+
+def test_kustomizations_list_files_that_exist() -> None:
+    """Each kustomization's resources exist, and the two overlays build on the base."""
+    for kustomization in K8S.rglob("kustomization.yaml"):
+        for resource in yaml.safe_load(kustomization.read_text())["resources"]:
+            assert (kustomization.parent / resource).exists(), (kustomization, resource)
+    for overlay in ("job", "init-container"):
+        assert "../../base" in yaml.safe_load((K8S / "overlays" / overlay / "kustomization.yaml").read_text())["resources"]
+
+
+# --- pods, simulated -------------------------------------------------------------------------
+
+def _pod_specs(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d["spec"]["template"]["spec"] for d in docs if d["kind"] in ("Job", "Deployment")]
+
+
+def _containers(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [c for spec in _pod_specs(docs) for c in spec.get("initContainers", []) + spec["containers"]]
+
+
+def _image_config() -> tuple[list[str], dict[str, str]]:
+    """The job image's ENTRYPOINT and ENV, read from the Dockerfile's final stage."""
+    text = DOCKERFILE.read_text()
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", text, re.M).group(1))
+    env_block = re.search(r"^ENV PATH=/opt/venv/bin:\$PATH \\\n((?:    .*\n)+)", text, re.M).group(1)
+    env = dict(re.findall(r"(\w+)=(\S+?)(?: \\)?$", env_block, re.M))
+    assert entrypoint and env
+    return entrypoint, env
+
+
+def _pod_command(container: dict[str, Any], docs: list[dict[str, Any]], secrets: dict[str, dict[str, str]],
+                 mounts: dict[str, Path]) -> tuple[list[str], dict[str, str]]:
+    """The container's exact command line and environment, with the image's ENV, Secrets resolved,
+    and its mount paths mapped onto local folders (/app is the repository, as the image lays it out)."""
+    entrypoint, image_env = _image_config()
+    for secret in (d for d in docs if d["kind"] == "Secret"):
+        secrets.setdefault(secret["metadata"]["name"], secret["stringData"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MIGRATE_", "DATABASE_URL", "ALEMBIC_", "PG"))}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    env.update(image_env)
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        else:
+            ref = item["valueFrom"]["secretKeyRef"]
+            env[item["name"]] = secrets[ref["name"]][ref["key"]]
+    mapped = {"/app": ROOT, **mounts}
+    for name, value in env.items():
+        for path, local in mapped.items():
+            if value == path or value.startswith(path + "/"):
+                env[name] = str(local) + value[len(path):]
+    argv = (container.get("command") or entrypoint) + container.get("args", [])
+    return argv, env
+
+
+def _run_pods(argv: list[str], env: dict[str, str], copies: int) -> list[Result]:
+    procs = [subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(copies)]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        results.append(Result(proc.returncode, out, err))
+    return results
+
+
+def test_hook_job_pods_migrate_once_and_the_app_pods_then_start(db: Db, tmp_path: Path) -> None:
+    """Four copies of the rendered Job's container run together: all exit 0, the migrations run once;
+    then the app's wait-for-migrations init container returns 0."""
+    docs = render({"database": {"existingSecret": "blog-db"}})
+    secrets = {"blog-db": {"DATABASE_URL": db.url}}
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    job = one(docs, "Job")["spec"]["template"]["spec"]["containers"][0]
+    argv, env = _pod_command(job, docs, secrets, {"/backups": backups})
+
+    results = _run_pods(argv, env, copies=4)
+
+    assert [0, 0, 0, 0] == [r.code for r in results], [r.stdout[-400:] for r in results]
+    assert 6 == sum(len(r.events("migration.done")) for r in results)
+    assert ["0006"] == db.version()
+    assert 1 == len(list(backups.glob("*.dump")))
+    (init,) = one(docs, "Deployment")["spec"]["template"]["spec"]["initContainers"]
+    argv, env = _pod_command(init, docs, secrets, {})
+    assert [0, 0] == [r.code for r in _run_pods(argv, env, copies=2)]
+
+
+def test_init_container_pods_migrate_once(db: Db, tmp_path: Path) -> None:
+    """In initContainer mode, four app pods' init containers run together: all exit 0, one migrates."""
+    docs = render({"migration": {"mode": "initContainer"}, "database": {"url": db.url},
+                   "backups": {"persistence": {"accessModes": ["ReadWriteMany"]}}})
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    (init,) = one(docs, "Deployment")["spec"]["template"]["spec"]["initContainers"]
+    argv, env = _pod_command(init, docs, {}, {"/backups": backups})
+
+    results = _run_pods(argv, env, copies=4)
+
+    assert [0, 0, 0, 0] == [r.code for r in results]
+    assert ["migrated", "up-to-date", "up-to-date", "up-to-date"] == sorted(r.event("run.done")["outcome"] for r in results)
+    assert ["0006"] == db.version()
+
+
+# --- the image -------------------------------------------------------------------------------
+
+def test_dockerfile_is_hadolint_clean() -> None:
+    """hadolint finds nothing in the Dockerfile (not even a warning)."""
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+
+    result = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True)
+
+    assert 0 == result.returncode, result.stdout + result.stderr
+
+
+INSTALL_STEPS = ["pip install --requirement requirements.txt", "pip install --no-deps ."]
+
+
+def test_image_venv_built_the_dockerfile_way_runs_the_entrypoint(db: Db, tmp_path: Path) -> None:
+    """A venv built with the Dockerfile's own install commands (from the local wheelhouse) has a
+    working `migrate-job` that writes the manifest and migrates from the image's /app layout."""
+    text = DOCKERFILE.read_text()
+    for step in INSTALL_STEPS:
+        assert f"RUN {step}\n" in text
+    wheels = ROOT / ".local" / "wheels"
+    assert wheels.is_dir(), "run `make install` first: it fills .local/wheels for this test"
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("requirements.txt", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "job", src / "job", ignore=shutil.ignore_patterns("__pycache__"))
+    build_env = {**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}", "PIP_NO_INDEX": "1",
+                 "PIP_FIND_LINKS": str(wheels), "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    for step in INSTALL_STEPS:
+        subprocess.run(step.split(), cwd=src, env=build_env, check=True, capture_output=True)
+    app = tmp_path / "app"  # the image's /app
+    app.mkdir()
+    shutil.copy(ROOT / "alembic.ini", app)
+    shutil.copytree(ROOT / "alembic", app / "alembic", ignore=shutil.ignore_patterns("migrate-job-heads.json", "__pycache__"))
+    shutil.copytree(ROOT / "app", app / "app", ignore=shutil.ignore_patterns("__pycache__"))
+    run_env = {k: v for k, v in build_env.items() if not k.startswith(("MIGRATE_", "PIP_", "DATABASE_URL"))}
+    run_env.update(ALEMBIC_CONFIG=str(app / "alembic.ini"), MIGRATE_BACKUP="off", DATABASE_URL=db.url,
+                   PYTHONPATH="")
+    entrypoint = str(venv / "bin" / "migrate-job")
+
+    assert 0 == subprocess.run([entrypoint, "manifest"], cwd=app, env=run_env, capture_output=True).returncode
+    result = subprocess.run([entrypoint, "run"], cwd=app, env=run_env, capture_output=True, text=True)
+
+    assert 0 == result.returncode, result.stdout + result.stderr
+    assert ["0006"] == db.version()
+    assert str(venv) in subprocess.run([str(venv / "bin" / "python"), "-c", "import job; print(job.__file__)"],
+                                       capture_output=True, text=True, cwd=tmp_path).stdout
