@@ -164,7 +164,6 @@ def at_head() -> tuple[str, str, str]:
 
 def revisions_flat() -> tuple[str, str, str]:
     """run at head with 500 revisions vs with 5."""
-    samples = {}
     setups = {}
     for count in (5, 500):
         name = new_database()

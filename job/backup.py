@@ -7,6 +7,7 @@ instead would have our hashing compete with pg_dump's compression for the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -18,7 +19,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from job.config import Database
 from job.errors import BackupFailed, RestoreFailed
@@ -160,14 +161,11 @@ def verified(directory: Path, name: str) -> tuple[Path, dict[str, Any]]:
         raise RestoreFailed(f"no backup {str(path)!r} with a sidecar ({sidecar_of(path).name}) to check it against") from None
     except ValueError:
         raise RestoreFailed(f"the sidecar of {str(path)!r} is not valid JSON") from None
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as dump:
-            while chunk := dump.read(CHUNK):
-                digest.update(chunk)
+        _, digest = _sha256(path)
     except OSError as e:
         raise RestoreFailed(f"cannot read backup {str(path)!r}: {e.strerror}") from None
-    if digest.hexdigest() != meta.get("sha256"):
+    if digest != meta.get("sha256"):
         raise RestoreFailed(
             f"backup {str(path)!r} does not match its sidecar's sha256: it is damaged or was changed; not restoring"
         )
@@ -220,14 +218,8 @@ def remove_partials(directory: Path) -> None:
 
 
 def _dump_atomically(argv: list[str], env: dict[str, str], final: Path) -> tuple[int, str]:
-    """pg_dump into a 0600 temporary file; hash it, fsync, rename; return size and sha256."""
-    partial = final.with_name(f".{final.name}{PARTIAL}")
-    try:
-        # created private before pg_dump opens it, so no byte of the dump is ever world-readable
-        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    except OSError as e:
-        raise BackupFailed(f"cannot write to backup directory {str(final.parent)!r}: {e.strerror}") from None
-    try:
+    """pg_dump into a private temporary file that becomes `final` only once complete; return size and sha256."""
+    with _atomically(final) as partial:
         result = subprocess.run([*argv, f"--file={partial}"], env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True, errors="replace")
         if result.returncode < 0:
@@ -236,35 +228,47 @@ def _dump_atomically(argv: list[str], env: dict[str, str], final: Path) -> tuple
                 " (the file size limit)" if name == "SIGXFSZ" else ""))
         if result.returncode != 0:
             raise BackupFailed(f"pg_dump failed: {_last_line(result.stderr)}")
-        digest, size = hashlib.sha256(), 0
-        with open(partial, "rb") as dump:
-            while chunk := dump.read(CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
-            os.fsync(dump.fileno())
-        os.rename(partial, final)
-        _fsync_dir(final.parent)
-    except OSError as e:
-        raise BackupFailed(f"cannot write backup {str(final)!r}: {e.strerror}") from None
-    finally:
-        partial.unlink(missing_ok=True)
-    return size, digest.hexdigest()
+        return _sha256(partial)
 
 
 def _write_atomically(path: Path, content: bytes) -> None:
-    partial = path.with_name(f".{path.name}{PARTIAL}")
+    with _atomically(path) as partial:
+        partial.write_bytes(content)
+
+
+@contextlib.contextmanager
+def _atomically(final: Path) -> Iterator[Path]:
+    """A temporary file beside `final`, created 0600 before anything writes to it (so no byte is ever
+    readable by others); when the body succeeds it is fsynced and renamed over `final`, the directory
+    fsynced; whatever happens, no temporary file is left."""
+    partial = final.with_name(f".{final.name}{PARTIAL}")
     try:
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(content)
-            out.flush()
-            os.fsync(out.fileno())
-        os.rename(partial, path)
-        _fsync_dir(path.parent)
+        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except OSError as e:
-        raise BackupFailed(f"cannot write {str(path)!r}: {e.strerror}") from None
+        raise BackupFailed(f"cannot write to backup directory {str(final.parent)!r}: {e.strerror}") from None
+    try:
+        yield partial
+        fd = os.open(partial, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(partial, final)
+        _fsync_dir(final.parent)
+    except OSError as e:
+        raise BackupFailed(f"cannot write {str(final)!r}: {e.strerror}") from None
     finally:
         partial.unlink(missing_ok=True)
+
+
+def _sha256(path: Path) -> tuple[int, str]:
+    """Size and sha256 of a file, read in chunks (a dump may be larger than memory)."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import configparser
 import hashlib
-import os
 import re
 import socket
 import sys

@@ -80,6 +80,28 @@ def finish(proc: subprocess.Popen, timeout: float = 120) -> Result:
     return Result(proc.returncode, stdout, stderr)
 
 
+def start_logged(env: dict[str, str], out: Path, *args: str, **kw: Any) -> subprocess.Popen:
+    """Start the job with its stdout going to `out`, so a test can watch its events as they come."""
+    return subprocess.Popen([MIGRATE_JOB, *(args or ("run",))], env=env, cwd=ROOT, stdout=out.open("w"),
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def finish_logged(proc: subprocess.Popen, out: Path, timeout: float = 60) -> Result:
+    proc.wait(timeout=timeout)
+    return Result(proc.returncode, out.read_text(), proc.stderr.read())
+
+
+def hold_lock(db: "Db", key: int | None = None, application_name: str = "someone-else") -> tuple[Any, int]:
+    """Another session holding the migration lock (the default key for `db`): its connection and pid."""
+    from job.config import lock_key_for
+
+    holder = db.connect(application_name=application_name)
+    with holder.cursor() as cur:
+        cur.execute("SELECT pg_advisory_lock(%s)", (lock_key_for(db.name, "alembic_version") if key is None else key,))
+        cur.execute("SELECT pg_backend_pid()")
+        return holder, cur.fetchone()[0]
+
+
 def wait_for_event(proc_output: Path, name: str, timeout: float = 30) -> None:
     """Wait until a job writing its stdout to `proc_output` has logged `name`."""
     deadline = time.monotonic() + timeout

@@ -7,7 +7,6 @@ import os
 import random
 import resource
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -20,23 +19,11 @@ from job import backup as job_backup
 from job.config import Database
 from job.errors import BackupFailed
 from tests.conftest import (
-    ROOT, Db, Result, finish, run_job, scenario, start_job, wait_for_event,
+    ROOT, Db, Result, finish, finish_logged, run_job, scenario, start_job, start_logged, wait_for_event,
 )
 from tests.pgcluster import server_user
 
 pytestmark = pytest.mark.faults
-
-
-def _started_in_file(env: dict[str, str], out: Path, **kw) -> subprocess.Popen:
-    from tests.conftest import MIGRATE_JOB
-
-    return subprocess.Popen([MIGRATE_JOB, "run"], env=env, cwd=ROOT, stdout=out.open("w"),
-                            stderr=subprocess.PIPE, text=True, **kw)
-
-
-def _result(proc: subprocess.Popen, out: Path, timeout: float = 60) -> Result:
-    proc.wait(timeout=timeout)
-    return Result(proc.returncode, out.read_text(), proc.stderr.read())
 
 
 def _wait_until(predicate, timeout: float = 10.0) -> bool:
@@ -121,12 +108,12 @@ def test_server_restarted_mid_revision_exits_6_and_the_next_run_completes(cluste
     slow = {**env, "DATABASE_URL": cluster.url(), "ALEMBIC_CONFIG": scenario("slow"), "SCENARIO_SLEEP": "30",
             "MIGRATE_BACKUP": "off"}
     out = tmp_path / "out"
-    proc = _started_in_file(slow, out)
+    proc = start_logged(slow, out)
     wait_for_event(out, "migration.done")
     time.sleep(0.5)
     cluster.restart()
 
-    result = _result(proc, out)
+    result = finish_logged(proc, out)
 
     assert 6 == result.code, result.stdout
     error = result.event("run.failed")["error"]
@@ -141,7 +128,7 @@ def test_sigkill_of_the_holder_rolls_back_and_frees_the_lock(db: Db, env: dict[s
     """A holder killed outright: the server rolls its revision back and frees the lock; the next run completes."""
     slow = {**env, "ALEMBIC_CONFIG": scenario("slow"), "SCENARIO_SLEEP": "30"}
     out = tmp_path / "out"
-    proc = _started_in_file(slow, out)
+    proc = start_logged(slow, out)
     wait_for_event(out, "migration.done")
     time.sleep(0.5)
     proc.kill()

@@ -8,9 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from job.config import lock_key_for
 from tests.conftest import (
-    MIGRATE_JOB, ROOT, Db, Result, create_database, drop_database, run_job, scenario, wait_for_event,
+    MIGRATE_JOB, ROOT, Db, create_database, drop_database, hold_lock, run_job, scenario, wait_for_event,
 )
 
 
@@ -32,11 +31,7 @@ def _backup(env: dict[str, str]) -> str:
 
 def test_status_names_the_lock_holder(db: Db, env: dict[str, str]) -> None:
     """While another session holds the migration lock, status names its pid and application_name."""
-    holder = db.connect(application_name="pod-7f9c")
-    with holder.cursor() as cur:
-        cur.execute("SELECT pg_advisory_lock(%s)", (lock_key_for(db.name, "alembic_version"),))
-        cur.execute("SELECT pg_backend_pid()")
-        (pid,) = cur.fetchone()
+    holder, pid = hold_lock(db, application_name="pod-7f9c")
 
     result = run_job("status", "--format", "json", env=env)
     holder.close()

@@ -8,27 +8,15 @@ import subprocess
 import time
 from pathlib import Path
 
-import psycopg2
 import pytest
 
 from job.config import lock_key_for
 from tests.conftest import (
-    MIGRATE_JOB, ROOT, SECRET, SECRET_IN_URL, Db, Result, finish, run_job, scenario, start_job,
-    wait_for_event,
+    MIGRATE_JOB, ROOT, SECRET, SECRET_IN_URL, Db, finish, finish_logged, hold_lock, run_job, scenario,
+    start_job, start_logged, wait_for_event,
 )
 
 pytestmark = pytest.mark.faults
-
-
-def _started_in_file(env: dict[str, str], out: Path, *args: str) -> subprocess.Popen:
-    """Start the job with stdout going to `out`, so a test can watch its events as they come."""
-    return subprocess.Popen([MIGRATE_JOB, *(args or ("run",))], env=env, cwd=ROOT,
-                            stdout=out.open("w"), stderr=subprocess.PIPE, text=True)
-
-
-def _result(proc: subprocess.Popen, out: Path, timeout: float = 60) -> Result:
-    proc.wait(timeout=timeout)
-    return Result(proc.returncode, out.read_text(), proc.stderr.read())
 
 
 def test_eight_replicas_at_once_migrate_once(db: Db, env: dict[str, str]) -> None:
@@ -48,11 +36,7 @@ def test_eight_replicas_at_once_migrate_once(db: Db, env: dict[str, str]) -> Non
 
 def test_lock_waiting_names_the_holder_and_times_out_with_4(db: Db, env: dict[str, str]) -> None:
     """While another session holds the lock, the job logs its pid and application_name, then exits 4."""
-    holder = db.connect(application_name="someone-else")
-    with holder.cursor() as cur:
-        cur.execute("SELECT pg_advisory_lock(%s)", (lock_key_for(db.name, "alembic_version"),))
-        cur.execute("SELECT pg_backend_pid()")
-        (pid,) = cur.fetchone()
+    holder, pid = hold_lock(db)
 
     result = run_job("run", env={**env, "MIGRATE_LOCK_TIMEOUT": "1"})
     holder.close()
@@ -67,9 +51,7 @@ def test_lock_waiting_names_the_holder_and_times_out_with_4(db: Db, env: dict[st
 
 def test_lock_key_integer_is_used_as_is(db: Db, env: dict[str, str]) -> None:
     """MIGRATE_LOCK_KEY=4242 makes the job wait on advisory lock 4242."""
-    holder = db.connect()
-    with holder.cursor() as cur:
-        cur.execute("SELECT pg_advisory_lock(4242)")
+    holder, _ = hold_lock(db, key=4242)
 
     result = run_job("run", env={**env, "MIGRATE_LOCK_KEY": "4242", "MIGRATE_LOCK_TIMEOUT": "0.5"})
     holder.close()
@@ -80,18 +62,16 @@ def test_lock_key_integer_is_used_as_is(db: Db, env: dict[str, str]) -> None:
 
 def test_lock_is_handed_over_when_the_holder_releases(db: Db, env: dict[str, str], tmp_path: Path) -> None:
     """A waiting job takes the lock when the holder lets go, and then migrates."""
-    holder = db.connect()
-    with holder.cursor() as cur:
-        cur.execute("SELECT pg_advisory_lock(%s)", (lock_key_for(db.name, "alembic_version"),))
+    holder, _ = hold_lock(db)
     out = tmp_path / "out"
-    proc = _started_in_file(env, out)
+    proc = start_logged(env, out)
     wait_for_event(out, "lock.waiting")
     time.sleep(0.5)
     with holder.cursor() as cur:
         cur.execute("SELECT pg_advisory_unlock(%s)", (lock_key_for(db.name, "alembic_version"),))
     holder.close()
 
-    result = _result(proc, out)
+    result = finish_logged(proc, out)
 
     assert 0 == result.code
     assert result.event("lock.acquired")["waited"] >= 0.5
@@ -119,13 +99,13 @@ def test_signal_mid_revision_rolls_back_and_releases(db: Db, env: dict[str, str]
                                                       signum: int, code: int) -> None:
     """SIGTERM/SIGINT during a long statement cancel it within seconds: rolled back, lock free, 143/130."""
     out = tmp_path / "out"
-    proc = _started_in_file({**env, "ALEMBIC_CONFIG": scenario("slow"), "SCENARIO_SLEEP": "60"}, out)
+    proc = start_logged({**env, "ALEMBIC_CONFIG": scenario("slow"), "SCENARIO_SLEEP": "60"}, out)
     wait_for_event(out, "migration.done")  # s001 done, s002 (60 s of pg_sleep) running
     time.sleep(0.5)
     sent = time.monotonic()
     proc.send_signal(signum)
 
-    result = _result(proc, out, timeout=30)
+    result = finish_logged(proc, out, timeout=30)
 
     assert code == result.code
     assert time.monotonic() - sent < 5
@@ -142,15 +122,13 @@ def test_signal_mid_revision_rolls_back_and_releases(db: Db, env: dict[str, str]
 
 def test_sigterm_while_waiting_for_the_lock_exits_143(db: Db, env: dict[str, str], tmp_path: Path) -> None:
     """A job waiting for the lock stops at once on SIGTERM."""
-    holder = db.connect()
-    with holder.cursor() as cur:
-        cur.execute("SELECT pg_advisory_lock(%s)", (lock_key_for(db.name, "alembic_version"),))
+    holder, _ = hold_lock(db)
     out = tmp_path / "out"
-    proc = _started_in_file(env, out)
+    proc = start_logged(env, out)
     wait_for_event(out, "lock.waiting")
     proc.send_signal(signal.SIGTERM)
 
-    result = _result(proc, out, timeout=10)
+    result = finish_logged(proc, out, timeout=10)
     holder.close()
 
     assert 143 == result.code
@@ -285,12 +263,12 @@ def test_password_never_leaks_into_output_or_pg_dump_argv(app_db: Db, env: dict[
     with blocker.cursor() as cur:  # pg_dump will wait for this lock, long enough to be inspected
         cur.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
     out = tmp_path / "out"
-    proc = _started_in_file(job_env, out)
+    proc = start_logged(job_env, out)
     wait_for_event(out, "backup.start")
     cmdlines, environs = _pg_dump_processes(timeout=10)
     blocker.rollback()
     blocker.close()
-    result = _result(proc, out)
+    result = finish_logged(proc, out)
 
     assert 0 == result.code, result.stdout
     assert cmdlines
