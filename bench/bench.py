@@ -24,15 +24,26 @@ from pathlib import Path
 import psycopg2
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+WHEELS = ROOT / ".local" / "wheels"
 ADMIN_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 RUNS = int(os.environ.get("BENCH_RUNS", "15"))
 BACKUP_MB = int(os.environ.get("BENCH_BACKUP_MB", "110"))
 WORK = Path(tempfile.mkdtemp(prefix="migrate-job-bench-"))
+BIN = WORK / "venv" / "bin"  # the job as the image installs it (not the editable development install)
+
+
+def image_venv() -> None:
+    """Build the venv the Dockerfile's way (its two pip steps), from the local wheelhouse. Alembic
+    comes with it, so the bare `alembic` baseline is the very same version."""
+    subprocess.run([sys.executable, "-m", "venv", str(WORK / "venv")], check=True)
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(WHEELS), "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    for step in (["install", "--requirement", "requirements.txt"], ["install", "--no-deps", "."]):
+        subprocess.run([str(BIN / "pip"), *step], cwd=ROOT, env=env, check=True, capture_output=True)
 
 
 def main() -> int:
     print(f"migrate-job benchmark: {RUNS} runs per side, {os.cpu_count()} cores, {sys.version.split()[0]}")
+    image_venv()
     rows = [at_head(), revisions_flat(), replicas(manifest=True), replicas(manifest=False), handoff(), backup()]
     print()
     print(f"{'work':58} {'measured':>28} {'target':>14}")
@@ -67,7 +78,7 @@ def env_for(name: str, ini: Path, **extra: str) -> dict[str, str]:
     backups = WORK / "backups"
     backups.mkdir(exist_ok=True)
     env.update(DATABASE_URL=url_of(name), ALEMBIC_CONFIG=str(ini), MIGRATE_BACKUP_DIR=str(backups),
-               MIGRATE_LOG_FORMAT="json", PYTHONPATH=str(ROOT))
+               MIGRATE_LOG_FORMAT="json")
     env.update(extra)
     return env
 
@@ -144,6 +155,7 @@ def at_head() -> tuple[str, str, str]:
     name = new_database()
     ini = WORK / "example" / "alembic.ini"
     shutil.copytree(ROOT / "alembic", ini.parent / "alembic", ignore=shutil.ignore_patterns("migrate-job-heads.json"))
+    shutil.copytree(ROOT / "app", ini.parent / "app")
     shutil.copy(ROOT / "alembic.ini", ini)
     env = env_for(name, ini)
     subprocess.run([BIN / "migrate-job", "run"], env=env, cwd=ini.parent, check=True, capture_output=True)
@@ -190,7 +202,9 @@ def replicas(manifest: bool) -> tuple[str, str, str]:
     name = new_database()
     project = WORK / f"slow-{manifest}"
     shutil.copytree(ROOT / "tests" / "scenarios" / "slow", project, ignore=shutil.ignore_patterns("migrate-job-heads.json"))
-    env = env_for(name, project / "alembic.ini", SCENARIO_SLEEP="2", MIGRATE_BACKUP="off")
+    ini = project / "alembic.ini"  # its env.py imports tests.scenarios from the repository
+    ini.write_text(ini.read_text().replace("%(here)s/../../..", str(ROOT)))
+    env = env_for(name, ini, SCENARIO_SLEEP="2", MIGRATE_BACKUP="off")
     if manifest:
         subprocess.run([BIN / "migrate-job", "manifest"], env=env, cwd=ROOT, check=True, capture_output=True)
     started = time.perf_counter()
