@@ -1,6 +1,8 @@
 """The migration lock: a session-level advisory lock on the connection that runs the migrations.
 
-Waiters never block inside the server (`pg_advisory_lock` would hold a lock wait that a holder's
+It is a readers-writer lock: a run that only needs to see that the database is at its target
+holds it shared, so fifty pods starting at head check at once; a run with work to do holds it
+exclusive, which excludes them all. Waiters never block inside the server (`pg_advisory_lock` would hold a lock wait that a holder's
 `CREATE INDEX CONCURRENTLY` has to wait out); they poll `pg_try_advisory_lock` in autocommit with
 jittered backoff. The holder NOTIFYs on release so the next waiter takes over at once; polling
 covers a holder that vanished without a word (its session ends and the server frees the lock).
@@ -26,8 +28,11 @@ FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
   AND l.classid::bigint = %(classid)s AND l.objid::bigint = %(objid)s
   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+ORDER BY l.mode = 'ExclusiveLock' DESC  -- the migrating holder first; else a reader
+LIMIT 1
 """
 
+SHARED, EXCLUSIVE = "shared", "exclusive"
 # Waiters report who holds the lock at the first miss and then this often.
 REPORT_EVERY = 10.0
 # Backoff between tries when no notification arrives: from the first to the cap, full jitter.
@@ -42,13 +47,18 @@ def ensure_own_session(conn: Any, connect_kwargs: dict[str, str]) -> None:
     """Refuse a pooler in transaction mode (PgBouncer's pool_mode=transaction), where a session
     advisory lock stays on a server connection that the next client is handed.
 
-    Our session notes its backend pid; a second client connects and notes its own. Connected
-    directly, or through a session pool, the two differ while we are connected. A transaction pool
-    gives the second client the server connection our statement just released: the same pid.
+    Connected directly (or through a TCP proxy that relays the server's BackendKeyData), the
+    backend pid libpq was given at connection start is the one our statements run in: no pooler,
+    nothing more to check. A pooler hands out cancel keys of its own, so then: a second client
+    connects and notes its backend pid. Through a session pool the two differ while we are
+    connected; a transaction pool gives the second client the server connection our statement
+    just released, with the same pid.
     """
     with conn.cursor() as cur:
         cur.execute("SELECT pg_backend_pid()")
         ours = cur.fetchone()[0]
+    if ours == conn.get_backend_pid():
+        return
     other = psycopg2.connect(**connect_kwargs)
     try:
         with other.cursor() as cur:
@@ -83,10 +93,17 @@ def holder(conn: Any, key: int) -> dict[str, Any] | None:
     }
 
 
-def _try(conn: Any, key: int) -> bool:
+def _try(conn: Any, key: int, mode: str) -> bool:
+    function = "pg_try_advisory_lock_shared" if mode == SHARED else "pg_try_advisory_lock"
     with conn.cursor() as cur:
-        cur.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+        cur.execute(f"SELECT {function}(%s)", (key,))
         return bool(cur.fetchone()[0])
+
+
+def _unlock(conn: Any, key: int, mode: str) -> None:
+    function = "pg_advisory_unlock_shared" if mode == SHARED else "pg_advisory_unlock"
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT {function}(%s)", (key,))
 
 
 def sleep_or_notified(conn: Any, seconds: float) -> None:
@@ -97,24 +114,46 @@ def sleep_or_notified(conn: Any, seconds: float) -> None:
         conn.notifies.clear()
 
 
-def acquire(conn: Any, key: int, timeout: float, while_waiting: Callable[[], None] | None = None) -> float:
-    """Take the lock within `timeout` seconds or raise LockTimeout; return the seconds waited.
+def _attempt(conn: Any, key: int, enough: Callable[[], bool] | None) -> str | None:
+    """One try: the shared lock if `enough` passes under it, else the exclusive lock, else nothing."""
+    if enough is not None and _try(conn, key, SHARED):
+        if enough():
+            return SHARED
+        _unlock(conn, key, SHARED)
+    return EXCLUSIVE if _try(conn, key, EXCLUSIVE) else None
 
-    `while_waiting` runs once, after the first miss: work worth doing while another session holds it.
+
+def acquire(
+    conn: Any,
+    key: int,
+    timeout: float,
+    while_waiting: Callable[[], None] | None = None,
+    enough: Callable[[], bool] | None = None,
+) -> tuple[str, float]:
+    """Take the lock within `timeout` seconds or raise LockTimeout; return the mode held and the seconds waited.
+
+    A readers-writer lock: with `enough` (a check run under the shared lock, such as "the database
+    is already at the target"), a session whose check passes holds only the shared lock, and any
+    number of them can check at once; a session with work to do takes the exclusive lock, which
+    excludes every reader. `while_waiting` runs once, after the first miss.
     """
     started = time.monotonic()
-    if _try(conn, key):
-        return 0.0
-    with conn.cursor() as cur:
-        cur.execute(f"LISTEN {channel(key)}")
-    # The holder is migrating and every start-up waits on it: give it the CPU (a waiter's own work
-    # is a poll now and then, and with no manifest loading Alembic, which can wait).
-    os.nice(10)
-    if while_waiting is not None:
-        while_waiting()
+    listening = False
+    next_report, attempt = started, 0
     try:
-        next_report, attempt = started, 0
         while True:
+            mode = _attempt(conn, key, enough)
+            if mode is not None:
+                return mode, time.monotonic() - started
+            if not listening:
+                with conn.cursor() as cur:
+                    cur.execute(f"LISTEN {channel(key)}")
+                listening = True
+                # The holder is migrating and every start-up waits on it: give it the CPU (a waiter's
+                # own work is a poll now and then, and with no manifest loading Alembic, which can wait).
+                os.nice(10)
+                if while_waiting is not None:
+                    while_waiting()
             now = time.monotonic()
             waited = now - started
             if now >= next_report:
@@ -128,40 +167,45 @@ def acquire(conn: Any, key: int, timeout: float, while_waiting: Callable[[], Non
             delay = random.uniform(0, min(MAX_DELAY, FIRST_DELAY * 2**attempt))
             sleep_or_notified(conn, min(delay, max(timeout - waited, 0.0)))
             attempt += 1
-            if _try(conn, key):
-                return time.monotonic() - started
     finally:
-        if not conn.closed:
+        if listening and not conn.closed:
             with conn.cursor() as cur:
                 cur.execute("UNLISTEN *")
 
 
-def release(conn: Any, key: int) -> None:
-    """Release the lock and wake the waiters; if the session is broken, closing it releases the lock."""
+def release(conn: Any, key: int, mode: str = EXCLUSIVE) -> None:
+    """Release the lock (waking the waiters after an exclusive hold); a broken session releases it by ending."""
     if conn.closed:
-        log.info("lock.released", key=key, by="session end")
+        log.info("lock.released", key=key, mode=mode, by="session end")
         return
     try:
         conn.rollback()
         conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute("SELECT pg_advisory_unlock(%s)", (key,))
-            cur.execute(f"NOTIFY {channel(key)}")
-        log.info("lock.released", key=key)
+        _unlock(conn, key, mode)
+        if mode == EXCLUSIVE:
+            with conn.cursor() as cur:
+                cur.execute(f"NOTIFY {channel(key)}")
+        log.info("lock.released", key=key, mode=mode)
     except psycopg2.Error:
         conn.close()
-        log.info("lock.released", key=key, by="session end")
+        log.info("lock.released", key=key, mode=mode, by="session end")
 
 
 @contextmanager
-def advisory_lock(conn: Any, key: int, timeout: float, while_waiting: Callable[[], None] | None = None) -> Iterator[None]:
-    """Hold the migration lock on `conn` for the body of the `with`."""
-    waited = acquire(conn, key, timeout, while_waiting)
-    log.info("lock.acquired", key=key, waited=round(waited, 3))
+def advisory_lock(
+    conn: Any,
+    key: int,
+    timeout: float,
+    while_waiting: Callable[[], None] | None = None,
+    enough: Callable[[], bool] | None = None,
+) -> Iterator[str]:
+    """Hold the migration lock on `conn` for the body of the `with`; yields the mode held."""
+    mode, waited = acquire(conn, key, timeout, while_waiting, enough)
+    log.info("lock.acquired", key=key, mode=mode, waited=round(waited, 3))
     try:
-        yield
+        yield mode
     finally:
-        release(conn, key)
+        release(conn, key, mode)
 
 
 def _describe(info: dict[str, Any] | None) -> str:

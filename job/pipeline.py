@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from job import lock, manifest, plan
 from job.config import Settings, lock_key_for, version_table_of
-from job.errors import MigrationFailed
+from job.errors import JobError, MigrationFailed
 from job.history import History
 from job.logs import log, run_id
 from job.wait import wait_for_database
@@ -30,12 +30,21 @@ def run(settings: Settings) -> str:
             if heads is None:
                 project = later.enter_context(project_of(settings, conn))
 
-        with locked(settings, conn, while_waiting=prepare):
+        def at_target() -> bool:
+            """Under the shared lock: the manifest proves there is nothing to do."""
+            current = plan.current_revisions(conn, version_table(settings))
+            return settings.backup != "always" and plan.known_at_target(heads, current, settings.target) is not None
+
+        with locked(settings, conn, while_waiting=prepare, enough=at_target if heads is not None else None) as mode:
+            # read (again) under the lock: shared, it proved there is nothing to do; exclusive, another
+            # replica may have done the work while this one waited
             current = plan.current_revisions(conn, version_table(settings))
             known = plan.known_at_target(heads, current, settings.target)
             if known and settings.backup != "always":
                 log.info("plan", **known.as_dict())
                 return "up-to-date"
+            if mode == lock.SHARED:  # nothing changes while any session holds it shared: unreachable
+                raise JobError("internal: the shared lock's check passed, yet there is work to do")
             project = project or later.enter_context(project_of(settings, conn))
             the_plan = plan.make(project, current, settings.target)
             log.info("plan", **the_plan.as_dict())
@@ -66,11 +75,13 @@ def connected(settings: Settings) -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def locked(settings: Settings, conn: Any, while_waiting: Callable[[], None] | None = None) -> Iterator[None]:
-    """Hold the migration lock on `conn` (refusing a transaction-mode pooler first)."""
+def locked(settings: Settings, conn: Any, while_waiting: Callable[[], None] | None = None,
+           enough: Callable[[], bool] | None = None) -> Iterator[str]:
+    """Hold the migration lock on `conn` (refusing a transaction-mode pooler first); yields its mode.
+    Without `enough` it is always exclusive."""
     lock.ensure_own_session(conn, settings.database.connect_kwargs(settings.application_name))
-    with lock.advisory_lock(conn, lock_key(settings, conn), settings.lock_timeout, while_waiting):
-        yield
+    with lock.advisory_lock(conn, lock_key(settings, conn), settings.lock_timeout, while_waiting, enough) as mode:
+        yield mode
 
 
 @contextlib.contextmanager

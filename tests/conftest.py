@@ -91,13 +91,16 @@ def finish_logged(proc: subprocess.Popen, out: Path, timeout: float = 60) -> Res
     return Result(proc.returncode, out.read_text(), proc.stderr.read())
 
 
-def hold_lock(db: "Db", key: int | None = None, application_name: str = "someone-else") -> tuple[Any, int]:
-    """Another session holding the migration lock (the default key for `db`): its connection and pid."""
+def hold_lock(db: "Db", key: int | None = None, application_name: str = "someone-else",
+              shared: bool = False) -> tuple[Any, int]:
+    """Another session holding the migration lock (the default key for `db`; exclusive unless
+    `shared`): its connection and pid."""
     from job.config import lock_key_for
 
     holder = db.connect(application_name=application_name)
+    function = "pg_advisory_lock_shared" if shared else "pg_advisory_lock"
     with holder.cursor() as cur:
-        cur.execute("SELECT pg_advisory_lock(%s)", (lock_key_for(db.name, "alembic_version") if key is None else key,))
+        cur.execute(f"SELECT {function}(%s)", (lock_key_for(db.name, "alembic_version") if key is None else key,))
         cur.execute("SELECT pg_backend_pid()")
         return holder, cur.fetchone()[0]
 

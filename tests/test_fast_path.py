@@ -153,3 +153,49 @@ def test_at_head_run_with_a_manifest_does_not_import_alembic(db: Db, env: dict[s
     assert "up-to-date" == result.event("run.done")["outcome"]
     assert "import 'alembic'" not in result.stderr and "import 'sqlalchemy'" not in result.stderr
     assert "import 'psycopg2'" in result.stderr  # the verbose import log is really there
+
+
+def test_at_head_runs_hold_the_lock_shared_and_do_not_wait_for_each_other(db: Db, env: dict[str, str],
+                                                                        tmp_path: Path) -> None:
+    """With a manifest, a run at head takes the lock shared: another reader does not hold it up."""
+    from tests.conftest import hold_lock
+
+    ini = _project(tmp_path, "example")
+    run_env = {**env, "ALEMBIC_CONFIG": str(ini), "MIGRATE_LOCK_TIMEOUT": "2"}
+    assert 0 == run_job("run", env=run_env, cwd=ini.parent).code
+    run_job("manifest", env=run_env, cwd=ini.parent)
+    reader, _ = hold_lock(db, shared=True)
+
+    result = run_job("run", env=run_env, cwd=ini.parent)
+    reader.close()
+
+    assert 0 == result.code
+    assert ("shared", []) == (result.event("lock.acquired")["mode"], result.events("lock.waiting"))
+
+
+def test_a_run_with_work_waits_for_readers_to_finish(db: Db, env: dict[str, str], tmp_path: Path) -> None:
+    """A run with pending revisions needs the lock exclusive: it waits while a reader holds it shared."""
+    from tests.conftest import hold_lock
+
+    ini = _project(tmp_path, "example")
+    run_env = {**env, "ALEMBIC_CONFIG": str(ini), "MIGRATE_LOCK_TIMEOUT": "1"}
+    run_job("manifest", env=run_env, cwd=ini.parent)
+    reader, pid = hold_lock(db, shared=True, application_name="reading-pod")
+
+    result = run_job("run", env=run_env, cwd=ini.parent)
+    reader.close()
+
+    assert 4 == result.code
+    assert (pid, "reading-pod") == tuple(result.events("lock.waiting")[0]["holder"][k] for k in ("pid", "application_name"))
+    assert [] == db.version()
+
+
+def test_a_run_with_work_takes_the_lock_exclusive(db: Db, env: dict[str, str], tmp_path: Path) -> None:
+    """While a run migrates it holds the lock exclusive, so an at-head check could not slip in."""
+    ini = _project(tmp_path, "example")
+    run_env = {**env, "ALEMBIC_CONFIG": str(ini)}
+    run_job("manifest", env=run_env, cwd=ini.parent)
+
+    result = run_job("run", env=run_env, cwd=ini.parent)
+
+    assert ("exclusive", "migrated") == (result.event("lock.acquired")["mode"], result.event("run.done")["outcome"])
