@@ -197,31 +197,34 @@ def revisions_flat() -> tuple[str, str, str]:
             "<=1.1x")
 
 
-def replicas(manifest: bool) -> tuple[str, str, str]:
-    """16 replicas started at once on a 2 s migration, with the image's heads manifest or without."""
-    name = new_database()
+def replicas(manifest: bool, rounds: int = 5) -> tuple[str, str, str]:
+    """16 replicas started at once on a 2 s migration, with the image's heads manifest or without;
+    the median of a few rounds, each on a fresh database."""
     project = WORK / f"slow-{manifest}"
     shutil.copytree(ROOT / "tests" / "scenarios" / "slow", project, ignore=shutil.ignore_patterns("migrate-job-heads.json"))
     ini = project / "alembic.ini"  # its env.py imports tests.scenarios from the repository
     ini.write_text(ini.read_text().replace("%(here)s/../../..", str(ROOT)))
-    env = env_for(name, ini, SCENARIO_SLEEP="2", MIGRATE_BACKUP="off")
-    if manifest:
-        subprocess.run([BIN / "migrate-job", "manifest"], env=env, cwd=ROOT, check=True, capture_output=True)
-    started = time.perf_counter()
-    procs = [subprocess.Popen([BIN / "migrate-job", "run"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL) for _ in range(16)]
-    codes = [p.wait() for p in procs]
-    wall = time.perf_counter() - started
-    conn = psycopg2.connect(url_of(name))
-    with conn.cursor() as cur:
-        cur.execute("SELECT count(*) FROM ran")
-        ran = cur.fetchone()[0]
-    conn.close()
-    admin(f'DROP DATABASE "{name}" WITH (FORCE)')
+    walls, all_ok = [], True
+    for _ in range(rounds):
+        name = new_database()
+        env = env_for(name, ini, SCENARIO_SLEEP="2", MIGRATE_BACKUP="off")
+        if manifest:
+            subprocess.run([BIN / "migrate-job", "manifest"], env=env, cwd=ROOT, check=True, capture_output=True)
+        started = time.perf_counter()
+        procs = [subprocess.Popen([BIN / "migrate-job", "run"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL) for _ in range(16)]
+        codes = [p.wait() for p in procs]
+        walls.append(time.perf_counter() - started)
+        conn = psycopg2.connect(url_of(name))
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM ran")
+            all_ok = all_ok and set(codes) == {0} and cur.fetchone()[0] == 1
+        conn.close()
+        admin(f'DROP DATABASE "{name}" WITH (FORCE)')
     label = "with manifest" if manifest else "no manifest"
-    print(f"replicas ({label}): exit codes {sorted(set(codes))}, migration ran {ran}x, wall {wall:.2f} s")
+    print(f"replicas ({label}): walls {sorted(round(w, 2) for w in walls)}, all exit 0 and migrated once: {all_ok}")
     return (f"16 replicas, 2 s migration, {label}: start to last exit",
-            f"{wall:.2f} s, all 0: {set(codes) == {0}}, ran {ran}x", "<=3 s")
+            f"{statistics.median(walls):.2f} s median, all 0 once: {all_ok}", "<=3 s")
 
 
 def handoff() -> tuple[str, str, str]:
