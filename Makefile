@@ -7,9 +7,25 @@ BIN    := $(VENV)/bin
 LOCAL  := .local
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install migrate test lint lint-migrations plan revision db-up db-down bench chart clean
+PG_MAJOR ?= 15
+
+.PHONY: system-deps install migrate test lint lint-migrations plan revision db-up db-down bench chart clean
 
 install: $(VENV)/.installed
+
+# PostgreSQL's server binaries (throwaway clusters), its client (pg_dump, pg_restore, psql) and
+# PgBouncer (fault tests): installed with apt-get when missing and we may, named otherwise.
+system-deps:
+	@missing=""; \
+	[ -x /usr/lib/postgresql/$(PG_MAJOR)/bin/initdb ] || missing="$$missing postgresql-$(PG_MAJOR)"; \
+	command -v pg_dump >/dev/null 2>&1 || missing="$$missing postgresql-client-$(PG_MAJOR)"; \
+	command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || missing="$$missing pgbouncer"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing$$missing" >&2; \
+			apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >&2; \
+		else echo "missing system packages:$$missing (install them, e.g. with apt-get)" >&2; exit 1; fi; \
+	fi
 
 # (quiet, and on stderr: `make chart` and `make plan` keep stdout for their output)
 $(VENV)/.installed: pyproject.toml requirements.txt
@@ -24,7 +40,7 @@ $(VENV)/.installed: pyproject.toml requirements.txt
 # DATABASE_URL of the local throwaway cluster, started when DATABASE_URL is not set
 DB = $${DATABASE_URL:-$$($(BIN)/python -m tests.pgcluster up $(LOCAL)/pg)}
 
-migrate: install
+migrate: system-deps install
 	@mkdir -p $(LOCAL)/backups
 	@url="$(DB)" && DATABASE_URL="$$url" MIGRATE_BACKUP_DIR="$${MIGRATE_BACKUP_DIR:-$(LOCAL)/backups}" \
 		$(BIN)/migrate-job run
@@ -32,7 +48,7 @@ migrate: install
 plan: install
 	@url="$(DB)" && DATABASE_URL="$$url" $(BIN)/migrate-job plan
 
-test: install
+test: system-deps install
 	$(BIN)/pytest -n 2 --dist loadgroup
 
 # side-by-side measurements against bare Alembic and bare pg_dump (not a test: no pass/fail)

@@ -353,3 +353,33 @@ def test_revision_file_that_does_not_import_is_a_configuration_error(db: Db, env
     assert "SyntaxError" in result.event("run.failed")["error"]
     assert [] == result.events("backup.start")
     assert [] == db.version()
+
+
+def test_sigterm_during_the_backup_leaves_nothing_behind(db: Db, env: dict[str, str], backup_dir: Path,
+                                                         tmp_path: Path) -> None:
+    """SIGTERM while pg_dump runs: pg_dump stops, no file (partial or not) is left, nothing migrated, 143."""
+    assert 0 == run_job("run", env={**env, "MIGRATE_TARGET": "0003"}).code
+    before = sorted(backup_dir.iterdir())
+    blocker = db.connect()
+    blocker.autocommit = False
+    with blocker.cursor() as cur:  # pg_dump waits for this lock until the signal
+        cur.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+    out = tmp_path / "out"
+    proc = start_logged(env, out)
+    wait_for_event(out, "backup.start")
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+
+    result = finish_logged(proc, out, timeout=15)
+    blocker.rollback()
+    blocker.close()
+
+    assert 143 == result.code
+    assert before == sorted(backup_dir.iterdir())
+    assert ["0003"] == db.version()
+    assert 0 == db.advisory_locks()
+    others = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    deadline = time.monotonic() + 5  # pg_dump's session ends once it finds its client gone
+    while db.query(others)[0][0] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [(0,)] == db.query(others)
