@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from job import lock, manifest, plan
 from job.config import Settings, lock_key_for, version_table_of
-from job.errors import JobError, MigrationFailed
+from job.errors import MigrationFailed
 from job.history import History
 from job.logs import log, run_id
 from job.wait import wait_for_database
@@ -22,7 +22,8 @@ def run(settings: Settings) -> str:
     """Migrate the database to the target under the lock; return the outcome ("migrated" or "up-to-date")."""
     heads = manifest.heads(settings.alembic_config)
     with connected(settings) as conn, contextlib.ExitStack() as later:
-        project = None
+        project: migrate.Project | None = None
+        known: plan.Plan | None = None
 
         def prepare() -> None:
             """Without a manifest only Alembic can answer: load it while another replica holds the lock."""
@@ -31,37 +32,44 @@ def run(settings: Settings) -> str:
                 project = later.enter_context(project_of(settings, conn))
 
         def at_target() -> bool:
-            """Under the shared lock: the manifest proves there is nothing to do."""
-            current = plan.current_revisions(conn, version_table(settings))
-            return settings.backup != "always" and plan.known_at_target(heads, current, settings.target) is not None
+            """Under the shared lock: does the manifest prove there is nothing to do?"""
+            nonlocal known
+            known = plan.known_at_target(heads, plan.current_revisions(conn, version_table(settings)), settings.target)
+            return known is not None and settings.backup != "always"
 
         with locked(settings, conn, while_waiting=prepare, enough=at_target if heads is not None else None) as mode:
-            # read (again) under the lock: shared, it proved there is nothing to do; exclusive, another
-            # replica may have done the work while this one waited
-            current = plan.current_revisions(conn, version_table(settings))
-            known = plan.known_at_target(heads, current, settings.target)
-            if known and settings.backup != "always":
+            if mode == lock.SHARED:
                 log.info("plan", **known.as_dict())
                 return "up-to-date"
-            if mode == lock.SHARED:  # nothing changes while any session holds it shared: unreachable
-                raise JobError("internal: the shared lock's check passed, yet there is work to do")
-            project = project or later.enter_context(project_of(settings, conn))
-            the_plan = plan.make(project, current, settings.target)
-            log.info("plan", **the_plan.as_dict())
-            backing_up = settings.backup == "always" or (settings.backup == "auto" and the_plan.pending)
-            if not the_plan.pending and not backing_up:
-                return "up-to-date"
-            with history(settings, conn).run("run") as record:
-                if backing_up:
-                    to = the_plan.heads if the_plan.pending else the_plan.current
-                    record.backup_path = take_backup(settings, conn, the_plan.current, to).path
-                if not the_plan.pending:
-                    record.outcome = "up-to-date"
-                    return "up-to-date"
-                apply(settings, conn, project, the_plan.pending, settings.target, "upgrade", record)
-                verify(settings, conn, project)
-                record.outcome = "migrated"
-                return "migrated"
+            return migrate_exclusively(settings, conn, heads, lambda: project or later.enter_context(project_of(settings, conn)))
+
+
+def migrate_exclusively(settings: Settings, conn: Any, heads: tuple[str, ...] | None,
+                        project_of_run: Callable[[], migrate.Project]) -> str:
+    """Under the exclusive lock: plan again (another replica may have done the work while this one
+    waited), back up, upgrade, verify."""
+    current = plan.current_revisions(conn, version_table(settings))
+    known = plan.known_at_target(heads, current, settings.target)
+    if known and settings.backup != "always":
+        log.info("plan", **known.as_dict())
+        return "up-to-date"
+    project = project_of_run()
+    the_plan = plan.make(project, current, settings.target)
+    log.info("plan", **the_plan.as_dict())
+    backing_up = settings.backup == "always" or (settings.backup == "auto" and the_plan.pending)
+    if not the_plan.pending and not backing_up:
+        return "up-to-date"
+    with history(settings, conn).run("run") as record:
+        if backing_up:
+            to = the_plan.heads if the_plan.pending else the_plan.current
+            record.backup_path = take_backup(settings, conn, the_plan.current, to).path
+        if not the_plan.pending:
+            record.outcome = "up-to-date"
+            return "up-to-date"
+        apply(settings, conn, project, the_plan.pending, settings.target, "upgrade", record)
+        verify(settings, conn, project)
+        record.outcome = "migrated"
+        return "migrated"
 
 
 @contextlib.contextmanager

@@ -265,7 +265,7 @@ def test_password_never_leaks_into_output_or_pg_dump_argv(app_db: Db, env: dict[
     out = tmp_path / "out"
     proc = start_logged(job_env, out)
     wait_for_event(out, "backup.start")
-    cmdlines, environs = _pg_dump_processes(timeout=10)
+    cmdlines, environs = _pg_dump_processes(app_db.name, timeout=10)
     blocker.rollback()
     blocker.close()
     result = finish_logged(proc, out)
@@ -305,15 +305,16 @@ def test_encoded_password_works_for_a_stock_env_py(app_db: Db, env: dict[str, st
     assert SECRET not in result.stdout and SECRET_IN_URL not in result.stdout
 
 
-def _pg_dump_processes(timeout: float) -> tuple[list[str], list[str]]:
-    """The command lines and environments of running pg_dump processes, once there are some."""
+def _pg_dump_processes(database: str, timeout: float) -> tuple[list[str], list[str]]:
+    """The command lines and environments of the pg_dump processes dumping `database`, once there are some
+    (other tests' pg_dumps may be running at the same time)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         cmdlines, environs = [], []
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-                if "pg_dump" in cmdline.split(" ")[0]:
+                if "pg_dump" in cmdline.split(" ")[0] and f"dbname={database}" in cmdline:
                     cmdlines.append(cmdline)
                     environs.append(Path(f"/proc/{pid}/environ").read_bytes().replace(b"\0", b"\n").decode())
             except OSError:
