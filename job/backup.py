@@ -19,7 +19,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from job.config import Database
 from job.errors import BackupFailed, RestoreFailed
@@ -172,16 +172,38 @@ def verified(directory: Path, name: str) -> tuple[Path, dict[str, Any]]:
     return path, meta
 
 
-def restore(database: Database, path: Path, application_name: str, env: Mapping[str, str]) -> None:
-    """pg_restore --clean --if-exists in a single transaction: all of the backup, or no change at all."""
+def restore(database: Database, path: Path, application_name: str, env: Mapping[str, str],
+            cancel_lock_waits: Callable[[str], int]) -> None:
+    """pg_restore --clean --if-exists in a single transaction: all of the backup, or no change at all.
+
+    Dropping the tables takes exclusive locks, and every application query would queue behind a
+    pg_restore waiting for one. pg_restore resets lock_timeout to 0 itself (its archive header
+    says so), so while it runs `cancel_lock_waits(its application_name)` is called every 0.2 s to
+    cancel a statement of it that has waited too long; the transaction then undoes everything.
+    """
     pg_restore = tool("pg_restore")
+    name = f"{application_name}/restore"[:63]
     argv = [
         pg_restore, "--clean", "--if-exists", "--single-transaction", "--no-password",
-        f"--dbname={database.conninfo_without_password(application_name)}", str(path),
+        f"--dbname={database.conninfo_without_password(name)}", str(path),
     ]
-    result = subprocess.run(argv, capture_output=True, text=True, env=child_env(database, env))
-    if result.returncode != 0:
-        raise RestoreFailed(f"pg_restore failed, the database is unchanged: {_last_line(result.stderr)}")
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=child_env(database, env))
+    cancelled = 0
+    try:
+        while True:
+            try:
+                _, stderr = proc.communicate(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                cancelled += cancel_lock_waits(name)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if proc.returncode != 0:
+        why = " (it waited longer than MIGRATE_LOCK_TIMEOUT for a table lock)" if cancelled else ""
+        raise RestoreFailed(f"pg_restore failed, the database is unchanged{why}: {_last_line(stderr)}")
 
 
 def sidecar_of(path: Path) -> Path:

@@ -121,7 +121,8 @@ def restore(settings: Settings, name: str, force: bool = False) -> tuple[list[st
             # a backup holds the database as it was before the migration it preceded: from_revision
             log.info("restore.start", path=str(path), before=before, backup_at=meta.get("from_revision"))
             record.backup_path = str(path)
-            backup.restore(settings.database, path, settings.application_name, os.environ)
+            backup.restore(settings.database, path, settings.application_name, os.environ,
+                           lambda name: lock.cancel_lock_waits(conn, name, settings.lock_timeout))
             after = list(plan.current_revisions(conn, version_table(settings)))
             log.info("restore.done", path=str(path), before=before, after=after)
             return before, after

@@ -75,6 +75,20 @@ def ensure_own_session(conn: Any, connect_kwargs: dict[str, str]) -> None:
         )
 
 
+def cancel_lock_waits(conn: Any, application_name: str, longer_than: float) -> int:
+    """Cancel the statements of sessions named `application_name` that have waited for a lock
+    longer than `longer_than` seconds (pg_locks.waitstart, PostgreSQL 14+); return how many."""
+    if conn.server_version < 140000:
+        return 0
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT count(pg_cancel_backend(l.pid)) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE a.application_name = %s AND NOT l.granted AND l.waitstart < now() - make_interval(secs => %s)",
+            (application_name, longer_than),
+        )
+        return cur.fetchone()[0]
+
+
 def holder(conn: Any, key: int) -> dict[str, Any] | None:
     """Who holds advisory lock `key` in this database: pid, application_name, client address, since when."""
     unsigned = key & 0xFFFFFFFFFFFFFFFF

@@ -122,6 +122,27 @@ def test_tampered_backup_is_refused(db: Db, env: dict[str, str]) -> None:
     assert [("kept@example.org",)] == db.query("SELECT email FROM users")
 
 
+def test_restore_blocked_by_an_app_transaction_gives_up_unchanged(db: Db, env: dict[str, str]) -> None:
+    """A restore that cannot lock the tables within MIGRATE_LOCK_TIMEOUT exits 5 and changes nothing."""
+    run_job("run", env=env)
+    path = _backup(env)
+    db.query("INSERT INTO users (email, full_name) VALUES ('kept@example.org', 'Kept')")
+    app = db.connect()
+    app.autocommit = False
+    with app.cursor() as cur:
+        cur.execute("SELECT count(*) FROM users")  # an open transaction reading users
+
+    started = time.monotonic()
+    result = run_job("restore", path, "--yes", env={**env, "MIGRATE_LOCK_TIMEOUT": "1"})
+    app.rollback()
+    app.close()
+
+    assert 5 == result.code
+    assert "unchanged" in result.event("run.failed")["error"]
+    assert time.monotonic() - started < 15
+    assert [("kept@example.org",)] == db.query("SELECT email FROM users")
+
+
 def test_restore_without_yes_is_refused(db: Db, env: dict[str, str]) -> None:
     """restore without --yes changes nothing and exits 2."""
     run_job("run", env=env)
