@@ -23,6 +23,9 @@ from pathlib import Path
 
 import psycopg2
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.events import wait_for_event  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 WHEELS = ROOT / ".local" / "wheels"
 ADMIN_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -139,13 +142,6 @@ def log_times(path: Path, event: str) -> list[dt.datetime]:
     return times
 
 
-def wait_for(path: Path, event: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and f'"event": "{event}"' in path.read_text():
-            return
-        time.sleep(0.005)
-    raise TimeoutError(event)
 
 
 # --- rows ------------------------------------------------------------------------------------
@@ -236,9 +232,9 @@ def handoff() -> tuple[str, str, str]:
                       MIGRATE_BACKUP="off")
         first, second = WORK / f"{name}.a", WORK / f"{name}.b"
         a = subprocess.Popen([BIN / "migrate-job", "run"], env=env, cwd=ROOT, stdout=first.open("w"))
-        wait_for(first, "lock.acquired")
+        wait_for_event(first, "lock.acquired", timeout=60, poll=0.005)
         b = subprocess.Popen([BIN / "migrate-job", "run"], env=env, cwd=ROOT, stdout=second.open("w"))
-        wait_for(second, "lock.waiting")
+        wait_for_event(second, "lock.waiting", timeout=60, poll=0.005)
         a.wait(), b.wait()
         released = log_times(first, "lock.released")[0]
         acquired = log_times(second, "lock.acquired")[0]

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,14 +104,6 @@ def hold_lock(db: "Db", key: int | None = None, application_name: str = "someone
         return holder, cur.fetchone()[0]
 
 
-def wait_for_event(proc_output: Path, name: str, timeout: float = 30) -> None:
-    """Wait until a job writing its stdout to `proc_output` has logged `name`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc_output.exists() and f'"event": "{name}"' in proc_output.read_text():
-            return
-        time.sleep(0.02)
-    raise TimeoutError(f"no {name!r} event within {timeout} s: {proc_output.read_text()}")
 
 
 class Db:

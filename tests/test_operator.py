@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 
 from tests.conftest import (
-    MIGRATE_JOB, ROOT, Db, create_database, drop_database, hold_lock, run_job, scenario, wait_for_event,
+    MIGRATE_JOB, ROOT, Db, create_database, drop_database, hold_lock, run_job, scenario
 )
+from tests.events import wait_for_event
 
 
 def _runs(db: Db) -> list[tuple]:

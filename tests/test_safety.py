@@ -13,8 +13,9 @@ import pytest
 from job.config import lock_key_for
 from tests.conftest import (
     MIGRATE_JOB, ROOT, SECRET, SECRET_IN_URL, Db, finish, finish_logged, hold_lock, run_job, scenario,
-    start_job, start_logged, wait_for_event,
+    start_job, start_logged,
 )
+from tests.events import wait_for_event
 
 pytestmark = pytest.mark.faults
 
