@@ -19,7 +19,7 @@ from job import backup as job_backup
 from job.config import Database
 from job.errors import BackupFailed
 from tests.conftest import (
-    ROOT, Db, Result, finish, finish_logged, run_job, scenario, start_job, start_logged
+    ROOT, Db, Result, finish, finish_logged, run_job, scenario, start_job, start_logged,
 )
 from tests.events import wait_for_event
 from tests.pgcluster import server_user
