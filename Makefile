@@ -13,13 +13,14 @@ PG_MAJOR ?= 15
 
 install: $(VENV)/.installed
 
-# PostgreSQL's server binaries (throwaway clusters), its client (pg_dump, pg_restore, psql) and
-# PgBouncer (fault tests): installed with apt-get when missing and we may, named otherwise.
+# PostgreSQL's server binaries (throwaway clusters), its client (pg_dump, pg_restore, psql),
+# PgBouncer and openssl (fault tests): installed with apt-get when missing and we may, named otherwise.
 system-deps:
 	@missing=""; \
 	[ -x /usr/lib/postgresql/$(PG_MAJOR)/bin/initdb ] || missing="$$missing postgresql-$(PG_MAJOR)"; \
 	command -v pg_dump >/dev/null 2>&1 || missing="$$missing postgresql-client-$(PG_MAJOR)"; \
 	command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || missing="$$missing pgbouncer"; \
+	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 			echo "installing$$missing" >&2; \

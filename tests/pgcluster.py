@@ -45,7 +45,8 @@ def server_user() -> str | None:
 class Cluster:
     """One data directory, one port, a superuser `postgres` (password `password` over TCP)."""
 
-    def __init__(self, directory: Path, port: int | None = None, password_auth: bool = False) -> None:
+    def __init__(self, directory: Path, port: int | None = None, password_auth: bool = False,
+                 ssl: bool = False) -> None:
         self.directory = Path(directory).resolve()
         self.data = self.directory / "data"
         self.port_file = self.directory / "port"
@@ -53,6 +54,7 @@ class Cluster:
             port = int(self.port_file.read_text())
         self.port = port or free_port()
         self.password_auth = password_auth
+        self.ssl = ssl
         self.user = server_user()
 
     def url(self, database: str = "postgres", user: str = "postgres", password: str | None = None) -> str:
@@ -81,6 +83,21 @@ class Cluster:
              "--locale=C.UTF-8", *auth]
         )
         pwfile.unlink()
+        if self.ssl:
+            self._self_signed_certificate()
+
+    def _self_signed_certificate(self) -> None:
+        """server.crt and server.key in the data directory, for ssl=on."""
+        crt, key = self.data / "server.crt", self.data / "server.key"
+        subprocess.run(
+            ["openssl", "req", "-new", "-x509", "-days", "2", "-nodes", "-subj", "/CN=127.0.0.1",
+             "-newkey", "rsa:2048", "-keyout", str(key), "-out", str(crt)],
+            check=True, capture_output=True,
+        )
+        key.chmod(0o600)
+        if self.user is not None:
+            shutil.chown(crt, self.user)
+            shutil.chown(key, self.user)
 
     def start(self, wait: bool = True) -> None:
         self.init()
@@ -88,6 +105,7 @@ class Cluster:
         options = (
             f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.directory} "
             "-c fsync=off -c full_page_writes=off -c max_connections=200"
+            + (" -c ssl=on" if self.ssl else "")
         )
         argv = [str(BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.directory / "server.log"), "-o", options]
         argv += ["-w", "start"] if wait else ["-W", "start"]

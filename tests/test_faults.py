@@ -272,6 +272,43 @@ def test_session_tells_the_server_to_notice_a_vanished_client(env: dict[str, str
         conn.close()
 
 
+@pytest.mark.parametrize(("sslmode", "tls"), [("require", "t"), ("disable", "f")])
+def test_sslmode_reaches_pg_dump(env: dict[str, str], tmp_path: Path, sslmode: str, tls: str) -> None:
+    """Against a server offering TLS, the URL's sslmode decides whether pg_dump's own session uses it
+    (libpq's default, prefer, would use it either way: `disable` shows the parameter arrives)."""
+    from tests.pgcluster import Cluster
+
+    cluster = Cluster(Path(tempfile.mkdtemp(prefix="migrate-job-pgssl-")), ssl=True)
+    cluster.start()
+    try:
+        url = cluster.url() + f"?sslmode={sslmode}"
+        job_env = {**env, "DATABASE_URL": url}
+        assert 0 == run_job("run", env={**job_env, "MIGRATE_TARGET": "0003"}).code
+        import psycopg2
+
+        blocker = psycopg2.connect(url)
+        with blocker.cursor() as cur:  # pg_dump waits for this lock, long enough to be looked at
+            cur.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        out = tmp_path / "out"
+        proc = start_logged(job_env, out)
+        wait_for_event(out, "backup.start")
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        assert _wait_until(lambda: cluster.psql(waiting) == "1")
+        dumping_over_tls = cluster.psql(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a ON a.pid = s.pid "
+            "WHERE a.wait_event_type = 'Lock' AND a.application_name LIKE 'migrate-job/%'"
+        )
+        blocker.rollback()
+        blocker.close()
+        result = finish_logged(proc, out)
+    finally:
+        cluster.destroy()
+
+    assert tls == dumping_over_tls
+    assert 0 == result.code, result.stdout
+    assert result.event("backup.done")["bytes"] > 0
+
+
 def test_url_parameters_reach_psycopg2_and_pg_dump(db: Db, env: dict[str, str]) -> None:
     """sslmode from the URL reaches psycopg2 (a non-SSL server refuses it) and pg_dump's conninfo."""
     result = run_job("run", env={**env, "DATABASE_URL": db.url + "?sslmode=require"})
