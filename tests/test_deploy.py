@@ -412,3 +412,18 @@ def test_image_venv_built_the_dockerfile_way_runs_the_entrypoint(db: Db, tmp_pat
     assert ["0006"] == db.version()
     assert str(venv) in subprocess.run([str(venv / "bin" / "python"), "-c", "import job; print(job.__file__)"],
                                        capture_output=True, text=True, cwd=tmp_path).stdout
+
+
+def test_every_values_key_has_a_comment_above_it() -> None:
+    """values.yaml documents each key on the line above it."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    undocumented = []
+    for number, line in enumerate(lines):
+        stripped = line.strip()
+        if not stripped or stripped.startswith(("#", "- ")) or ":" not in stripped:
+            continue
+        above = next((lines[i].strip() for i in range(number - 1, -1, -1) if lines[i].strip()), "")
+        if not above.startswith("#"):
+            undocumented.append(f"{number + 1}: {stripped}")
+
+    assert [] == undocumented
