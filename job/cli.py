@@ -212,10 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser().parse_args(argv or ["run"])
     except ConfigError as e:
-        logs.configure(*_log_settings(env, None))
+        logs.configure(*config.log_options(env, {}))
         return _failed(e, started, env)
     prints = args.command in PRINTS or getattr(args, "format", "text") == "json" or getattr(args, "list", False)
-    logs.configure(*_log_settings(env, args), stream=sys.stderr if prints else sys.stdout)
+    logs.configure(*config.log_options(env, vars(args)), stream=sys.stderr if prints else sys.stdout)
     db.install_signal_handlers()
     log.info("run.start", command=args.command, version=__version__)
     try:
@@ -261,14 +261,6 @@ def _failed(error: BaseException, started: float, env: Any, detail: str | None =
     log.error("run.failed", seconds=_since(started), **fields)
     _terminate(env, logs.redactor.text(f"failed (exit {code}): {message}"))
     return code
-
-
-def _log_settings(env: Any, args: argparse.Namespace | None) -> tuple[str, str]:
-    fmt = (getattr(args, "log_format", None) or env.get("MIGRATE_LOG_FORMAT") or "").lower()
-    if fmt not in ("json", "console"):
-        fmt = "console" if sys.stdout.isatty() else "json"
-    level = (getattr(args, "log_level", None) or env.get("MIGRATE_LOG_LEVEL") or "info").lower()
-    return fmt, level if level in logs.LEVELS else "info"
 
 
 def _terminate(env: Any, message: str) -> None:

@@ -144,10 +144,6 @@ class Settings:
     lock_retries: int = 5
     # seconds any statement may run; 0 is no limit
     statement_timeout: float = 0.0
-    # json or console
-    log_format: str = "json"
-    # debug, info, warning, error
-    log_level: str = "info"
     # where the one-line outcome is written (Kubernetes terminationMessagePath)
     termination_log: Path | None = Path("/dev/termination-log")
     # run history table; None disables it
@@ -215,10 +211,10 @@ def load(env: Mapping[str, str], flags: Mapping[str, object], need_database: boo
             "or set ALEMBIC_CONFIG (or --config) to its alembic.ini"
         )
     version_table_of(alembic_config)  # fail on a broken alembic.ini now, before connecting
+    log_options(env, flags, strict=True)  # logging is already set up (leniently): refuse bad values
     lock_key = pick("lock_key", "MIGRATE_LOCK_KEY")
     history = pick("history_table", "MIGRATE_HISTORY_TABLE") or "migrate_job_history"
     termination_log = pick("termination_log", "MIGRATE_TERMINATION_LOG")
-    log_format = pick("log_format", "MIGRATE_LOG_FORMAT")
     return Settings(
         database=database,
         alembic_config=alembic_config,
@@ -234,14 +230,24 @@ def load(env: Mapping[str, str], flags: Mapping[str, object], need_database: boo
         ),
         lock_retries=int(_number(pick("lock_retries", "MIGRATE_LOCK_RETRIES"), "MIGRATE_LOCK_RETRIES", 5, integer=True)),
         statement_timeout=_number(pick("statement_timeout", "MIGRATE_STATEMENT_TIMEOUT"), "MIGRATE_STATEMENT_TIMEOUT", 0),
-        log_format=_choice(log_format or ("console" if sys.stdout.isatty() else "json"), "MIGRATE_LOG_FORMAT",
-                           ("json", "console")),
-        log_level=_choice((pick("log_level", "MIGRATE_LOG_LEVEL") or "info").lower(), "MIGRATE_LOG_LEVEL",
-                          ("debug", "info", "warning", "error")),
         termination_log=Path(termination_log) if termination_log else Path("/dev/termination-log"),
         history_table=None if history.lower() == "off" else _identifier(history, "MIGRATE_HISTORY_TABLE"),
         application_name=f"migrate-job/{socket.gethostname()}"[:63],
     )
+
+
+def log_options(env: Mapping[str, object], flags: Mapping[str, object], strict: bool = False) -> tuple[str, str]:
+    """Log format and level: flag, else MIGRATE_LOG_FORMAT / MIGRATE_LOG_LEVEL, else JSON (console on a
+    TTY) at info. Logging starts before the rest of the settings are read, so that even a bad setting
+    is reported as a log line: then (strict=False) a bad value falls back to the default."""
+    fmt = str(flags.get("log_format") or env.get("MIGRATE_LOG_FORMAT") or "").lower()
+    level = str(flags.get("log_level") or env.get("MIGRATE_LOG_LEVEL") or "info").lower()
+    if strict:
+        _choice(fmt or "json", "MIGRATE_LOG_FORMAT", ("json", "console"))
+        _choice(level, "MIGRATE_LOG_LEVEL", ("debug", "info", "warning", "error"))
+    if fmt not in ("json", "console"):
+        fmt = "console" if sys.stdout.isatty() else "json"
+    return fmt, level if level in ("debug", "info", "warning", "error") else "info"
 
 
 def _database(url: str | None, env: Mapping[str, str]) -> Database:

@@ -78,7 +78,7 @@ class Project:
         return [Step(s.revision.revision, s.doc) for s in self._revs(direction, target, current)]
 
     def validate(self, current: tuple[str, ...], target: str) -> None:
-        """Refuse a database at an unknown revision, an ambiguous `head`, or a target that is not ahead."""
+        """Refuse a database at an unknown revision, an ambiguous `head`, or a target the scripts lack."""
         for revision in current:
             try:
                 self.script.get_revision(revision)
@@ -117,15 +117,14 @@ class Project:
 
     def offline_sql(self, current: tuple[str, ...], target: str) -> str:
         """The SQL `alembic upgrade --sql` would emit from `current` to `target`."""
+        return self._offline(lambda rev, ctx: self._revs("upgrade", target, current),
+                             current[0] if len(current) == 1 else None, target)
+
+    def _offline(self, fn: Callable[[Any, Any], list[Any]], starting_rev: str | None, destination_rev: str) -> str:
+        """Run env.py in offline (--sql) mode and return what it wrote."""
         buffer = io.StringIO()
         self.config.output_buffer = buffer
-        starting = current[0] if len(current) == 1 else None
-        self.run_env(
-            lambda rev, ctx: self._revs("upgrade", target, current),
-            as_sql=True,
-            starting_rev=starting,
-            destination_rev=target,
-        )
+        self.run_env(fn, as_sql=True, starting_rev=starting_rev, destination_rev=destination_rev)
         return buffer.getvalue()
 
     def long_transactions(self) -> list[dict[str, Any]]:
@@ -157,15 +156,8 @@ class Project:
         script = self.script.get_revision(revision)
         step = MigrationStep.upgrade_from_script(self.script.revision_map, script)
         down = script.down_revision
-        buffer = io.StringIO()
-        self.config.output_buffer = buffer
-        self.run_env(
-            lambda rev, ctx: [step],
-            as_sql=True,
-            starting_rev=down if isinstance(down, str) or down is None else down[0],
-            destination_rev=revision,
-        )
-        return buffer.getvalue()
+        return self._offline(lambda rev, ctx: [step], down if isinstance(down, str) or down is None else down[0],
+                             revision)
 
     def close(self) -> None:
         if self._connection is not None:
