@@ -27,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
 def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     flag = common.add_argument
-    flag("--database-url", help="overrides DATABASE_URL")
+    flag("--database-url", help="overrides DATABASE_URL (a password here shows in the process list: prefer the variable)")
     flag("--config", help="alembic.ini to use (ALEMBIC_CONFIG)")
     flag("--target", help="revision to migrate to (MIGRATE_TARGET)")
     flag("--wait-timeout", type=float, help="seconds to wait for the database (MIGRATE_WAIT_TIMEOUT)")
