@@ -240,8 +240,11 @@ def entrypoint() -> None:
     """
     code = main()
     logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:  # a reader that went away (`| head`) is not the job's failure
+            pass
     os._exit(code)
 
 
@@ -276,8 +279,9 @@ def _terminate(env: Any, message: str) -> None:
 
 
 def _out(text: str) -> None:
-    sys.stdout.write(text if text.endswith("\n") else text + "\n")
-    sys.stdout.flush()
+    out = logs.Output(sys.stdout)
+    out.write(text if text.endswith("\n") else text + "\n")
+    out.flush()
 
 
 def _since(started: float) -> float:

@@ -58,6 +58,33 @@ class Redactor:
 redactor = Redactor()
 
 
+class Output:
+    """A stream for log lines that outlives its reader: a reader that went away (`| head`, a crashed
+    log shipper) must not abort a migration half-way. From the first broken pipe on, lines are dropped."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.gone = False
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                self.stream.write(text)
+            except BrokenPipeError:
+                self.gone = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self.gone = True
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+
 def new_run_id() -> str:
     # secrets, not uuid: importing uuid costs more than the rest of a run at head
     return secrets.token_hex(8)
@@ -65,7 +92,7 @@ def new_run_id() -> str:
 
 def configure(log_format: str = "json", level: str = "info", run_id: str | None = None, stream: Any = None) -> str:
     """Set up structlog and route stdlib logging through it; return the run_id every line carries."""
-    stream = stream or sys.stdout
+    stream = Output(stream or sys.stdout)
     run_id = run_id or new_run_id()
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(run_id=run_id)

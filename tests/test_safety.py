@@ -385,3 +385,15 @@ def test_sigterm_during_the_backup_leaves_nothing_behind(db: Db, env: dict[str, 
     while db.query(others)[0][0] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert [(0,)] == db.query(others)
+
+
+def test_a_log_reader_that_goes_away_does_not_stop_the_migration(db: Db, env: dict[str, str]) -> None:
+    """`migrate-job run | head -1`: the reader closes the pipe after one line; the job migrates and exits 0."""
+    proc = subprocess.Popen([MIGRATE_JOB, "run"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert "run.start" in proc.stdout.readline()
+    proc.stdout.close()
+
+    assert 0 == proc.wait(timeout=60), proc.stderr.read()
+    assert ["0006"] == db.version()
+    assert "Traceback" not in proc.stderr.read()
