@@ -72,6 +72,9 @@ COPY --chown=10001:10001 app/ app/
 # --- app: the example blog service ----------------------------------------------------------
 FROM runtime-base AS app
 COPY --from=build-app /opt/venv /opt/venv
+# /readyz runs the job's check: with the manifest it answers without loading Alembic
+RUN python -m compileall -q /opt/venv /app \
+ && migrate-job manifest --log-level warning
 USER 10001:10001
 EXPOSE 8000
 CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000"]
