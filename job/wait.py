@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import random
 import re
 import time
-from typing import Any
+from typing import Any, Callable
 
 import psycopg2
-import tenacity
 
 from job import db
 from job.errors import ConfigError, DatabaseUnavailable
@@ -77,6 +77,34 @@ def one_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+# Backoff between attempts: exponential from 0.1 s, capped at 2 s, with full jitter.
+BACKOFF_FIRST, BACKOFF_CAP = 0.1, 2.0
+
+
+def _retry(attempt: Callable[[], Any], first: Exception, started: float, timeout: float) -> Any:
+    """After a transient first failure, retry with tenacity until `timeout` seconds from `started`."""
+    import tenacity
+    
+    def logged(number: int, error: BaseException | None, upcoming: float) -> None:
+        log.info("wait.retry", attempt=number, error=one_line(error), next_in=round(upcoming, 3),
+                 waited=round(time.monotonic() - started, 3))
+
+    if time.monotonic() - started >= timeout:
+        raise first
+    delay = random.uniform(0, BACKOFF_FIRST)
+    logged(1, first, delay)
+    time.sleep(delay)
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(is_transient),
+        stop=tenacity.stop_after_delay(max(timeout - (time.monotonic() - started), 0)),
+        # tenacity's first attempt is our second: its waits start one step up
+        wait=tenacity.wait_random_exponential(multiplier=BACKOFF_FIRST * 2, max=BACKOFF_CAP),
+        before_sleep=lambda state: logged(state.attempt_number + 1, state.outcome.exception(), state.upcoming_sleep),
+        reraise=True,
+    )
+    return retrying(attempt)
+
+
 def wait_for_database(connect_kwargs: dict[str, str], timeout: float) -> Any:
     """Return an autocommit connection once the database answers queries, retrying for `timeout` seconds."""
     started = time.monotonic()
@@ -94,24 +122,13 @@ def wait_for_database(connect_kwargs: dict[str, str], timeout: float) -> Any:
             raise _StillInRecovery("the server is in recovery (a read-only standby); migrations need the primary")
         return conn
 
-    def before_sleep(state: tenacity.RetryCallState) -> None:
-        log.info(
-            "wait.retry",
-            attempt=state.attempt_number,
-            error=one_line(state.outcome.exception()),
-            next_in=round(state.upcoming_sleep, 3),
-            waited=round(time.monotonic() - started, 3),
-        )
-
-    retrying = tenacity.Retrying(
-        retry=tenacity.retry_if_exception(is_transient),
-        stop=tenacity.stop_after_delay(timeout),
-        wait=tenacity.wait_random_exponential(multiplier=0.1, max=2),
-        before_sleep=before_sleep,
-        reraise=True,
-    )
     try:
-        conn = retrying(attempt)
+        try:
+            conn = attempt()  # the database is usually up: the retry machinery loads only when it is not
+        except psycopg2.OperationalError as first:
+            if not is_transient(first):
+                raise
+            conn = _retry(attempt, first, started, timeout)
     except psycopg2.ProgrammingError as e:
         raise ConfigError(f"invalid connection parameters: {one_line(e)}") from None
     except psycopg2.OperationalError as e:
