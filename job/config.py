@@ -103,13 +103,6 @@ class Database:
             query=query,
         ).render_as_string(hide_password=False)
 
-    def redacted(self) -> str:
-        """The parameters as a loggable string, password masked."""
-        shown = dict(self.params)
-        if self.password is not None:
-            shown["password"] = "***"
-        return " ".join(f"{k}={v}" for k, v in sorted(shown.items())) or "(libpq environment)"
-
 
 def redact_url(text: str) -> str:
     """Mask the password part of any URL in `text`."""
@@ -144,8 +137,6 @@ class Settings:
     lock_retries: int = 5
     # seconds any statement may run; 0 is no limit
     statement_timeout: float = 0.0
-    # where the one-line outcome is written (Kubernetes terminationMessagePath)
-    termination_log: Path | None = Path("/dev/termination-log")
     # run history table; None disables it
     history_table: str | None = "migrate_job_history"
     # names our sessions in pg_stat_activity: the pod's hostname
@@ -214,7 +205,6 @@ def load(env: Mapping[str, str], flags: Mapping[str, object], need_database: boo
     log_options(env, flags, strict=True)  # logging is already set up (leniently): refuse bad values
     lock_key = pick("lock_key", "MIGRATE_LOCK_KEY")
     history = pick("history_table", "MIGRATE_HISTORY_TABLE") or "migrate_job_history"
-    termination_log = pick("termination_log", "MIGRATE_TERMINATION_LOG")
     return Settings(
         database=database,
         alembic_config=alembic_config,
@@ -230,7 +220,6 @@ def load(env: Mapping[str, str], flags: Mapping[str, object], need_database: boo
         ),
         lock_retries=int(_number(pick("lock_retries", "MIGRATE_LOCK_RETRIES"), "MIGRATE_LOCK_RETRIES", 5, integer=True)),
         statement_timeout=_number(pick("statement_timeout", "MIGRATE_STATEMENT_TIMEOUT"), "MIGRATE_STATEMENT_TIMEOUT", 0),
-        termination_log=Path(termination_log) if termination_log else Path("/dev/termination-log"),
         history_table=None if history.lower() == "off" else _identifier(history, "MIGRATE_HISTORY_TABLE"),
         application_name=f"migrate-job/{socket.gethostname()}"[:63],
     )

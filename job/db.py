@@ -41,13 +41,6 @@ def received_signal() -> int | None:
     return _received[0] if _received else None
 
 
-def check_interrupted() -> None:
-    """Raise `Interrupted` if a signal arrived while its exception could not be raised."""
-    signum = received_signal()
-    if signum is not None:
-        raise Interrupted(signum)
-
-
 def _wait(conn: Any) -> None:
     """psycopg2 wait callback: wait in Python, and on a signal cancel the statement and keep waiting."""
     while True:
