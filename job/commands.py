@@ -18,7 +18,7 @@ from job.config import Settings
 from job.errors import ConfigError, LintFindings
 from job.logs import log
 from job.pipeline import (
-    apply, connected, database_name, lock_key, locked, project_of, take_backup, verify, version_table,
+    apply, connected, database_name, lock_key, locked, project_of, take_backup, verify,
 )
 from job.pipeline import history as history_of
 
@@ -40,7 +40,7 @@ def check(settings: Settings, block: bool = False) -> plan.Plan:
             with conn.cursor() as cur:
                 cur.execute(f"LISTEN {lock.channel(lock_key(settings, conn))}")
         while True:
-            current = plan.current_revisions(conn, version_table(settings))
+            current = plan.current_revisions(conn, settings.version_table)
             the_plan = plan.known_at_target(heads, current, settings.target)
             if the_plan is None:
                 project = project or stack.enter_context(project_of(settings, None))
@@ -54,7 +54,7 @@ def check(settings: Settings, block: bool = False) -> plan.Plan:
 def plan_of(settings: Settings, sql: bool = False) -> tuple[plan.Plan, str | None]:
     """The plan, and with `sql` the offline SQL the pending revisions would run; changes nothing."""
     with connected(settings) as conn, project_of(settings, None) as project:
-        the_plan = plan.make(project, plan.current_revisions(conn, version_table(settings)), settings.target)
+        the_plan = plan.make(project, plan.current_revisions(conn, settings.version_table), settings.target)
         return the_plan, project.offline_sql(the_plan.current, settings.target) if sql else None
 
 
@@ -64,7 +64,7 @@ def status(settings: Settings) -> dict[str, Any]:
 
     with connected(settings) as conn, project_of(settings, None) as project:
         name = database_name(conn)
-        current = plan.current_revisions(conn, version_table(settings))
+        current = plan.current_revisions(conn, settings.version_table)
         key = lock_key(settings, conn)
         report: dict[str, Any] = {"database": name, "current": list(current), "target": settings.target}
         try:
@@ -89,7 +89,7 @@ def status(settings: Settings) -> dict[str, Any]:
 def backup_now(settings: Settings) -> str:
     """Take a backup under the lock, labelled with the current revision; return its path."""
     with connected(settings) as conn, locked(settings, conn):
-        current = plan.current_revisions(conn, version_table(settings))
+        current = plan.current_revisions(conn, settings.version_table)
         with history_of(settings, conn).run("backup") as record:
             record.backup_path = take_backup(settings, conn, current, current).path
             return record.backup_path
@@ -117,13 +117,13 @@ def restore(settings: Settings, name: str, force: bool = False) -> tuple[list[st
                 "add --force to restore it here anyway"
             )
         with locked(settings, conn), history_of(settings, conn).run("restore") as record:
-            before = list(plan.current_revisions(conn, version_table(settings)))
+            before = list(plan.current_revisions(conn, settings.version_table))
             # a backup holds the database as it was before the migration it preceded: from_revision
             log.info("restore.start", path=str(path), before=before, backup_at=meta.get("from_revision"))
             record.backup_path = str(path)
             backup.restore(settings.database, path, settings.application_name, os.environ,
                            lambda name: lock.cancel_lock_waits(conn, name, settings.lock_timeout))
-            after = list(plan.current_revisions(conn, version_table(settings)))
+            after = list(plan.current_revisions(conn, settings.version_table))
             log.info("restore.done", path=str(path), before=before, after=after)
             return before, after
 
@@ -131,7 +131,7 @@ def restore(settings: Settings, name: str, force: bool = False) -> tuple[list[st
 def downgrade(settings: Settings, target: str) -> str:
     """Back up, then downgrade to `target` one revision per transaction, under the lock."""
     with connected(settings) as conn, locked(settings, conn), project_of(settings, conn) as project:
-        current = plan.current_revisions(conn, version_table(settings))
+        current = plan.current_revisions(conn, settings.version_table)
         project.validate(current, "heads")
         steps = project.steps(current, target, "downgrade")
         log.info("plan", current=list(current), target=target, direction="downgrade",
@@ -162,11 +162,11 @@ def lint(settings: Settings, everything: bool = False, allow: str | None = None)
         pg_version = "15"
     else:
         with connected(settings) as conn, project_of(settings, None) as project:
-            current = plan.current_revisions(conn, version_table(settings))
+            current = plan.current_revisions(conn, settings.version_table)
             steps = plan.make(project, current, settings.target).pending
             sql = [(s, project.step_sql(s.revision)) for s in steps]
             pg_version = str(conn.server_version // 10000)
-    sql = [(step, linter.without_version_table(text, version_table(settings))) for step, text in sql]
+    sql = [(step, linter.without_version_table(text, settings.version_table)) for step, text in sql]
     findings = linter.check(sql, allowed, pg_version)
     for finding in findings:
         log.warning("lint.finding", revision=finding.revision, rule=finding.rule, message=finding.message,

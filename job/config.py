@@ -117,6 +117,8 @@ class Settings:
     database: Database
     # the Alembic project (alembic.ini); any project works, including a stock `alembic init`
     alembic_config: Path
+    # Alembic's version table: `version_table` in alembic.ini (the default lock key derives from it)
+    version_table: str = "alembic_version"
     # revision to upgrade to
     target: str = "head"
     # seconds to wait for the database to accept queries
@@ -201,13 +203,13 @@ def load(env: Mapping[str, str], flags: Mapping[str, object], need_database: boo
             f"Alembic config {str(alembic_config)!r} not found: run from your project directory "
             "or set ALEMBIC_CONFIG (or --config) to its alembic.ini"
         )
-    version_table_of(alembic_config)  # fail on a broken alembic.ini now, before connecting
     log_options(env, flags, strict=True)  # logging is already set up (leniently): refuse bad values
     lock_key = pick("lock_key", "MIGRATE_LOCK_KEY")
     history = pick("history_table", "MIGRATE_HISTORY_TABLE") or "migrate_job_history"
     return Settings(
         database=database,
         alembic_config=alembic_config,
+        version_table=version_table_of(alembic_config),  # also fails on a broken alembic.ini, before connecting
         target=pick("target", "MIGRATE_TARGET") or "head",
         wait_timeout=_number(pick("wait_timeout", "MIGRATE_WAIT_TIMEOUT"), "MIGRATE_WAIT_TIMEOUT", 60),
         lock_timeout=_number(pick("lock_timeout", "MIGRATE_LOCK_TIMEOUT"), "MIGRATE_LOCK_TIMEOUT", 300),

@@ -8,7 +8,7 @@ import os
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from job import lock, manifest, plan
-from job.config import Settings, lock_key_for, version_table_of
+from job.config import Settings, lock_key_for
 from job.errors import MigrationFailed
 from job.history import History
 from job.logs import log, run_id
@@ -34,7 +34,7 @@ def run(settings: Settings) -> str:
         def at_target() -> bool:
             """Under the shared lock: does the manifest prove there is nothing to do?"""
             nonlocal known
-            known = plan.known_at_target(heads, plan.current_revisions(conn, version_table(settings)), settings.target)
+            known = plan.known_at_target(heads, plan.current_revisions(conn, settings.version_table), settings.target)
             return known is not None and settings.backup != "always"
 
         with locked(settings, conn, while_waiting=prepare, enough=at_target if heads is not None else None) as mode:
@@ -48,7 +48,7 @@ def migrate_exclusively(settings: Settings, conn: Any, heads: tuple[str, ...] | 
                         project_of_run: Callable[[], migrate.Project]) -> str:
     """Under the exclusive lock: plan again (another replica may have done the work while this one
     waited), back up, upgrade, verify."""
-    current = plan.current_revisions(conn, version_table(settings))
+    current = plan.current_revisions(conn, settings.version_table)
     known = plan.known_at_target(heads, current, settings.target)
     if known and settings.backup != "always":
         log.info("plan", **known.as_dict())
@@ -108,10 +108,6 @@ def history(settings: Settings, conn: Any) -> History:
     return History(conn, settings.history_table, run_id())
 
 
-def version_table(settings: Settings) -> str:
-    return version_table_of(settings.alembic_config)
-
-
 def database_name(conn: Any) -> str:
     return conn.get_dsn_parameters()["dbname"]
 
@@ -119,7 +115,7 @@ def database_name(conn: Any) -> str:
 def lock_key(settings: Settings, conn: Any) -> int:
     if settings.lock_key is not None:
         return settings.lock_key
-    return lock_key_for(database_name(conn), version_table(settings))
+    return lock_key_for(database_name(conn), settings.version_table)
 
 
 def session_options(settings: Settings) -> dict[str, str]:
@@ -174,7 +170,7 @@ def verify(settings: Settings, conn: Any, project: migrate.Project, direction: s
            target: str | None = None) -> None:
     """Read the version table again: the database must now be at the target."""
     project.close()
-    current = plan.current_revisions(conn, version_table(settings))
+    current = plan.current_revisions(conn, settings.version_table)
     left = project.steps(current, target or settings.target, direction)
     if left:
         raise MigrationFailed(
