@@ -14,6 +14,7 @@ import signal
 from typing import Any
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 
 from job.errors import Interrupted
@@ -69,10 +70,15 @@ def connect(kwargs: dict[str, str]) -> Any:
     return conn
 
 
-def is_cancel(error: BaseException) -> bool:
-    """Whether a driver error (possibly wrapped by SQLAlchemy) is a cancelled statement."""
+def driver_error(error: BaseException | None) -> psycopg2.Error | None:
+    """The psycopg2 error behind `error`, which SQLAlchemy and Alembic may have wrapped."""
     while error is not None:
-        if isinstance(error, psycopg2.errors.QueryCanceled):
-            return True
-        error = getattr(error, "orig", None) or error.__cause__
-    return False
+        if isinstance(error, psycopg2.Error):
+            return error
+        error = getattr(error, "orig", None) or error.__cause__ or error.__context__
+    return None
+
+
+def is_cancel(error: BaseException) -> bool:
+    """Whether `error` is (or wraps) a cancelled statement."""
+    return isinstance(driver_error(error), psycopg2.errors.QueryCanceled)

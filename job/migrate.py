@@ -215,7 +215,7 @@ def apply(
                 attempt=state.attempt_number,
                 retries=lock_retries,
                 next_in=round(state.upcoming_sleep, 3),
-                error=one_line(_driver_error(state.outcome.exception())),
+                error=one_line(db.driver_error(state.outcome.exception())),
                 blockers=project.long_transactions(),
             )
 
@@ -248,7 +248,7 @@ def apply(
 
 
 def _is_lock_timeout(error: BaseException) -> bool:
-    return db.received_signal() is None and isinstance(_driver_error(error), psycopg2.errors.LockNotAvailable)
+    return db.received_signal() is None and isinstance(db.driver_error(error), psycopg2.errors.LockNotAvailable)
 
 
 def _failure(step: Step, error: Exception, project: Project) -> BaseException:
@@ -256,7 +256,7 @@ def _failure(step: Step, error: Exception, project: Project) -> BaseException:
     signum = db.received_signal()
     if signum is not None and db.is_cancel(error):
         return Interrupted(signum)
-    driver = _driver_error(error)
+    driver = db.driver_error(error)
     message = one_line(driver or error)
     if isinstance(driver, psycopg2.errors.LockNotAvailable):
         blockers = ", ".join(
@@ -280,11 +280,3 @@ def _failure(step: Step, error: Exception, project: Project) -> BaseException:
         f"{type(driver or error).__name__}: {message}",
         revision=step.revision,
     )
-
-
-def _driver_error(error: BaseException | None) -> psycopg2.Error | None:
-    while error is not None:
-        if isinstance(error, psycopg2.Error):
-            return error
-        error = getattr(error, "orig", None) or error.__cause__ or error.__context__
-    return None
