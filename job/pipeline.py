@@ -129,9 +129,10 @@ def session_options(settings: Settings) -> dict[str, str]:
 
 
 def set_session_timeouts(conn: Any, settings: Settings) -> None:
-    with conn.cursor() as cur:
-        for name, value in session_options(settings).items():
-            cur.execute("SELECT set_config(%s, %s, false)", (name, value))
+    options = session_options(settings)
+    with conn.cursor() as cur:  # one round trip
+        cur.execute("SELECT " + ", ".join(["set_config(%s, %s, false)"] * len(options)),
+                    [part for item in options.items() for part in item])
 
 
 def take_backup(settings: Settings, conn: Any, from_revision: tuple[str, ...], to_revision: tuple[str, ...]) -> backup.Backup:

@@ -37,12 +37,11 @@ class Plan:
         }
 
 
-def current_revisions(conn: Any, version_table: str, schema: str | None = None) -> tuple[str, ...]:
+def current_revisions(conn: Any, version_table: str) -> tuple[str, ...]:
     """Read the version table with the bare driver; an absent table is an empty (base) database."""
-    name = f"{schema}.{version_table}" if schema else version_table
-    table = sql.Identifier(schema, version_table) if schema else sql.Identifier(version_table)
+    table = sql.Identifier(version_table)
     with conn.cursor() as cur:
-        cur.execute("SELECT to_regclass(%s)", (sql.Identifier(*name.split(".")).as_string(conn),))
+        cur.execute("SELECT to_regclass(%s)", (table.as_string(conn),))
         if cur.fetchone()[0] is None:
             return ()
         cur.execute(sql.SQL("SELECT version_num FROM {}").format(table))
