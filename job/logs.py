@@ -8,9 +8,9 @@ records go through the same processors, and every line passes the redactor last.
 from __future__ import annotations
 
 import logging
+import secrets
 import sys
 import urllib.parse
-import secrets
 from typing import Any, Iterable
 
 import structlog
@@ -25,12 +25,12 @@ log = structlog.get_logger("migrate-job")
 class Redactor:
     """Masks the known secrets, and the password part of any URL, in every string of an event."""
 
-    def __init__(self, secrets: Iterable[str] = ()) -> None:
+    def __init__(self, values: Iterable[str] = ()) -> None:
         self.secrets: list[str] = []
-        self.add(secrets)
+        self.add(values)
 
-    def add(self, secrets: Iterable[str]) -> None:
-        for secret in secrets:
+    def add(self, values: Iterable[str]) -> None:
+        for secret in values:
             # the secret as typed and as it appears inside a URL
             for form in {secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote(secret)}:
                 if form and form not in self.secrets:
