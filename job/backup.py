@@ -17,9 +17,8 @@ import shutil
 import signal
 import subprocess
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 from job.config import Database
 from job.errors import BackupFailed, RestoreFailed
@@ -29,8 +28,7 @@ CHUNK = 1 << 20  # bytes read at a time when hashing
 PARTIAL = ".partial"
 
 
-@dataclass(frozen=True)
-class Backup:
+class Backup(NamedTuple):
     """A verified backup and its sidecar's content."""
 
     path: str
@@ -143,7 +141,7 @@ def take(
             pg_dump_version=version,
             server_version=server_version,
         )
-        _write_atomically(sidecar_of(final), (json.dumps(asdict(backup), indent=2) + "\n").encode())
+        _write_atomically(sidecar_of(final), (json.dumps(backup._asdict(), indent=2) + "\n").encode())
     except BaseException:
         final.unlink(missing_ok=True)
         raise

@@ -7,9 +7,8 @@ import hashlib
 import re
 import socket
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import psycopg2.extensions
 
@@ -34,12 +33,18 @@ _NOT_FOR_CONNINFO = {"password"}
 _URL_PASSWORD = re.compile(r"(://[^:/?#@\s]*:)([^@\s]*)(@)")
 
 
-@dataclass(frozen=True)
-class Database:
+# Settings, Database and the plan's records are NamedTuples, not dataclasses: importing
+# dataclasses (and inspect with it) costs every start-up as much CPU as the rest of the job's code.
+
+
+class Database(NamedTuple):
     """How to reach the database: libpq parameters parsed by libpq itself, password kept aside."""
 
     params: Mapping[str, str]
-    password: str | None = field(default=None, repr=False)
+    password: str | None = None
+
+    def __repr__(self) -> str:
+        return f"Database(params={self.params!r}, password={'***' if self.password else None})"
 
     @classmethod
     def from_url(cls, url: str) -> Database:
@@ -109,8 +114,7 @@ def redact_url(text: str) -> str:
     return _URL_PASSWORD.sub(r"\1***\3", text)
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(NamedTuple):
     """Everything a command needs, resolved once from the environment and command-line flags."""
 
     # where the database is, and the secret to keep out of every output

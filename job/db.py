@@ -63,9 +63,17 @@ def _wait(conn: Any) -> None:
             # the server now ends the statement with an error, which breaks this loop
 
 
-def connect(kwargs: dict[str, str]) -> Any:
+class Connection(psycopg2.extensions.connection):
+    """A psycopg2 connection that also knows `server_pid`, the pid of the server process its
+    statements run in (`job.wait` reads it as the session starts; `job.lock` compares it with the
+    pid libpq was given, to tell a pooler)."""
+
+    server_pid: int | None = None
+
+
+def connect(kwargs: dict[str, str]) -> Connection:
     """Open an autocommit psycopg2 connection (no transaction stays open while we wait for anything)."""
-    conn = psycopg2.connect(**kwargs)
+    conn = psycopg2.connect(**kwargs, connection_factory=Connection)
     conn.autocommit = True
     return conn
 

@@ -9,9 +9,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from job.errors import ConfigError
 from job.plan import Step
@@ -25,8 +24,7 @@ JOB_ALLOWS = {
 }
 
 
-@dataclass(frozen=True)
-class Finding:
+class Finding(NamedTuple):
     revision: str
     rule: str
     message: str

@@ -54,9 +54,7 @@ def ensure_own_session(conn: Any, connect_kwargs: dict[str, str]) -> None:
     connected; a transaction pool gives the second client the server connection our statement
     just released, with the same pid.
     """
-    with conn.cursor() as cur:
-        cur.execute("SELECT pg_backend_pid()")
-        ours = cur.fetchone()[0]
+    ours = conn.server_pid  # read as the session started (job.wait)
     if ours == conn.get_backend_pid():
         return
     other = psycopg2.connect(**connect_kwargs)
@@ -133,7 +131,11 @@ def _attempt(conn: Any, key: int, enough: Callable[[], bool] | None) -> str | No
     if enough is not None and _try(conn, key, SHARED):
         if enough():
             return SHARED
-        _unlock(conn, key, SHARED)
+        # Trade the shared lock for the exclusive one in one round trip: a session's own locks
+        # never conflict with each other, so the order the two calls run in does not matter.
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_try_advisory_lock(%(key)s), pg_advisory_unlock_shared(%(key)s)", {"key": key})
+            return EXCLUSIVE if cur.fetchone()[0] else None
     return EXCLUSIVE if _try(conn, key, EXCLUSIVE) else None
 
 
@@ -158,14 +160,19 @@ def acquire(
         while True:
             mode = _attempt(conn, key, enough)
             if mode is not None:
-                return mode, time.monotonic() - started
+                waited = time.monotonic() - started
+                log.release()  # the lines held since start-up (see job.logs)
+                return mode, waited
             if not listening:
                 with conn.cursor() as cur:
                     cur.execute(f"LISTEN {channel(key)}")
                 listening = True
-                # The holder is migrating and every start-up waits on it: give it the CPU (a waiter's
-                # own work is a poll now and then, and with no manifest loading Alembic, which can wait).
-                os.nice(10)
+                # The holder is migrating and every start-up waits on it: give it the CPU. A waiter's
+                # own work (loading the log pipeline, a poll now and then, with no manifest loading
+                # Alembic) can wait. This only weighs against processes in the same cgroup (replicas
+                # started side by side on one machine); a pod's container has its own.
+                os.nice(19)
+                log.release()
                 if while_waiting is not None:
                     while_waiting()
             now = time.monotonic()

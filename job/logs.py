@@ -3,23 +3,79 @@
 One JSON object per line on stdout (a console renderer when a person is watching), with
 `timestamp`, `level`, `event` and `run_id` on every line. Alembic's and SQLAlchemy's stdlib
 records go through the same processors, and every line passes the redactor last.
+
+structlog loads when the first line is written, except in `run`: loading it costs a start-up
+about 40 ms of CPU, as much as the interpreter and the driver together, and when many replicas
+start at once on a few cores that decides when the first of them reaches the migration lock. So
+`run` holds its first lines (each with the time it happened) until it has tried the lock; a
+replica that must wait lowers its priority first (`job.lock`). A failed first connect, a warning
+or an error, and the end of the run release the held lines too.
 """
 
 from __future__ import annotations
 
-import logging
-import secrets
+import datetime
+import os
 import sys
+import time
 import urllib.parse
 from typing import Any, Iterable
 
-import structlog
-
 from job.config import redact_url
 
-LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+# stdlib logging's numbers, without importing it before structlog loads
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
-log = structlog.get_logger("migrate-job")
+
+class Log:
+    """The job's logger. Lines go to structlog, loaded with the first one; lines logged while
+    held wait, with the time they happened, until `release()`."""
+
+    def __init__(self) -> None:
+        self._logger: Any = None
+        self._held: list[tuple[str, str, dict[str, Any]]] | None = None
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self._log("debug", event, fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._log("info", event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._log("warning", event, fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._log("error", event, fields)
+
+    def _log(self, level: str, event: str, fields: dict[str, Any]) -> None:
+        if self._held is not None and LEVELS[level] < LEVELS["warning"]:
+            self._held.append((level, event, {**fields, "timestamp": _now()}))
+            return
+        self.release()
+        getattr(self._logger, level)(event, **fields)
+
+    def hold(self) -> None:
+        """Hold the lines from now until `release()`."""
+        if self._held is None:
+            self._held = []
+
+    def release(self) -> None:
+        """Load structlog if it is not yet, and write the held lines."""
+        if self._logger is None:
+            _load()
+        held, self._held = self._held or [], None
+        for level, event, fields in held:
+            getattr(self._logger, level)(event, **fields)
+
+
+log = Log()
+_options: dict[str, Any] = {}
+_run_id = ""
+
+
+def _now() -> str:
+    """The time as structlog's TimeStamper(fmt="iso", utc=True) writes it."""
+    return datetime.datetime.fromtimestamp(time.time(), datetime.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 class Redactor:
@@ -86,21 +142,45 @@ class Output:
 
 
 def new_run_id() -> str:
-    # secrets, not uuid: importing uuid costs more than the rest of a run at head
-    return secrets.token_hex(8)
+    # what secrets.token_hex(8) returns, without importing secrets (or uuid, which costs more than
+    # the rest of a run at head)
+    return os.urandom(8).hex()
 
 
-def configure(log_format: str = "json", level: str = "info", run_id: str | None = None, stream: Any = None) -> str:
-    """Set up structlog and route stdlib logging through it; return the run_id every line carries."""
-    stream = Output(stream or sys.stdout)
-    run_id = run_id or new_run_id()
-    structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(run_id=run_id)
-    shared = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-    ]
+def configure(log_format: str = "json", level: str = "info", run_id: str | None = None, stream: Any = None,
+              hold: bool = False) -> str:
+    """Set how lines are written (structlog loads with the first line, or at once if it already
+    has); with `hold`, lines wait for `log.release()`. Return the run_id every line carries."""
+    global _run_id
+    _run_id = run_id or new_run_id()
+    _options.update(log_format=log_format, level=level, stream=Output(stream or sys.stdout))
+    if hold:
+        log.hold()
+    if log._logger is not None:
+        _load()
+    return _run_id
+
+
+def _load() -> None:
+    """Set up structlog and route stdlib logging through it."""
+    import logging
+
+    import structlog
+
+    if not _options:
+        configure()
+    log_format, level, stream = _options["log_format"], LEVELS[_options["level"]], _options["stream"]
+    stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
+
+    def stamped(logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
+        """A held line keeps the time it happened."""
+        when = event.pop("timestamp", None)
+        return stamp(logger, name, event) if when is None else {**event, "timestamp": when}
+
+    def with_run_id(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+        return {"run_id": _run_id, **event}
+
+    shared = [with_run_id, structlog.processors.add_log_level, stamped]
     if log_format == "console":
         renderer: Any = structlog.dev.ConsoleRenderer(colors=stream.isatty())
         tail: list[Any] = [redactor, renderer]
@@ -108,10 +188,11 @@ def configure(log_format: str = "json", level: str = "info", run_id: str | None 
         tail = [structlog.processors.format_exc_info, redactor, structlog.processors.JSONRenderer()]
     structlog.configure(
         processors=[*shared, *tail],
-        wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
+        wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
+    log._logger = structlog.get_logger("migrate-job")
     handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
@@ -121,15 +202,15 @@ def configure(log_format: str = "json", level: str = "info", run_id: str | None 
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(LEVELS[level])
+    root.setLevel(level)
+    debug = level == LEVELS["debug"]
     # SQLAlchemy echoes every statement at INFO: only in debug.
-    logging.getLogger("sqlalchemy").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
-    logging.getLogger("alembic").setLevel(LEVELS[level])
+    logging.getLogger("sqlalchemy").setLevel(logging.DEBUG if debug else logging.WARNING)
+    logging.getLogger("alembic").setLevel(level)
     # Alembic announces each of its plugins at INFO: only in debug
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
-    return run_id
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
 def run_id() -> str:
     """This run's id, as every log line carries it."""
-    return structlog.contextvars.get_contextvars().get("run_id", "")
+    return _run_id

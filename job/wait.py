@@ -45,11 +45,12 @@ HINTS = {
 }
 
 
-# One round trip: is this the primary, and make the *server* notice when our pod vanishes, so
-# that it ends our session and frees the lock within about 10 + 5 * 3 = 25 s. (libpq's keepalive
-# parameters only make the client notice a dead server.)
+# One round trip: is this the primary, which server process is ours (see job.lock.ensure_own_session),
+# and make the *server* notice when our pod vanishes, so that it ends our session and frees the lock
+# within about 10 + 5 * 3 = 25 s. (libpq's keepalive parameters only make the client notice a dead server.)
 SESSION_SQL = """
 SELECT pg_is_in_recovery(),
+       pg_backend_pid(),
        set_config('tcp_keepalives_idle', '10', false),
        set_config('tcp_keepalives_interval', '5', false),
        set_config('tcp_keepalives_count', '3', false),
@@ -84,7 +85,9 @@ BACKOFF_FIRST, BACKOFF_CAP = 0.1, 2.0
 def _retry(attempt: Callable[[], Any], first: Exception, started: float, timeout: float) -> Any:
     """After a transient first failure, retry with tenacity until `timeout` seconds from `started`."""
     import tenacity
-    
+
+    log.release()  # the database is not there yet: say so now (see job.logs)
+
     def logged(number: int, error: BaseException | None, upcoming: float) -> None:
         log.info("wait.retry", attempt=number, error=one_line(error), next_in=round(upcoming, 3),
                  waited=round(time.monotonic() - started, 3))
@@ -116,7 +119,7 @@ def wait_for_database(connect_kwargs: dict[str, str], timeout: float) -> Any:
         conn = db.connect(kwargs)
         with conn.cursor() as cur:
             cur.execute(SESSION_SQL)
-            in_recovery = cur.fetchone()[0]
+            in_recovery, conn.server_pid = cur.fetchone()[:2]
         if in_recovery:
             conn.close()
             raise _StillInRecovery("the server is in recovery (a read-only standby); migrations need the primary")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
+import io
 import json
+import time
 import stat
 import subprocess
 from pathlib import Path
@@ -49,6 +52,47 @@ def test_every_stdout_line_is_json_with_the_contract_keys(env: dict[str, str]) -
     assert 1 == len({line["run_id"] for line in lines})
     assert all(line["timestamp"].endswith("Z") for line in lines)
     assert any(line.get("logger", "").startswith("alembic") for line in lines)
+
+
+def _lines(out: io.StringIO) -> list[dict]:
+    return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+def test_held_lines_keep_the_time_they_happened() -> None:
+    """A line held until the lock is tried is written later with the time it was logged, in order."""
+    from job import logs
+
+    out = io.StringIO()
+    logs.configure(stream=out, hold=True)
+    logs.log.info("first")
+    time.sleep(0.2)
+    logs.log.release()
+    logs.log.info("second")
+
+    first, second = _lines(out)
+    assert ["first", "second"] == [first["event"], second["event"]]
+    gap = dt.datetime.fromisoformat(second["timestamp"][:-1]) - dt.datetime.fromisoformat(first["timestamp"][:-1])
+    assert gap >= dt.timedelta(seconds=0.2)
+
+
+def test_a_warning_writes_the_held_lines_at_once() -> None:
+    """A warning is never held: it goes out at once, after the lines held before it."""
+    from job import logs
+
+    out = io.StringIO()
+    logs.configure(stream=out, hold=True)
+    logs.log.info("held")
+    logs.log.warning("urgent")
+
+    assert ["held", "urgent"] == [line["event"] for line in _lines(out)]
+
+
+def test_a_run_that_fails_before_the_lock_writes_its_held_lines(env: dict[str, str]) -> None:
+    """A run that never reaches the lock (the database refuses it) still logs run.start before run.failed."""
+    result = run_job("run", env={**env, "DATABASE_URL": env["DATABASE_URL"].rsplit("/", 1)[0] + "/no_such_db"})
+
+    assert 3 == result.code
+    assert ["run.start", "run.failed"] == [line["event"] for line in result.lines]
 
 
 def test_backup_is_private_verified_and_described_by_its_sidecar(db: Db, env: dict[str, str], backup_dir: Path) -> None:

@@ -50,6 +50,22 @@ def test_lock_waiting_names_the_holder_and_times_out_with_4(db: Db, env: dict[st
     assert [] == db.version()
 
 
+def test_a_waiting_run_gives_the_holder_the_cpu(db: Db, env: dict[str, str], tmp_path: Path) -> None:
+    """A run that has to wait for the lock lowers its own priority to the lowest (nice 19)."""
+    holder, _ = hold_lock(db)
+    out = tmp_path / "waiter.log"
+    waiter = start_logged({**env, "MIGRATE_LOCK_TIMEOUT": "30"}, out)
+    try:
+        wait_for_event(out, "lock.waiting")
+        nice = os.getpriority(os.PRIO_PROCESS, waiter.pid)
+    finally:
+        waiter.terminate()
+        finish_logged(waiter, out)
+        holder.close()
+
+    assert 19 == nice
+
+
 def test_lock_key_integer_is_used_as_is(db: Db, env: dict[str, str]) -> None:
     """MIGRATE_LOCK_KEY=4242 makes the job wait on advisory lock 4242."""
     holder, _ = hold_lock(db, key=4242)
