@@ -43,24 +43,24 @@ class Backup(NamedTuple):
     server_version: int
 
 
-def major_of_pg_dump(version_output: str) -> int:
-    """The major version in `pg_dump --version` output, e.g. 'pg_dump (PostgreSQL) 15.20 (Debian ...)'."""
-    match = re.search(r"\)\s*(\d+)(?:\.(\d+))?", version_output)
-    if not match:
-        raise BackupFailed(f"cannot read the pg_dump version from {version_output.strip()!r}")
-    major = int(match.group(1))
-    # before PostgreSQL 10 the major version had two parts, e.g. 9.6
-    return major * 10 + int(match.group(2) or 0) if major < 10 else major
-
-
-def check_compatible(pg_dump_major: int, server_version_num: int) -> None:
-    """Refuse a pg_dump older than the server: it cannot dump a newer server's catalog correctly."""
+def server_too_new(stderr: str, server_version_num: int) -> BackupFailed | None:
+    """pg_dump refuses a server of a newer major version than its own ("aborting because of server
+    version mismatch", right after it connects): say what to install instead."""
+    if "server version mismatch" not in stderr:
+        return None
     server_major = server_version_num // 10000 if server_version_num >= 100000 else server_version_num // 100
-    if pg_dump_major < server_major:
-        raise BackupFailed(
-            f"pg_dump {pg_dump_major} is older than the server ({server_major}): install "
-            f"postgresql-client-{server_major} or newer in the image (build argument PG_MAJOR)"
-        )
+    return BackupFailed(
+        f"pg_dump is older than the server ({_last_line(stderr).removeprefix('pg_dump: detail: ')}): install "
+        f"postgresql-client-{server_major} or newer in the image (build argument PG_MAJOR)"
+    )
+
+
+def dumped_by(listing: str) -> str:
+    """The pg_dump version an archive records, from `pg_restore --list` (e.g. '15.20 (Debian 15.20-0+deb12u1)')."""
+    match = re.search(r"^;\s*Dumped by pg_dump version: (.+)$", listing, re.MULTILINE)
+    if not match:
+        raise BackupFailed("pg_restore --list shows no pg_dump version: the backup is not a pg_dump archive")
+    return match.group(1).strip()
 
 
 def tool(name: str) -> str:
@@ -102,8 +102,6 @@ def take(
 ) -> Backup:
     """Dump the database into `directory`, verify it, write the sidecar, prune to the newest `keep`."""
     pg_dump, pg_restore = tool("pg_dump"), tool("pg_restore")
-    version = _run([pg_dump, "--version"], env).strip()
-    check_compatible(major_of_pg_dump(version), server_version)
     if not directory.is_dir():
         raise BackupFailed(
             f"backup directory {str(directory)!r} does not exist: mount a volume there, "
@@ -126,9 +124,8 @@ def take(
         *(f"--exclude-table={name}" for table in exclude_tables for name in (table, f"{table}_id_seq")),
         f"--dbname={database.conninfo_without_password(application_name)}",
     ]
-    size, digest = _dump_atomically(argv, child, final)
+    size, digest, version = _dump_atomically(argv, [pg_restore, "--list"], child, final, server_version)
     try:
-        _run([pg_restore, "--list", str(final)], child)
         backup = Backup(
             path=str(final),
             database=database_name,
@@ -237,8 +234,10 @@ def remove_partials(directory: Path) -> None:
         log.warning("backup.partial_removed", path=str(leftover))
 
 
-def _dump_atomically(argv: list[str], env: dict[str, str], final: Path) -> tuple[int, str]:
-    """pg_dump into a private temporary file that becomes `final` only once complete; return size and sha256."""
+def _dump_atomically(argv: list[str], list_argv: list[str], env: dict[str, str], final: Path,
+                     server_version: int) -> tuple[int, str, str]:
+    """pg_dump into a private temporary file that becomes `final` only once complete and readable
+    by `pg_restore --list`; return its size, sha256 and the pg_dump version it records."""
     with _atomically(final) as partial:
         result = subprocess.run([*argv, f"--file={partial}"], env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True, errors="replace")
@@ -247,8 +246,18 @@ def _dump_atomically(argv: list[str], env: dict[str, str], final: Path) -> tuple
             raise BackupFailed(f"pg_dump was killed by {name}" + (
                 " (the file size limit)" if name == "SIGXFSZ" else ""))
         if result.returncode != 0:
-            raise BackupFailed(f"pg_dump failed: {_last_line(result.stderr)}")
-        return _sha256(partial)
+            raise server_too_new(result.stderr, server_version) or BackupFailed(
+                f"pg_dump failed: {_last_line(result.stderr)}")
+        # pg_restore reads the archive's table of contents while we hash the file
+        listing = subprocess.Popen([*list_argv, str(partial)], env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, errors="replace")
+        try:
+            size, digest = _sha256(partial)
+        finally:
+            out, err = listing.communicate()
+        if listing.returncode != 0:
+            raise BackupFailed(f"pg_restore --list cannot read the backup: {_last_line(err)}")
+        return size, digest, dumped_by(out)
 
 
 def _write_atomically(path: Path, content: bytes) -> None:
@@ -297,13 +306,6 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _run(argv: list[str], env: Mapping[str, str]) -> str:
-    result = subprocess.run(argv, capture_output=True, env=dict(env), text=True)
-    if result.returncode != 0:
-        raise BackupFailed(f"{Path(argv[0]).name} failed: {_last_line(result.stderr)}")
-    return result.stdout
 
 
 def _last_line(stderr: str) -> str:

@@ -109,6 +109,8 @@ def test_backup_is_private_verified_and_described_by_its_sidecar(db: Db, env: di
     assert (db.name, [], [HEAD]) == (sidecar["database"], sidecar["from_revision"], sidecar["to_revision"])
     assert dump.name.startswith(sidecar["created_at"][:4])
     assert [] == [p.name for p in backup_dir.iterdir() if p.name.startswith(".")]
+    pg_dump = subprocess.run(["pg_dump", "--version"], capture_output=True, text=True, check=True).stdout
+    assert pg_dump.split()[2] == sidecar["pg_dump_version"].split()[0]  # "pg_dump (PostgreSQL) 15.20 ..."
 
 
 def test_backup_restores_with_pg_restore(db: Db, env: dict[str, str]) -> None:
