@@ -193,7 +193,7 @@ def revisions_flat() -> tuple[str, str, str]:
             "<=1.1x")
 
 
-def replicas(manifest: bool, rounds: int = 5) -> tuple[str, str, str]:
+def replicas(manifest: bool, rounds: int = 7) -> tuple[str, str, str]:
     """16 replicas started at once on a 2 s migration, with the image's heads manifest or without;
     the median of a few rounds, each on a fresh database."""
     project = WORK / f"slow-{manifest}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
-import psycopg2.errors
 from psycopg2 import sql
 
 if TYPE_CHECKING:  # Alembic is imported only when there is work to do
@@ -37,15 +36,13 @@ class Plan(NamedTuple):
 
 def current_revisions(conn: Any, version_table: str) -> tuple[str, ...]:
     """Read the version table with the bare driver; an absent table is an empty (base) database.
-
-    `conn` is in autocommit (as every connection the job opens is when it is not migrating): the
-    table is read at once rather than looked up first, one round trip, and a failed read costs nothing.
-    """
+    (Looked up first rather than read and caught: a failed read would be an ERROR in the server's log.)"""
+    table = sql.Identifier(version_table)
     with conn.cursor() as cur:
-        try:
-            cur.execute(sql.SQL("SELECT version_num FROM {}").format(sql.Identifier(version_table)))
-        except psycopg2.errors.UndefinedTable:
+        cur.execute("SELECT to_regclass(%s)", (table.as_string(conn),))
+        if cur.fetchone()[0] is None:
             return ()
+        cur.execute(sql.SQL("SELECT version_num FROM {}").format(table))
         return tuple(sorted(row[0] for row in cur.fetchall()))
 
 
