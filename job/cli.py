@@ -17,13 +17,28 @@ from job.logs import log
 PENDING = 8
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's, told the terminal width as shutil.get_terminal_size() would find it: argparse
+    would import shutil for that, which imports bz2, lzma and zlib, 2.7 ms of every start-up."""
+
+    def __init__(self, prog: str) -> None:
+        try:
+            columns = int(os.environ.get("COLUMNS", "0")) or os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (ValueError, OSError, AttributeError):
+            columns = 80
+        super().__init__(prog, width=columns - 2)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{"formatter_class": _Formatter, **kwargs})
+
     def error(self, message: str) -> None:  # argparse would print usage; raise so it is logged as JSON
         raise ConfigError(f"{message} (see `migrate-job --help`)")
 
 
 def parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     flag = common.add_argument
     flag("--database-url", help="overrides DATABASE_URL (a password here shows in the process list: prefer the variable)")
     flag("--config", help="alembic.ini to use (ALEMBIC_CONFIG)")
