@@ -345,3 +345,14 @@ def test_no_argument_means_run(db: Db, env: dict[str, str]) -> None:
 
     assert 0 == result.code
     assert [HEAD] == db.version()
+
+
+def test_help_lists_every_command_at_the_terminal_width(env: dict[str, str]) -> None:
+    """`--help` exits 0 listing every command, wrapped to COLUMNS."""
+    from job.cli import COMMANDS
+
+    result = run_job("--help", env={**env, "COLUMNS": "60"})
+
+    assert 0 == result.code
+    assert all(f"    {name}" in result.stdout for name in COMMANDS)
+    assert max(len(line) for line in result.stdout.splitlines()) <= 60
