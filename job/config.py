@@ -34,7 +34,7 @@ _URL_PASSWORD = re.compile(r"(://[^:/?#@\s]*:)([^@\s]*)(@)")
 
 
 # Settings, Database and the plan's records are NamedTuples, not dataclasses: importing
-# dataclasses (and inspect with it) costs every start-up as much CPU as the rest of the job's code.
+# dataclasses (and inspect with it) costs every start-up ~9 ms of CPU, more than the job's own modules.
 
 
 class Database(NamedTuple):
