@@ -235,7 +235,7 @@ def replicas(rounds: int = 7) -> list[tuple[str, str, str]]:
          f"{statistics.median(walls[kind]):.2f} s median, floor +{statistics.median(walls[kind]) - floor:.2f} s", "<=3 s")
         for kind in kinds[:2]
     ] + [("  floor (bench/floor.py: lock, import Alembic, sleep)", f"{floor:.2f} s median", ""),
-         ("  every job exit 0, migration ran once", str(all_ok), "")]
+         ("  every job exited 0, the migration ran once", str(all_ok), "")]
 
 
 def handoff() -> tuple[str, str, str]:
