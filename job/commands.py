@@ -18,7 +18,8 @@ from job.config import Settings
 from job.errors import ConfigError, LintFindings
 from job.logs import log
 from job.pipeline import (
-    apply, connected, database_name, lock_key, locked, project_of, take_backup, verify,
+    apply, connected, database_name, known_scripts, lock_key, locked, project_of, take_backup, verify,
+    version_table_of,
 )
 from job.pipeline import history as history_of
 
@@ -32,19 +33,21 @@ def wait(settings: Settings) -> str:
 def check(settings: Settings, block: bool = False) -> plan.Plan:
     """The plan from the database's current revision; with `block`, wait until nothing is pending."""
     deadline = time.monotonic() + settings.wait_timeout
-    heads = manifest.heads(settings.alembic_config)
-    project = None
+    scripts = manifest.scripts(settings.alembic)
+    project = version_table = None
     with connected(settings) as conn, contextlib.ExitStack() as stack:
         if block:
             # the migrating job NOTIFYs when it releases the lock; poll anyway every second
             with conn.cursor() as cur:
                 cur.execute(f"LISTEN {lock.channel(lock_key(settings, conn))}")
         while True:
-            current = plan.current_revisions(conn, settings.version_table)
-            the_plan = plan.known_at_target(heads, current, settings.target)
+            known = known_scripts(settings, conn, scripts)
+            the_plan = known and plan.known_at_target(
+                known.heads, plan.current_revisions(conn, known.version_table), settings.target)
             if the_plan is None:
-                project = project or stack.enter_context(project_of(settings, None))
-                the_plan = plan.make(project, current, settings.target)
+                project = project or stack.enter_context(project_of(settings, conn))
+                version_table = version_table or project.locate(conn).version_table
+                the_plan = plan.make(project, plan.current_revisions(conn, version_table), settings.target)
             if not block or not the_plan.pending or time.monotonic() >= deadline:
                 return the_plan
             log.info("check.waiting", current=list(the_plan.current), pending=len(the_plan.pending))
@@ -53,8 +56,9 @@ def check(settings: Settings, block: bool = False) -> plan.Plan:
 
 def plan_of(settings: Settings, sql: bool = False) -> tuple[plan.Plan, str | None]:
     """The plan, and with `sql` the offline SQL the pending revisions would run; changes nothing."""
-    with connected(settings) as conn, project_of(settings, None) as project:
-        the_plan = plan.make(project, plan.current_revisions(conn, settings.version_table), settings.target)
+    with connected(settings) as conn, project_of(settings, conn) as project:
+        version_table = version_table_of(settings, conn, project)
+        the_plan = plan.make(project, plan.current_revisions(conn, version_table), settings.target)
         return the_plan, project.offline_sql(the_plan.current, settings.target) if sql else None
 
 
@@ -62,11 +66,13 @@ def status(settings: Settings) -> dict[str, Any]:
     """Revisions, pending work, the lock's holder, the newest backups and the last runs."""
     from job import backup
 
-    with connected(settings) as conn, project_of(settings, None) as project:
+    with connected(settings) as conn, project_of(settings, conn) as project:
         name = database_name(conn)
-        current = plan.current_revisions(conn, settings.version_table)
+        version_table = version_table_of(settings, conn, project)
+        current = plan.current_revisions(conn, version_table)
         key = lock_key(settings, conn)
-        report: dict[str, Any] = {"database": name, "current": list(current), "target": settings.target}
+        report: dict[str, Any] = {"database": name, "version_table": str(version_table), "current": list(current),
+                                  "target": settings.target}
         try:
             the_plan = plan.make(project, current, settings.target)
             report.update(heads=list(the_plan.heads), pending_count=len(the_plan.pending),
@@ -89,7 +95,7 @@ def status(settings: Settings) -> dict[str, Any]:
 def backup_now(settings: Settings) -> str:
     """Take a backup under the lock, labelled with the current revision; return its path."""
     with connected(settings) as conn, locked(settings, conn):
-        current = plan.current_revisions(conn, settings.version_table)
+        current = plan.current_revisions(conn, version_table_of(settings, conn))
         with history_of(settings, conn).run("backup") as record:
             record.backup_path = take_backup(settings, conn, current, current).path
             return record.backup_path
@@ -117,13 +123,14 @@ def restore(settings: Settings, name: str, force: bool = False) -> tuple[list[st
                 "add --force to restore it here anyway"
             )
         with locked(settings, conn), history_of(settings, conn).run("restore") as record:
-            before = list(plan.current_revisions(conn, settings.version_table))
+            version_table = version_table_of(settings, conn)
+            before = list(plan.current_revisions(conn, version_table))
             # a backup holds the database as it was before the migration it preceded: from_revision
             log.info("restore.start", path=str(path), before=before, backup_at=meta.get("from_revision"))
             record.backup_path = str(path)
             backup.restore(settings.database, path, settings.application_name, os.environ,
                            lambda name: lock.cancel_lock_waits(conn, name, settings.lock_timeout))
-            after = list(plan.current_revisions(conn, settings.version_table))
+            after = list(plan.current_revisions(conn, version_table))
             log.info("restore.done", path=str(path), before=before, after=after)
             return before, after
 
@@ -131,7 +138,8 @@ def restore(settings: Settings, name: str, force: bool = False) -> tuple[list[st
 def downgrade(settings: Settings, target: str) -> str:
     """Back up, then downgrade to `target` one revision per transaction, under the lock."""
     with connected(settings) as conn, locked(settings, conn), project_of(settings, conn) as project:
-        current = plan.current_revisions(conn, settings.version_table)
+        version_table = version_table_of(settings, conn, project)
+        current = plan.current_revisions(conn, version_table)
         project.validate(current, "heads")
         steps = project.steps(current, target, "downgrade")
         log.info("plan", current=list(current), target=target, direction="downgrade",
@@ -145,7 +153,7 @@ def downgrade(settings: Settings, target: str) -> str:
             if settings.backup != "off":
                 record.backup_path = take_backup(settings, conn, current, tuple(final)).path
             apply(settings, conn, project, steps, absolute, "downgrade", record)
-            verify(settings, conn, project, "downgrade", absolute)
+            verify(settings, conn, project, version_table, "downgrade", absolute)
             record.outcome = "downgraded"
             return "downgraded"
 
@@ -154,19 +162,18 @@ def lint(settings: Settings, everything: bool = False, allow: str | None = None)
     """Check the pending revisions' SQL (with `everything`, the whole history, offline) with squawk."""
     from job import lint as linter
 
-    allowed = linter.allowances(settings.alembic_config, allow)
+    allowed = linter.allowances(settings.alembic, allow)
     if everything:
         with project_of(settings, None) as project:
             steps = project.steps((), "heads")
             sql = [(s, project.step_sql(s.revision)) for s in steps]
         pg_version = "15"
     else:
-        with connected(settings) as conn, project_of(settings, None) as project:
-            current = plan.current_revisions(conn, settings.version_table)
+        with connected(settings) as conn, project_of(settings, conn) as project:
+            current = plan.current_revisions(conn, version_table_of(settings, conn, project))
             steps = plan.make(project, current, settings.target).pending
             sql = [(s, project.step_sql(s.revision)) for s in steps]
             pg_version = str(conn.server_version // 10000)
-    sql = [(step, linter.without_version_table(text, settings.version_table)) for step, text in sql]
     findings = linter.check(sql, allowed, pg_version)
     for finding in findings:
         log.warning("lint.finding", revision=finding.revision, rule=finding.rule, message=finding.message,
@@ -185,8 +192,12 @@ def write_manifest(settings: Settings) -> Path:
     """Record the scripts' heads (as Alembic computes them) for the fast path."""
     from job import migrate
 
-    project = migrate.Project(settings.alembic_config, "postgresql+psycopg2://")
+    scripts = manifest.scripts(settings.alembic)
+    if scripts is None:
+        raise ConfigError(f"the script location in {str(settings.alembic.main)!r} is not understood: "
+                          "no heads manifest can be used for it")
+    project = migrate.Project(settings.alembic)
     try:
-        return manifest.write(settings.alembic_config, project.heads())
-    except (OSError, ValueError) as e:
+        return manifest.write(scripts, project.heads())
+    except OSError as e:
         raise ConfigError(f"cannot write the heads manifest: {e}") from None

@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
-import configparser
 import hashlib
 import re
 import socket
 import sys
+import urllib.parse
 from pathlib import Path
-from typing import Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import psycopg2.extensions
 
+from job.alembic_files import AlembicFiles
 from job.errors import ConfigError
+from job.plan import VersionTable
 
-SCHEMES = ("postgres://", "postgresql://", "postgresql+psycopg2://")
+# The drivers env.py may be handed (the URL's `+driver`), and the module each needs. The job's
+# own session (lock, plan, history) and pg_dump always use libpq, through psycopg2.
+DRIVERS = {"psycopg2": "psycopg2", "psycopg": "psycopg", "asyncpg": "asyncpg"}
+# What env.py gets for a URL that names no driver: psycopg2, which is always installed (SQLAlchemy
+# 2.1 would pick psycopg 3 for a bare `postgresql://`, which the job does not depend on).
+DEFAULT_DRIVER = "psycopg2"
+# how the drivers' packages are installed beside the job
+EXTRAS = {"psycopg": "migrate-job[psycopg]", "asyncpg": "migrate-job[asyncpg]"}
+WORKING_URLS = "postgres://, postgresql://, postgresql+psycopg2://, postgresql+psycopg://, postgresql+asyncpg://"
+
+# libpq parameters that asyncpg spells its own way (asyncpg.connect keywords), and those it reads
+# from the environment only; application_name and the session settings reach asyncpg's sessions
+# through the job's connect hook (job.migrate), not the URL.
+ASYNCPG_KEYWORDS = {"sslmode": "ssl", "connect_timeout": "timeout", "target_session_attrs": "target_session_attrs"}
+ASYNCPG_ENVIRONMENT = {"sslrootcert": "PGSSLROOTCERT", "sslcert": "PGSSLCERT", "sslkey": "PGSSLKEY", "sslcrl": "PGSSLCRL"}
 
 # Every connection the job opens: a name that points at the pod, and TCP keepalives so a holder
 # whose pod vanished loses its session (and so the lock) within about idle + interval * count = 25 s.
@@ -38,24 +54,51 @@ _URL_PASSWORD = re.compile(r"(://[^:/?#@\s]*:)([^@\s]*)(@)")
 
 
 class Database(NamedTuple):
-    """How to reach the database: libpq parameters parsed by libpq itself, password kept aside."""
+    """How to reach the database: libpq parameters parsed by libpq itself, password kept aside, and
+    the driver env.py gets with the parameters only that driver knows."""
 
     params: Mapping[str, str]
     password: str | None = None
+    driver: str = DEFAULT_DRIVER
+    # query parameters for env.py's driver that libpq does not know (asyncpg's own keywords)
+    driver_query: Mapping[str, str] = {}
 
     def __repr__(self) -> str:
-        return f"Database(params={self.params!r}, password={'***' if self.password else None})"
+        return (f"Database(params={self.params!r}, password={'***' if self.password else None}, "
+                f"driver={self.driver!r}, driver_query={self.driver_query!r})")
 
     @classmethod
     def from_url(cls, url: str) -> Database:
-        """Parse any URL form the contract accepts; the `+psycopg2` driver suffix is implied."""
+        """Parse any PostgreSQL URL SQLAlchemy knows: `postgres://`, `postgresql://`, `+psycopg2`,
+        `+psycopg` or `+asyncpg`. libpq parses what it knows (multi-host, URL-encoding); asyncpg's
+        own query parameters are kept for env.py, with `ssl` also read as libpq's `sslmode`."""
         url = url.strip()
-        if not url.startswith(SCHEMES):
-            raise ConfigError(
-                f"unsupported database URL {redact_url(url)!r}: it must start with one of "
-                + ", ".join(SCHEMES)
-            )
-        libpq_url = "postgresql://" + url.split("://", 1)[1]
+        scheme, sep, rest = url.partition("://")
+        dialect, _, driver = scheme.partition("+")
+        if not sep or dialect.lower() not in ("postgres", "postgresql"):
+            raise ConfigError(f"unsupported database URL {redact_url(url)!r}: it must be a PostgreSQL URL, "
+                              f"one of {WORKING_URLS}")
+        driver = driver.lower() or DEFAULT_DRIVER
+        if driver not in DRIVERS:
+            raise ConfigError(f"unsupported driver {driver!r} in the database URL: the drivers that work are "
+                              f"{', '.join(DRIVERS)} ({WORKING_URLS})")
+        location, _, query = rest.partition("?")
+        libpq_query, driver_query = [], {}
+        for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+            if driver == "asyncpg" and name == "ssl":
+                driver_query[name] = value
+                if value in SSL_MODES:
+                    libpq_query.append(("sslmode", value))
+            elif is_libpq_parameter(name):
+                libpq_query.append((name, value))
+            elif driver == "asyncpg":
+                driver_query[name] = value
+            else:
+                raise ConfigError(f"invalid database URL {redact_url(url)!r}: {name!r} is not a connection "
+                                  f"parameter of libpq, which the {driver} driver uses")
+        libpq_url = "postgresql://" + location + (
+            # quote, not quote_plus: libpq reads "+" as a plus sign
+            "?" + urllib.parse.urlencode(libpq_query, quote_via=urllib.parse.quote) if libpq_query else "")
         try:
             params = psycopg2.extensions.parse_dsn(libpq_url)
         except psycopg2.ProgrammingError as e:
@@ -66,7 +109,7 @@ class Database(NamedTuple):
         for port in params.get("port", "").split(","):
             if port and not port.isdigit():
                 raise ConfigError(f"invalid database URL {redact_url(url)!r}: port {port!r} is not a number")
-        return cls(params=params, password=password)
+        return cls(params=params, password=password, driver=driver, driver_query=driver_query)
 
     @classmethod
     def from_libpq_env(cls, env: Mapping[str, str]) -> Database:
@@ -86,27 +129,57 @@ class Database(NamedTuple):
         params["application_name"] = application_name
         return psycopg2.extensions.make_dsn(**params)
 
-    def sqlalchemy_url(self, server_settings: Mapping[str, str] = {}) -> str:
-        """A `postgresql+psycopg2://` URL for env.py files that build their own engine.
-
-        `server_settings` reach that engine's sessions through libpq's `options` (-c name=value).
-        """
+    def sqlalchemy_url(self) -> str:
+        """The URL env.py gets: the driver the user named, with the parameters that driver takes."""
         from sqlalchemy.engine import URL
 
-        query = {k: v for k, v in self.params.items() if k not in ("host", "port", "user", "dbname")}
-        if server_settings:
-            extra = " ".join(f"-c {k}={v}" for k, v in server_settings.items())
-            query["options"] = f"{query['options']} {extra}" if query.get("options") else extra
-        port = self.params.get("port")
+        query: dict[str, Any] = {k: v for k, v in self.params.items() if k not in ("host", "port", "user", "dbname")}
+        if self.driver == "asyncpg":
+            query = {ASYNCPG_KEYWORDS[k]: v for k, v in query.items() if k in ASYNCPG_KEYWORDS}
+            query.update(self.driver_query)
+        host, port = self.params.get("host"), self.params.get("port")
+        if host and (host.startswith("/") or "," in host):
+            # a Unix socket directory or several hosts: SQLAlchemy takes them as ?host=host:port
+            ports = (port or "").split(",")
+            query["host"] = [f"{h}:{ports[i] if i < len(ports) else ports[-1]}".rstrip(":")
+                             if not h.startswith("/") else h for i, h in enumerate(host.split(","))]
+            host = port = None
         return URL.create(
-            "postgresql+psycopg2",
+            f"postgresql+{self.driver}",
             username=self.params.get("user"),
             password=self.password,
-            host=self.params.get("host"),
+            host=host,
             port=int(port) if port and port.isdigit() else None,
             database=self.params.get("dbname"),
             query=query,
         ).render_as_string(hide_password=False)
+
+    def driver_environment(self) -> dict[str, str]:
+        """Environment variables env.py's driver needs for what its URL cannot say (asyncpg reads
+        the TLS certificate paths from libpq's variables only)."""
+        if self.driver != "asyncpg":
+            return {}
+        return {ASYNCPG_ENVIRONMENT[k]: v for k, v in self.params.items() if k in ASYNCPG_ENVIRONMENT}
+
+    def check_driver_installed(self) -> None:
+        """Refuse a URL whose driver env.py could not import, before anything runs."""
+        import importlib.util
+
+        if importlib.util.find_spec(DRIVERS[self.driver]) is None:
+            raise ConfigError(f"the database URL names the {self.driver} driver, which is not installed: "
+                              f"pip install '{EXTRAS.get(self.driver, self.driver)}'")
+
+
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def is_libpq_parameter(name: str) -> bool:
+    """Whether libpq (the one psycopg2 is built with) knows connection parameter `name`."""
+    try:
+        psycopg2.extensions.parse_dsn(f"{name}=x")
+    except psycopg2.ProgrammingError:
+        return False
+    return True
 
 
 def redact_url(text: str) -> str:
@@ -119,10 +192,11 @@ class Settings(NamedTuple):
 
     # where the database is, and the secret to keep out of every output
     database: Database
-    # the Alembic project (alembic.ini); any project works, including a stock `alembic init`
-    alembic_config: Path
-    # Alembic's version table: `version_table` in alembic.ini (the default lock key derives from it)
-    version_table: str = "alembic_version"
+    # the Alembic project: alembic.ini and/or pyproject.toml; any project works, including a stock `alembic init`
+    alembic: AlembicFiles
+    # Alembic's version table as the config files name it (`version_table`, `version_table_schema`);
+    # an env.py that sets it in code is asked where it is (job.migrate.Project.locate)
+    version_table: VersionTable = VersionTable()
     # revision to upgrade to
     target: str = "head"
     # seconds to wait for the database to accept queries
@@ -154,9 +228,12 @@ class Settings(NamedTuple):
         return (self.database.password,) if self.database.password else ()
 
 
-def lock_key_for(database_name: str, version_table: str) -> int:
-    """The default advisory lock key: one per database and version table, as a signed 64-bit int."""
-    return _hash_key(f"migrate-job:{database_name}:{version_table}")
+def lock_key_for(database_name: str, version_table: VersionTable) -> int:
+    """The default advisory lock key: one per database and version table as the config files name
+    it (so every replica of one code version agrees before anything is loaded), as a signed 64-bit int.
+    For the default table on the search path it is the key earlier versions used."""
+    name = version_table.name if version_table.schema is None else f"{version_table.schema}.{version_table.name}"
+    return _hash_key(f"migrate-job:{database_name}:{name}")
 
 
 def parse_lock_key(value: str) -> int:
@@ -174,16 +251,15 @@ def _hash_key(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big", signed=True)
 
 
-def version_table_of(alembic_ini: Path) -> str:
-    """The version table name our env.py uses: `version_table` in alembic.ini, else Alembic's default."""
-    parser = configparser.ConfigParser(interpolation=None)
-    try:
-        parser.read(alembic_ini)
-    except configparser.Error as e:
-        raise ConfigError(f"{str(alembic_ini)!r} is not a valid alembic.ini: {' '.join(str(e).split())}") from None
-    if not parser.has_section("alembic"):
-        raise ConfigError(f"{str(alembic_ini)!r} has no [alembic] section: is ALEMBIC_CONFIG the right file?")
-    return parser.get("alembic", "version_table", fallback="alembic_version")
+def version_table_of(files: AlembicFiles) -> VersionTable:
+    """The version table the config files name: `version_table` and `version_table_schema` (options
+    of ours, for an env.py to pass on), else Alembic's default `alembic_version` on the search path."""
+    name = files.option("version_table") or "alembic_version"
+    schema = files.option("version_table_schema") or None
+    for value, option in ((name, "version_table"), (schema, "version_table_schema")):
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{option} in {str(files.main)!r} must be a string")
+    return VersionTable(name, schema)
 
 
 def load(env: Mapping[str, str], flags: Mapping[str, object], need_database: bool = True) -> Settings:
@@ -201,19 +277,14 @@ def load(env: Mapping[str, str], flags: Mapping[str, object], need_database: boo
         database = _database(url, env)
     else:
         database = Database.from_libpq_env(env)
-    alembic_config = Path(pick("config", "ALEMBIC_CONFIG") or "alembic.ini")
-    if not alembic_config.is_file():
-        raise ConfigError(
-            f"Alembic config {str(alembic_config)!r} not found: run from your project directory "
-            "or set ALEMBIC_CONFIG (or --config) to its alembic.ini"
-        )
+    alembic = AlembicFiles.find(Path(pick("config", "ALEMBIC_CONFIG") or "alembic.ini"))
     log_options(env, flags, strict=True)  # logging is already set up (leniently): refuse bad values
     lock_key = pick("lock_key", "MIGRATE_LOCK_KEY")
     history = pick("history_table", "MIGRATE_HISTORY_TABLE") or "migrate_job_history"
     return Settings(
         database=database,
-        alembic_config=alembic_config,
-        version_table=version_table_of(alembic_config),  # also fails on a broken alembic.ini, before connecting
+        alembic=alembic,
+        version_table=version_table_of(alembic),
         target=pick("target", "MIGRATE_TARGET") or "head",
         wait_timeout=_number(pick("wait_timeout", "MIGRATE_WAIT_TIMEOUT"), "MIGRATE_WAIT_TIMEOUT", 60),
         lock_timeout=_number(pick("lock_timeout", "MIGRATE_LOCK_TIMEOUT"), "MIGRATE_LOCK_TIMEOUT", 300),

@@ -9,9 +9,10 @@ ours, not the revision's. See psycopg2's `extras.wait_select`, which does the sa
 
 from __future__ import annotations
 
+import contextlib
 import select
 import signal
-from typing import Any
+from typing import Any, Iterator
 
 import psycopg2
 import psycopg2.errors
@@ -76,6 +77,20 @@ def connect(kwargs: dict[str, str]) -> Connection:
     conn = psycopg2.connect(**kwargs, connection_factory=Connection)
     conn.autocommit = True
     return conn
+
+
+@contextlib.contextmanager
+def autocommit(conn: Any) -> Iterator[None]:
+    """Run the body's statements each in its own transaction, whatever mode `conn` is in."""
+    was = conn.autocommit
+    if not was:
+        conn.rollback()
+        conn.autocommit = True
+    try:
+        yield
+    finally:
+        if not was and not conn.closed:
+            conn.autocommit = False
 
 
 def driver_error(error: BaseException | None) -> psycopg2.Error | None:

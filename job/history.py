@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import psycopg2
 from psycopg2 import sql
 
+from job import db
 from job.errors import Interrupted, JobError
 from job.logs import log, redactor
 
@@ -55,16 +56,12 @@ class History:
         if self.table is None or self.conn.closed:
             return None
         try:
-            autocommit = self.conn.autocommit
-            self.conn.autocommit = True
-            with self.conn.cursor() as cur:
+            with db.autocommit(self.conn), self.conn.cursor() as cur:
                 if not self._created:
                     cur.execute(sql.SQL(DDL).format(table=self.table))
                     self._created = True
                 cur.execute(sql.SQL(statement).format(table=self.table), params)
-                row = cur.fetchone() if cur.description else None
-            self.conn.autocommit = autocommit
-            return row
+                return cur.fetchone() if cur.description else None
         except psycopg2.Error as e:
             log.warning("history.unavailable", error=str(e).strip().splitlines()[0])
             return None

@@ -3,7 +3,6 @@ rewrite tables unsafely. Findings name the revision; an allow-list accepts some 
 
 from __future__ import annotations
 
-import configparser
 import json
 import shutil
 import subprocess
@@ -12,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from job.alembic_files import AlembicFiles
 from job.errors import ConfigError
 from job.plan import Step
 
@@ -31,11 +31,10 @@ class Finding(NamedTuple):
     line: int
 
 
-def allowances(ini: Path, extra: str | None) -> set[str]:
-    """Entries `rule` or `revision:rule`: from alembic.ini's [migrate_job] lint_allow, MIGRATE_LINT_ALLOW, --allow."""
-    parser = configparser.ConfigParser(interpolation=None)
-    parser.read(ini)
-    listed = parser.get("migrate_job", "lint_allow", fallback="")
+def allowances(files: AlembicFiles, extra: str | None) -> set[str]:
+    """Entries `rule` or `revision:rule`: from alembic.ini's [migrate_job] lint_allow (or pyproject.toml's
+    [tool.migrate-job] lint-allow), MIGRATE_LINT_ALLOW, --allow."""
+    listed = files.migrate_job_option("lint_allow") or ""
     entries = [line.split("#", 1)[0].strip() for line in listed.splitlines()]
     entries += [e.strip() for e in (extra or "").split(",")]
     return {e for e in entries if e} | set(JOB_ALLOWS)
@@ -46,12 +45,6 @@ def squawk() -> str:
     if not Path(found).exists():
         raise ConfigError("squawk not found: pip install squawk-cli")
     return found
-
-
-def without_version_table(sql: str, version_table: str) -> str:
-    """Drop Alembic's own statements on its version table: they are not the revision's to fix."""
-    statements = sql.split(";\n")
-    return ";\n".join(st for st in statements if version_table not in st)
 
 
 def check(sql_by_step: list[tuple[Step, str]], allowed: set[str], pg_version: str) -> list[Finding]:

@@ -186,13 +186,13 @@ def _load() -> None:
         tail: list[Any] = [redactor, renderer]
     else:
         tail = [structlog.processors.format_exc_info, redactor, structlog.processors.JSONRenderer()]
-    structlog.configure(
+    # A logger of our own rather than structlog.configure(): the project's modules, imported in
+    # this process by env.py, may configure structlog globally for their app.
+    log._logger = structlog.wrap_logger(
+        structlog.PrintLogger(stream),
         processors=[*shared, *tail],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(stream),
-        cache_logger_on_first_use=False,
     )
-    log._logger = structlog.get_logger("migrate-job")
     handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
@@ -200,9 +200,30 @@ def _load() -> None:
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tail],
         )
     )
+    _options["handler"] = handler
+    reclaim()
+
+
+def reclaim() -> None:
+    """Make stdlib logging the job's again, whatever the project's code did to it: our handler the
+    only one on the root logger, no logger disabled (dictConfig disables those it does not name),
+    and Alembic's and SQLAlchemy's records propagating to it at our levels."""
+    import logging
+
+    handler = _options.get("handler")
+    if handler is None:
+        return
+    level = LEVELS[_options["level"]]
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    for logger in list(logging.Logger.manager.loggerDict.values()):
+        if isinstance(logger, logging.Logger):
+            logger.disabled = False
+            if logger.name.split(".")[0] in ("alembic", "sqlalchemy"):
+                logger.handlers[:] = []
+                logger.propagate = True
+                logger.setLevel(logging.NOTSET)
     debug = level == LEVELS["debug"]
     # SQLAlchemy echoes every statement at INFO: only in debug.
     logging.getLogger("sqlalchemy").setLevel(logging.DEBUG if debug else logging.WARNING)

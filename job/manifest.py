@@ -1,66 +1,230 @@
-"""The script heads without importing Alembic or a single revision file.
+"""The script heads, and where the version table is, without importing Alembic or a revision file.
 
-`migrate-job manifest` (run at image build time) stores the heads beside the scripts, with a
-fingerprint of every file in the version locations: paths and contents, hashed. At start-up the
-fingerprint is computed again (reading the files, not importing them) and the manifest is used
-only if it matches, so a stale manifest can cost speed but never give a wrong answer. Anything
-this module does not understand (a package resource location, pyproject-only configuration)
-means "no manifest": the caller falls back to Alembic.
+Whatever Alembic has learned about one exact set of scripts (their heads, and the version table
+their env.py configures) is kept under a fingerprint of the files it came from: alembic.ini and/or
+pyproject.toml, env.py and every file in the version locations, paths and contents hashed. At
+start-up the fingerprint is computed again (reading the files, not importing them) and what was
+learned is used only if it matches, so a changed file can cost speed but never give a wrong answer.
+
+It is kept in two places:
+- the heads manifest beside the scripts, written by `migrate-job manifest` at image build time
+  (heads only: the version table is the one the config files name);
+- the database, by any run that loaded Alembic (`<history table>_heads`), so that a project with
+  no build step starts fast from the second start of a code version on, in every pod. That record
+  is looked up by a hash of the fingerprint and sealed with an HMAC keyed by the fingerprint itself:
+  a record of a foreign project, or an edited one, does not match and costs speed only.
+
+Anything this module does not understand means "nothing known": the caller falls back to Alembic.
 """
 
 from __future__ import annotations
 
-import configparser
 import hashlib
+import hmac
 import json
 import os
 from pathlib import Path
+from typing import Any, NamedTuple
+
+import psycopg2
+from psycopg2 import sql
+
+from job.alembic_files import AlembicFiles
+from job.plan import VersionTable
 
 NAME = "migrate-job-heads.json"
 
 
-def _locations(ini: Path) -> tuple[Path, list[Path], bool] | None:
-    """script_location, the version locations and whether they are searched recursively, from alembic.ini."""
-    parser = configparser.ConfigParser(defaults={"here": str(ini.parent.resolve())})
-    try:
-        if not parser.read(ini):
-            return None
-        section = dict(parser["alembic"])
-    except (configparser.Error, KeyError):
-        return None
-    script_location = section.get("script_location")
-    if not script_location or (":" in script_location and not Path(script_location).is_absolute()):
-        return None  # a package:resource location
-    script = (ini.parent / script_location).resolve() if not Path(script_location).is_absolute() else Path(script_location)
-    raw = section.get("version_locations")
-    if raw:
-        separator = {"os": os.pathsep, "space": None, "newline": "\n", ":": ":", ";": ";", ",": ","}.get(
-            section.get("path_separator", "space"), None
-        )
-        parts = [p.strip() for p in raw.split(separator) if p.strip()]
-        if any(":" in p and not Path(p).is_absolute() for p in parts):
-            return None
-        versions = [(ini.parent / p).resolve() for p in parts]
-    else:
-        versions = [script / "versions"]
-    recursive = section.get("recursive_version_locations", "false").lower() in ("true", "1", "yes")
-    return script, versions, recursive
+class Known(NamedTuple):
+    """What is known about the scripts without loading them."""
+
+    heads: tuple[str, ...]
+    version_table: VersionTable
 
 
-def fingerprint(ini: Path) -> tuple[Path, str] | None:
-    """Where the manifest lives, and the hash of every file under the version locations."""
-    found = _locations(ini)
+class Scripts(NamedTuple):
+    """Where the scripts are, and the fingerprint of everything Alembic's answers depend on."""
+
+    directory: Path
+    fingerprint: str
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.directory / NAME
+
+
+def scripts(files: AlembicFiles) -> Scripts | None:
+    """Locate the scripts and fingerprint them; None when the locations are not understood."""
+    found = _locations(files)
     if found is None:
         return None
     script, versions, recursive = found
     digest = hashlib.sha256()
+    for config_file in [*files.paths, script / "env.py"]:
+        content = _read(str(config_file)) if config_file.is_file() else b""
+        digest.update(f"config {config_file.name} {len(content)}\n".encode())
+        digest.update(content)
     for location in versions:
         digest.update(f"location {location}\n".encode())
         for relative, path in sorted(_files(str(location), "", recursive)):
             content = _read(path)
             digest.update(f"file {relative} {len(content)}\n".encode())
             digest.update(content)
-    return script / NAME, digest.hexdigest()
+    return Scripts(script, digest.hexdigest())
+
+
+def from_file(found: Scripts, configured: VersionTable) -> Known | None:
+    """The heads in the manifest, if it was written for these exact scripts."""
+    try:
+        manifest = json.loads(found.manifest_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("fingerprint") != found.fingerprint:
+        return None
+    heads = manifest.get("heads")
+    if not isinstance(heads, list) or not all(isinstance(h, str) for h in heads):
+        return None
+    return Known(tuple(sorted(heads)), configured)
+
+
+def write(found: Scripts, script_heads: tuple[str, ...]) -> Path:
+    """Record `script_heads` (from Alembic) for the scripts as they are now."""
+    path = found.manifest_path
+    path.write_text(json.dumps({"heads": sorted(script_heads), "fingerprint": found.fingerprint}, indent=2) + "\n")
+    return path
+
+
+# ---- the record in the database ----------------------------------------------------------------
+
+RECORD_DDL = """
+CREATE TABLE IF NOT EXISTS {table} (
+    scripts text PRIMARY KEY,      -- sha256 of the scripts' fingerprint
+    heads text[] NOT NULL,
+    version_table text NOT NULL,
+    version_table_schema text,
+    seal text NOT NULL,            -- HMAC of the rest, keyed by the fingerprint
+    recorded_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+
+def record_table(history_table: str | None) -> str | None:
+    """The table beside the history table that keeps what runs learned; none when history is off."""
+    return f"{history_table}_heads" if history_table else None
+
+
+def from_database(conn: Any, table: str | None, found: Scripts) -> Known | None:
+    """What an earlier run recorded for these exact scripts, if anything (and its seal holds)."""
+    if table is None:
+        return None
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass(%s)", (sql.Identifier(table).as_string(conn),))
+        if cur.fetchone()[0] is None:
+            return None
+        cur.execute(
+            sql.SQL("SELECT heads, version_table, version_table_schema, seal FROM {} WHERE scripts = %s")
+            .format(sql.Identifier(table)),
+            (_record_id(found),),
+        )
+        row = cur.fetchone()
+    if row is None:
+        return None
+    heads, name, schema, seal = row
+    known = Known(tuple(sorted(heads)), VersionTable(name, schema))
+    return known if hmac.compare_digest(seal, _seal(found, known)) else None
+
+
+def remember(conn: Any, table: str | None, found: Scripts, known: Known) -> str | None:
+    """Record what Alembic answered for these scripts; return why it could not be, if it could not.
+    (Runs in autocommit on the session holding the migration lock.)"""
+    if table is None:
+        return None
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL(RECORD_DDL).format(table=sql.Identifier(table)))
+            cur.execute(
+                sql.SQL(
+                    "INSERT INTO {} (scripts, heads, version_table, version_table_schema, seal) "
+                    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (scripts) DO UPDATE SET heads = EXCLUDED.heads, "
+                    "version_table = EXCLUDED.version_table, version_table_schema = EXCLUDED.version_table_schema, "
+                    "seal = EXCLUDED.seal, recorded_at = now()"
+                ).format(sql.Identifier(table)),
+                (_record_id(found), list(known.heads), known.version_table.name, known.version_table.schema,
+                 _seal(found, known)),
+            )
+    except psycopg2.Error as e:
+        return str(e).strip().splitlines()[0]
+    return None
+
+
+def _record_id(found: Scripts) -> str:
+    return hashlib.sha256(f"migrate-job scripts {found.fingerprint}".encode()).hexdigest()
+
+
+def _seal(found: Scripts, known: Known) -> str:
+    payload = json.dumps([sorted(known.heads), known.version_table.name, known.version_table.schema])
+    return hmac.new(found.fingerprint.encode(), payload.encode(), hashlib.sha256).hexdigest()
+
+
+# ---- reading the files ---------------------------------------------------------------------------
+
+
+def _locations(files: AlembicFiles) -> tuple[Path, list[Path], bool] | None:
+    """script_location, the version locations and whether they are searched recursively."""
+    script_location = files.option("script_location")
+    if not isinstance(script_location, str):
+        return None
+    search_path = _prepended(files)
+    script = _resolve(script_location, files.base_dir("script_location"), search_path)
+    if script is None:
+        return None
+    raw = files.option("version_locations")
+    if raw:
+        if isinstance(raw, str):
+            separator = {"os": os.pathsep, "space": None, "newline": "\n", ":": ":", ";": ";", ",": ","}.get(
+                files.option("path_separator") or "space", None
+            )
+            raw = [p for p in raw.split(separator)]
+        versions = [_resolve(p.strip(), files.base_dir("version_locations"), search_path) for p in raw if p.strip()]
+        if any(v is None for v in versions):
+            return None
+    else:
+        versions = [script / "versions"]
+    recursive = str(files.option("recursive_version_locations") or "false").lower() in ("true", "1", "yes")
+    return script, versions, recursive  # type: ignore[return-value]
+
+
+def _prepended(files: AlembicFiles) -> list[str]:
+    """`prepend_sys_path`: where Alembic looks for the project's packages first."""
+    raw = files.option("prepend_sys_path") or []
+    if isinstance(raw, str):
+        separator = os.pathsep if files.option("path_separator") == "os" else None
+        raw = raw.split(separator)
+    return [os.path.abspath(p.strip()) for p in raw if p.strip()]
+
+
+def _resolve(location: str, base: Path, search_path: list[str]) -> Path | None:
+    """A directory option: a path (relative to `base`), or a package resource `package:path`
+    (found without importing a top-level package, as Alembic's `importlib.resources` would)."""
+    package, colon, resource = location.partition(":")
+    if not colon or Path(location).is_absolute() or os.sep in package or not package.replace(".", "").isidentifier():
+        path = Path(location)
+        return (path if path.is_absolute() else base / path).resolve()
+    import importlib.util
+
+    import sys
+
+    saved = sys.path[:]
+    sys.path[:0] = search_path
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    finally:
+        sys.path[:] = saved
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return (Path(list(spec.submodule_search_locations)[0]) / resource).resolve()
 
 
 def _files(directory: str, prefix: str, recursive: bool) -> list[tuple[str, str]]:
@@ -89,28 +253,3 @@ def _read(path: str) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
-
-
-def heads(ini: Path) -> tuple[str, ...] | None:
-    """The heads recorded for these exact scripts, or None when there is no valid manifest."""
-    found = fingerprint(ini)
-    if found is None:
-        return None
-    path, current = found
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if manifest.get("fingerprint") != current or not isinstance(manifest.get("heads"), list):
-        return None
-    return tuple(sorted(manifest["heads"]))
-
-
-def write(ini: Path, script_heads: tuple[str, ...]) -> Path:
-    """Record `script_heads` (from Alembic) for the scripts as they are now."""
-    found = fingerprint(ini)
-    if found is None:
-        raise ValueError(f"{ini}: script location not understood; the manifest cannot be used for it")
-    path, current = found
-    path.write_text(json.dumps({"heads": sorted(script_heads), "fingerprint": current}, indent=2) + "\n")
-    return path

@@ -11,26 +11,32 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import inspect
 import io
 import logging.config
+import os
+import sys
 import time
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import psycopg2
 import psycopg2.errors
+import alembic
 import tenacity
 from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine
 from sqlalchemy.pool import StaticPool
 
-from job import db
+from job import db, logs
+from job.alembic_files import AlembicFiles
+from job.config import Database
 from job.errors import ConfigError, Interrupted, MigrationFailed, RevisionError
-from job.plan import Step
 from job.logs import log
+from job.plan import Step, VersionTable
 from job.wait import one_line
 
 
@@ -42,20 +48,42 @@ ORDER BY xact_start LIMIT 5
 """
 
 
-class Project:
-    """An Alembic project: its config and scripts, loaded once, and the connection env.py should use."""
+class Located(NamedTuple):
+    """What env.py itself reads: its version table, the revisions in it, and the database it reached."""
 
-    def __init__(self, ini: Path, sqlalchemy_url: str, raw_connection: Any | None = None) -> None:
-        self.config = Config(str(ini))
-        # configparser interpolation would read a URL-encoded password's % as a reference
-        self.config.set_main_option("sqlalchemy.url", sqlalchemy_url.replace("%", "%%"))
+    version_table: VersionTable
+    current: tuple[str, ...]
+    database: str
+
+
+class Project:
+    """An Alembic project: its config and scripts, loaded once, and the connection env.py should use.
+
+    `database` is what env.py's own engines connect to (the URL in the driver the user named);
+    `session` the settings every session env.py opens gets, through a connect hook on every
+    SQLAlchemy engine, async ones included (whatever URL or engine env.py builds)."""
+
+    def __init__(self, files: AlembicFiles, database: Database | None = None, raw_connection: Any | None = None,
+                 session: Mapping[str, str] | None = None) -> None:
+        self.files = files
+        self.config = _config(files)
+        if database is not None:
+            # configparser interpolation would read a URL-encoded password's % as a reference
+            self.config.set_main_option("sqlalchemy.url", database.sqlalchemy_url().replace("%", "%%"))
+            os.environ.update(database.driver_environment())
+        else:  # offline: env.py only needs a dialect
+            self.config.set_main_option("sqlalchemy.url", "postgresql+psycopg2://")
         self.config.attributes["configure_logger"] = False
+        _session_settings.clear()
+        _session_settings.update(session or {})
+        _hook_every_engine()
         try:
-            self.script = ScriptDirectory.from_config(self.config)
-            self.script.revision_map.heads  # imports every revision file now, not mid-plan
+            with owned_logging():
+                self.script = ScriptDirectory.from_config(self.config)
+                self.script.revision_map.heads  # imports every revision file now, not mid-plan
         except Exception as e:
             raise ConfigError(
-                f"the Alembic project in {str(ini)!r} cannot be loaded: {type(e).__name__}: {e}"
+                f"the Alembic project in {str(files.main)!r} cannot be loaded: {type(e).__name__}: {e}"
             ) from None
         self.raw_connection = raw_connection
         self._connection: Any = None
@@ -69,6 +97,39 @@ class Project:
             self._connection = engine.connect()
             self.config.attributes["connection"] = self._connection
         return self._connection
+
+    def locate(self, conn: Any) -> Located:
+        """Ask env.py where its version table is, as `alembic current` does (changing nothing), and
+        check that it migrates the database `conn` (the job's own, locked session) is connected to.
+
+        env.py may set `version_table` / `version_table_schema` in code, and may build its own
+        engine from its own settings: only running it tells."""
+        seen: list[Located] = []
+
+        def found(rev: Any, context: Any) -> list[Any]:
+            identity = context.connection.exec_driver_sql(IDENTITY_SQL).one()
+            seen.append(Located(VersionTable(context.version_table, context.version_table_schema),
+                                tuple(sorted(context.get_current_heads())), _describe(*identity)))
+            if identity != _identity(conn):
+                raise ConfigError(
+                    f"env.py migrates {_describe(*identity)}, but DATABASE_URL is {_describe(*_identity(conn))}: "
+                    "the job locks and backs up DATABASE_URL's database, so env.py must use it "
+                    "(take the URL from `config.get_main_option('sqlalchemy.url')`)"
+                )
+            return []
+
+        try:
+            self.run_env(found, dont_mutate=True)
+        except ConfigError:
+            raise
+        except Exception as e:
+            raise ConfigError(f"the Alembic environment (env.py) failed: {type(e).__name__}: {one_line(e)}"
+                              f"{_async_hint(e)}") from None
+        finally:
+            self.rollback()
+        if not seen:
+            raise ConfigError("env.py ran no migrations online (it never called context.run_migrations())")
+        return seen[0]
 
     def heads(self) -> tuple[str, ...]:
         return tuple(self.script.get_heads())
@@ -112,7 +173,7 @@ class Project:
         """Run the project's env.py once with `fn` choosing the steps; env.py never reconfigures logging."""
         if not as_sql:
             self.connection()
-        with _no_file_config(), EnvironmentContext(self.config, self.script, fn=fn, as_sql=as_sql, **kw):
+        with owned_logging(), EnvironmentContext(self.config, self.script, fn=fn, as_sql=as_sql, **kw):
             self.script.run_env()
 
     def offline_sql(self, current: tuple[str, ...], target: str) -> str:
@@ -150,14 +211,29 @@ class Project:
         return [] if down is None else [down] if isinstance(down, str) else list(down)
 
     def step_sql(self, revision: str) -> str:
-        """The offline SQL of upgrading through one revision only (what `lint` checks)."""
+        """The offline SQL of upgrading through one revision only, less Alembic's own statements on
+        its version table (what `lint` checks: they are not the revision's to fix)."""
         from alembic.runtime.migration import MigrationStep
 
         script = self.script.get_revision(revision)
         step = MigrationStep.upgrade_from_script(self.script.revision_map, script)
         down = script.down_revision
-        return self._offline(lambda rev, ctx: [step], down if isinstance(down, str) or down is None else down[0],
-                             revision)
+        version_table: list[str] = []
+
+        def one_step(rev: Any, context: Any) -> list[Any]:
+            version_table.append(context.version_table)
+            return [step]
+
+        sql = self._offline(one_step, down if isinstance(down, str) or down is None else down[0], revision)
+        return ";\n".join(st for st in sql.split(";\n") if not version_table or version_table[0] not in st)
+
+    def rollback(self) -> None:
+        """End whatever transaction env.py left open on the shared connection (reads included)."""
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                self._connection.rollback()
+        elif self.raw_connection is not None and not self.raw_connection.closed:
+            self.raw_connection.rollback()
 
     def close(self) -> None:
         if self._connection is not None:
@@ -170,15 +246,86 @@ class Project:
                 self.raw_connection.autocommit = True
 
 
-@contextlib.contextmanager
-def _no_file_config() -> Iterator[None]:
-    """A stock env.py calls logging.config.fileConfig(alembic.ini); the job owns logging, so skip it."""
-    original = logging.config.fileConfig
-    logging.config.fileConfig = lambda *a, **k: None
+def _config(files: AlembicFiles) -> Config:
+    """Alembic's Config for alembic.ini and/or pyproject.toml (the latter needs Alembic 1.16+)."""
+    if files.toml is not None and files.toml_alembic:
+        if "toml_file" not in inspect.signature(Config).parameters:
+            raise ConfigError(f"{str(files.toml)!r} configures Alembic in [tool.alembic], which needs Alembic 1.16 "
+                              f"or newer (installed: {alembic.__version__})")
+        return Config(file_=str(files.ini) if files.ini else None, toml_file=str(files.toml))
+    return Config(str(files.ini))
+
+
+# Settings every session env.py opens gets (job.pipeline.session_options), set by a connect hook.
+_session_settings: dict[str, str] = {}
+_hooked: list[bool] = []
+
+
+def _hook_every_engine() -> None:
+    """Listen for `connect` on every Engine at once: env.py's own engines, sync or async (an
+    AsyncEngine's pool is its sync engine's), whatever URL they were built from."""
+    if not _hooked:
+        event.listen(Engine, "connect", _on_connect)
+        _hooked.append(True)
+
+
+def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+    if not _session_settings:
+        return
+    # in autocommit, as SQLAlchemy's own recipe does: a SET inside a transaction that is then
+    # rolled back (as dialect initialisation does) would be undone
+    autocommit = dbapi_connection.autocommit
+    dbapi_connection.autocommit = True
+    cursor = dbapi_connection.cursor()
     try:
-        yield
+        cursor.execute("SELECT " + ", ".join(
+            f"set_config({_literal(name)}, {_literal(value)}, false)" for name, value in _session_settings.items()))
     finally:
-        logging.config.fileConfig = original
+        cursor.close()
+        dbapi_connection.autocommit = autocommit
+
+
+def _literal(value: str) -> str:
+    """A SQL string literal (no driver-specific parameter style: this runs on every driver)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+# Which database a session is on: its name, and the server (started once, at one instant).
+IDENTITY_SQL = "SELECT current_database(), pg_postmaster_start_time()::text, inet_server_addr()::text, inet_server_port()"
+
+
+def _identity(conn: Any) -> tuple[Any, ...]:
+    with conn.cursor() as cur:
+        cur.execute(IDENTITY_SQL)
+        return tuple(cur.fetchone())
+
+
+def _describe(name: str, started: str, address: str | None, port: int | None) -> str:
+    where = f"{address.split('/')[0]}:{port}" if address else "a local socket"
+    return f"database {name!r} on {where} (server started {started})"
+
+
+def _async_hint(error: BaseException) -> str:
+    if "asyncio extension requires an async driver" in str(error):
+        return " (this env.py is async: name an async driver in DATABASE_URL, postgresql+asyncpg://...)"
+    return ""
+
+
+@contextlib.contextmanager
+def owned_logging() -> Iterator[None]:
+    """The job owns logging and stdout while the project's code runs (env.py, the app modules it
+    imports, revision files): logging configuration calls do nothing (a stock env.py calls
+    fileConfig; app settings modules call dictConfig or basicConfig on import), `print` goes to
+    stderr, and afterwards the job's root handler is the only one again and no logger stays
+    disabled, so Alembic's records keep going through the job's renderer."""
+    saved = (logging.config.fileConfig, logging.config.dictConfig, logging.basicConfig)
+    logging.config.fileConfig = logging.config.dictConfig = logging.basicConfig = lambda *a, **k: None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        logging.config.fileConfig, logging.config.dictConfig, logging.basicConfig = saved
+        logs.reclaim()
 
 
 def apply(
@@ -232,7 +379,7 @@ def apply(
             if not reached and db.received_signal() is None and not isinstance(e, MigrationFailed):
                 raise ConfigError(
                     f"the Alembic environment (env.py) failed before revision {step.revision} could run: "
-                    f"{type(e).__name__}: {one_line(e)}"
+                    f"{type(e).__name__}: {one_line(e)}{_async_hint(e)}"
                 ) from None
             failure = e if isinstance(e, MigrationFailed) else _failure(step, e, project)
             record(step, started_at, time.monotonic() - started,

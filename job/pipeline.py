@@ -7,7 +7,7 @@ import contextlib
 import os
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from job import lock, manifest, plan
+from job import db, lock, manifest, plan
 from job.config import Settings, lock_key_for
 from job.errors import MigrationFailed
 from job.history import History
@@ -20,41 +20,46 @@ if TYPE_CHECKING:  # Alembic, SQLAlchemy and the backup code load only when ther
 
 def run(settings: Settings) -> str:
     """Migrate the database to the target under the lock; return the outcome ("migrated" or "up-to-date")."""
-    heads = manifest.heads(settings.alembic_config)
+    scripts = manifest.scripts(settings.alembic)
     with connected(settings) as conn, contextlib.ExitStack() as later:
+        known = known_scripts(settings, conn, scripts)
         project: migrate.Project | None = None
-        known: plan.Plan | None = None
+        at_head: plan.Plan | None = None
 
         def prepare() -> None:
-            """Without a manifest only Alembic can answer: load it while another replica holds the lock."""
+            """Without the heads only Alembic can answer: load it while another replica holds the lock."""
             nonlocal project
-            if heads is None:
+            if known is None:
                 project = later.enter_context(project_of(settings, conn))
 
         def at_target() -> bool:
-            """Under the shared lock: does the manifest prove there is nothing to do?"""
-            nonlocal known
-            known = plan.known_at_target(heads, plan.current_revisions(conn, settings.version_table), settings.target)
-            return known is not None and settings.backup != "always"
+            """Under the shared lock: does what is known of the scripts prove there is nothing to do?"""
+            nonlocal at_head
+            at_head = plan.known_at_target(known.heads, plan.current_revisions(conn, known.version_table),
+                                           settings.target)
+            return at_head is not None and settings.backup != "always"
 
-        with locked(settings, conn, while_waiting=prepare, enough=at_target if heads is not None else None) as mode:
+        with locked(settings, conn, while_waiting=prepare, enough=at_target if known is not None else None) as mode:
             if mode == lock.SHARED:
-                log.info("plan", **known.as_dict())
+                log.info("plan", **at_head.as_dict())
                 return "up-to-date"
-            return migrate_exclusively(settings, conn, heads, lambda: project or later.enter_context(project_of(settings, conn)))
+            return migrate_exclusively(settings, conn, scripts, known,
+                                       lambda: project or later.enter_context(project_of(settings, conn)))
 
 
-def migrate_exclusively(settings: Settings, conn: Any, heads: tuple[str, ...] | None,
+def migrate_exclusively(settings: Settings, conn: Any, scripts: manifest.Scripts | None, known: manifest.Known | None,
                         project_of_run: Callable[[], migrate.Project]) -> str:
     """Under the exclusive lock: plan again (another replica may have done the work while this one
     waited), back up, upgrade, verify."""
-    current = plan.current_revisions(conn, settings.version_table)
-    known = plan.known_at_target(heads, current, settings.target)
-    if known and settings.backup != "always":
-        log.info("plan", **known.as_dict())
-        return "up-to-date"
+    if known is not None:
+        at_head = plan.known_at_target(known.heads, plan.current_revisions(conn, known.version_table), settings.target)
+        if at_head and settings.backup != "always":
+            log.info("plan", **at_head.as_dict())
+            return "up-to-date"
     project = project_of_run()
-    the_plan = plan.make(project, current, settings.target)
+    version_table = project.locate(conn).version_table
+    the_plan = plan.make(project, plan.current_revisions(conn, version_table), settings.target)
+    remember(settings, conn, scripts, known, manifest.Known(the_plan.heads, version_table))
     log.info("plan", **the_plan.as_dict())
     backing_up = settings.backup == "always" or (settings.backup == "auto" and the_plan.pending)
     if not the_plan.pending and not backing_up:
@@ -67,9 +72,42 @@ def migrate_exclusively(settings: Settings, conn: Any, heads: tuple[str, ...] | 
             record.outcome = "up-to-date"
             return "up-to-date"
         apply(settings, conn, project, the_plan.pending, settings.target, "upgrade", record)
-        verify(settings, conn, project)
+        verify(settings, conn, project, version_table)
         record.outcome = "migrated"
         return "migrated"
+
+
+def known_scripts(settings: Settings, conn: Any, scripts: manifest.Scripts | None) -> manifest.Known | None:
+    """The heads and version table without loading Alembic: recorded in the database by an earlier
+    run of these exact scripts (it asked env.py where the version table is), else the heads manifest."""
+    if scripts is None:
+        return None
+    return (manifest.from_database(conn, manifest.record_table(settings.history_table), scripts)
+            or manifest.from_file(scripts, settings.version_table))
+
+
+def remember(settings: Settings, conn: Any, scripts: manifest.Scripts | None, known: manifest.Known | None,
+             learned: manifest.Known) -> None:
+    """Record what Alembic said of these scripts, so that the next start need not load it."""
+    if scripts is None or known == learned:
+        return
+    with db.autocommit(conn):
+        problem = manifest.remember(conn, manifest.record_table(settings.history_table), scripts, learned)
+    if problem:
+        log.warning("heads.unrecorded", error=problem)
+
+
+def version_table_of(settings: Settings, conn: Any, project: migrate.Project | None = None) -> plan.VersionTable:
+    """Where the version table is: as a run recorded it for these scripts, else asked of env.py
+    (the heads manifest only repeats what the config files say)."""
+    scripts = manifest.scripts(settings.alembic)
+    recorded = scripts and manifest.from_database(conn, manifest.record_table(settings.history_table), scripts)
+    if recorded:
+        return recorded.version_table
+    if project is not None:
+        return project.locate(conn).version_table
+    with project_of(settings, conn) as loaded:
+        return loaded.locate(conn).version_table
 
 
 @contextlib.contextmanager
@@ -97,7 +135,8 @@ def project_of(settings: Settings, conn: Any | None) -> Iterator[migrate.Project
     """The Alembic project; with `conn`, env.py migrates on that connection (the one holding the lock)."""
     from job import migrate
 
-    project = migrate.Project(settings.alembic_config, settings.database.sqlalchemy_url(session_options(settings)), conn)
+    settings.database.check_driver_installed()
+    project = migrate.Project(settings.alembic, settings.database, conn, session_options(settings))
     try:
         yield project
     finally:
@@ -119,8 +158,9 @@ def lock_key(settings: Settings, conn: Any) -> int:
 
 
 def session_options(settings: Settings) -> dict[str, str]:
-    """Server settings for every migrating session: ours by SET, an env.py's own engine by `options`."""
+    """Server settings for every migrating session: ours, and every one env.py opens (job.migrate)."""
     return {
+        "application_name": settings.application_name,
         "lock_timeout": f"{int(settings.statement_lock_timeout * 1000)}ms",
         "statement_timeout": f"{int(settings.statement_timeout * 1000)}ms",
         # never sit on locks in an abandoned transaction
@@ -150,7 +190,7 @@ def take_backup(settings: Settings, conn: Any, from_revision: tuple[str, ...], t
         settings.application_name,
         os.environ,
         lock_wait_timeout=settings.lock_timeout,
-        exclude_tables=[settings.history_table] if settings.history_table else [],
+        exclude_tables=[t for t in (settings.history_table, manifest.record_table(settings.history_table)) if t],
     )
 
 
@@ -167,11 +207,11 @@ def apply(settings: Settings, conn: Any, project: migrate.Project, steps: list[p
     )
 
 
-def verify(settings: Settings, conn: Any, project: migrate.Project, direction: str = "upgrade",
-           target: str | None = None) -> None:
+def verify(settings: Settings, conn: Any, project: migrate.Project, version_table: plan.VersionTable,
+           direction: str = "upgrade", target: str | None = None) -> None:
     """Read the version table again: the database must now be at the target."""
     project.close()
-    current = plan.current_revisions(conn, settings.version_table)
+    current = plan.current_revisions(conn, version_table)
     left = project.steps(current, target or settings.target, direction)
     if left:
         raise MigrationFailed(

@@ -10,6 +10,19 @@ if TYPE_CHECKING:  # Alembic is imported only when there is work to do
     from job.migrate import Project
 
 
+class VersionTable(NamedTuple):
+    """Where Alembic keeps the revision(s) the database is at: a table, in a schema or on the search path."""
+
+    name: str = "alembic_version"
+    schema: str | None = None
+
+    def identifier(self) -> sql.Identifier:
+        return sql.Identifier(self.name) if self.schema is None else sql.Identifier(self.schema, self.name)
+
+    def __str__(self) -> str:
+        return self.name if self.schema is None else f"{self.schema}.{self.name}"
+
+
 class Step(NamedTuple):
     """One pending revision."""
 
@@ -34,10 +47,10 @@ class Plan(NamedTuple):
         }
 
 
-def current_revisions(conn: Any, version_table: str) -> tuple[str, ...]:
+def current_revisions(conn: Any, version_table: VersionTable) -> tuple[str, ...]:
     """Read the version table with the bare driver; an absent table is an empty (base) database.
     (Looked up first rather than read and caught: a failed read would be an ERROR in the server's log.)"""
-    table = sql.Identifier(version_table)
+    table = version_table.identifier()
     with conn.cursor() as cur:
         cur.execute("SELECT to_regclass(%s)", (table.as_string(conn),))
         if cur.fetchone()[0] is None:

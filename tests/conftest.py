@@ -95,11 +95,12 @@ def hold_lock(db: "Db", key: int | None = None, application_name: str = "someone
     """Another session holding the migration lock (the default key for `db`; exclusive unless
     `shared`): its connection and pid."""
     from job.config import lock_key_for
+    from job.plan import VersionTable
 
     holder = db.connect(application_name=application_name)
     function = "pg_advisory_lock_shared" if shared else "pg_advisory_lock"
     with holder.cursor() as cur:
-        cur.execute(f"SELECT {function}(%s)", (lock_key_for(db.name, "alembic_version") if key is None else key,))
+        cur.execute(f"SELECT {function}(%s)", (lock_key_for(db.name, VersionTable()) if key is None else key,))
         cur.execute("SELECT pg_backend_pid()")
         return holder, cur.fetchone()[0]
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from job.config import lock_key_for
+from job.plan import VersionTable
 from tests.conftest import (
     MIGRATE_JOB, ROOT, SECRET, SECRET_IN_URL, Db, finish, finish_logged, hold_lock, run_job, scenario,
     start_job, start_logged,
@@ -85,7 +86,7 @@ def test_lock_is_handed_over_when_the_holder_releases(db: Db, env: dict[str, str
     wait_for_event(out, "lock.waiting")
     time.sleep(0.5)
     with holder.cursor() as cur:
-        cur.execute("SELECT pg_advisory_unlock(%s)", (lock_key_for(db.name, "alembic_version"),))
+        cur.execute("SELECT pg_advisory_unlock(%s)", (lock_key_for(db.name, VersionTable()),))
     holder.close()
 
     result = finish_logged(proc, out)
@@ -104,7 +105,7 @@ def test_failing_revision_exits_6_at_the_last_committed_revision(db: Db, env: di
     assert "f002" in failed["error"] and "division by zero" in failed["error"]
     assert (6, "MigrationFailed") == (failed["exit_code"], failed["error_type"])
     assert ["f001"] == db.version()
-    assert {"first", "migrate_job_history"} == db.tables() - {"alembic_version"}
+    assert {"first", "migrate_job_history", "migrate_job_history_heads"} == db.tables() - {"alembic_version"}
     assert ["f001"] == [e["revision"] for e in result.events("migration.done")]
     assert 1 == len(result.events("lock.released"))
     assert 0 == db.advisory_locks()
