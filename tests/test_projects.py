@@ -1,0 +1,254 @@
+"""Users' own Alembic projects, as `alembic init` and the cookbook make them, in every driver.
+
+Each shape is a folder in tests/scenarios/ (the templates' env.py files verbatim, or changed as
+the folder says) sharing the three revisions in tests/scenarios/blog_versions/. Each must migrate
+empty → head, re-run as a no-op, pass `check`, report in `status`, go down one revision and back,
+and end with the schema bare `alembic upgrade head` gives on a second database.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+from tests.conftest import ADMIN_URL, MIGRATE_JOB, SCENARIOS, Db, create_database, drop_database, run_job
+
+ALEMBIC = str(Path(MIGRATE_JOB).parent / "alembic")
+# the job's own tables, which bare Alembic does not make
+JOB_TABLES = "migrate_job_history*"
+
+
+class Shape(NamedTuple):
+    folder: str
+    # what ALEMBIC_CONFIG names, relative to the folder
+    config: str
+    # the URL scheme the user writes
+    scheme: str
+    # the revisions at head, and where the version table is
+    heads: tuple[str, ...] = ("b003",)
+    version_table: str = "public.alembic_version"
+
+
+SHAPES = {
+    "async-template": Shape("async_template", "alembic.ini", "postgresql+asyncpg"),
+    "async-cookbook-shared-connection": Shape("async_shared", "alembic.ini", "postgresql+asyncpg"),
+    "sync-template-psycopg3": Shape("sync_template", "alembic.ini", "postgresql+psycopg"),
+    "sync-template-psycopg2": Shape("sync_template", "alembic.ini", "postgresql+psycopg2"),
+    "sync-template-no-driver": Shape("sync_template", "alembic.ini", "postgresql"),
+    "sync-template-postgres-scheme": Shape("sync_template", "alembic.ini", "postgres"),
+    "pyproject-template-via-ini": Shape("pyproject_template", "alembic.ini", "postgresql"),
+    "pyproject-template-via-toml": Shape("pyproject_template", "pyproject.toml", "postgresql+psycopg"),
+    "version-table-in-env-py": Shape("version_table_in_code", "alembic.ini", "postgresql",
+                                     version_table="app.schema_version"),
+    "package-script-location": Shape("package_location", "alembic.ini", "postgresql", heads=("p004",)),
+    "app-configures-logging": Shape("noisy_logging", "alembic.ini", "postgresql"),
+}
+
+
+def copy_project(shape: Shape, where: Path) -> Path:
+    """The shape's folder and the shared revisions, copied so that a test may write into them."""
+    shutil.copytree(SCENARIOS / shape.folder, where / shape.folder, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(SCENARIOS / "blog_versions", where / "blog_versions", ignore=shutil.ignore_patterns("__pycache__"))
+    return where / shape.folder
+
+
+def url_for(db: Db, scheme: str) -> str:
+    return scheme + "://" + db.url.split("://", 1)[1]
+
+
+def bare_alembic_upgrade(shape: Shape, db: Db, where: Path) -> None:
+    """`alembic upgrade head` as the project's own developers run it, with the URL in alembic.ini."""
+    project = copy_project(shape, where)
+    ini = project / "alembic.ini"
+    # (SQLAlchemy itself does not take the `postgres://` spelling some platforms hand out)
+    url = url_for(db, "postgresql" if shape.scheme == "postgres" else shape.scheme)
+    ini.write_text(re.sub(r"(?m)^sqlalchemy\.url = .*$", "sqlalchemy.url = " + url.replace("%", "%%"), ini.read_text()))
+    subprocess.run([ALEMBIC, "upgrade", "head"], cwd=project, check=True, capture_output=True, text=True)
+
+
+def schema(db: Db) -> str:
+    """The database's schema as pg_dump prints it, less comments, settings and the job's own tables."""
+    dump = subprocess.run(["pg_dump", "--schema-only", "--no-owner", "--no-privileges", "-T", JOB_TABLES, db.url],
+                          check=True, capture_output=True, text=True).stdout
+    kept = [line for line in dump.splitlines()
+            if line.strip() and not line.startswith(("--", "SET ", "SELECT pg_catalog.set_config", "\\restrict",
+                                                      "\\unrestrict"))]
+    return "\n".join(kept)
+
+
+def version_rows(db: Db, table: str) -> list[str]:
+    return sorted(r[0] for r in db.query(f"SELECT version_num FROM {table}"))
+
+
+@pytest.fixture
+def reference_db() -> Db:
+    database = create_database(ADMIN_URL, prefix="ref")
+    yield database
+    drop_database(database)
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_project_shape_migrates_like_bare_alembic(name: str, db: Db, reference_db: Db, env: dict[str, str],
+                                                  tmp_path: Path) -> None:
+    """The shape migrates, re-runs as a no-op, checks, reports, goes down one and back, like bare Alembic."""
+    shape = SHAPES[name]
+    project = copy_project(shape, tmp_path / "job")
+    job_env = {**env, "DATABASE_URL": url_for(db, shape.scheme), "ALEMBIC_CONFIG": str(project / shape.config)}
+
+    first = run_job("run", env=job_env, cwd=project)
+    assert (0, "migrated") == (first.code, first.event("run.done")["outcome"]), first.stdout + first.stderr
+    assert ["b001", "b002", "b003", *(["p004"] if "p004" in shape.heads else [])] == [
+        e["revision"] for e in first.events("migration.done")]
+    assert list(shape.heads) == version_rows(db, shape.version_table)
+
+    again = run_job("run", env=job_env, cwd=project)
+    assert (0, "up-to-date", []) == (again.code, again.event("run.done")["outcome"], again.events("backup.done"))
+
+    assert 0 == run_job("check", env=job_env, cwd=project).code
+    status = run_job("status", "--format", "json", env=job_env, cwd=project)
+    report = json.loads(status.stdout)
+    assert (0, list(shape.heads), 0, shape.version_table.removeprefix("public.")) == (
+        status.code, report["current"], report["pending_count"], report["version_table"])
+
+    down = run_job("downgrade", "-1", "--yes", env=job_env, cwd=project)
+    assert 0 == down.code, down.stdout
+    assert 8 == run_job("check", env=job_env, cwd=project).code
+    back = run_job("run", env=job_env, cwd=project)
+    assert (0, 1) == (back.code, len(back.events("migration.done")))
+
+    bare_alembic_upgrade(shape, reference_db, tmp_path / "bare")
+    assert schema(reference_db) == schema(db)
+
+
+def _job_env(env: dict[str, str], db: Db, shape: Shape, project: Path, **extra: str) -> dict[str, str]:
+    return {**env, "DATABASE_URL": url_for(db, shape.scheme), "ALEMBIC_CONFIG": str(project / shape.config), **extra}
+
+
+def test_alembic_records_stay_json_when_the_app_configures_logging(db: Db, env: dict[str, str], tmp_path: Path) -> None:
+    """An app module's dictConfig, basicConfig, root handlers and print leave stdout one JSON object a line."""
+    shape = SHAPES["app-configures-logging"]
+    project = copy_project(shape, tmp_path)
+
+    result = run_job("run", env=_job_env(env, db, shape, project), cwd=project)
+
+    assert 0 == result.code
+    assert all(isinstance(line, dict) for line in result.lines)  # every line parsed as JSON
+    assert ["Running upgrade  -> b001, users", "Running upgrade b001 -> b002, posts, by user"] == [
+        line["event"] for line in result.lines
+        if line.get("logger") == "alembic.runtime.migration" and line["event"].startswith("Running")][:2]
+    assert "settings loaded" in result.stderr
+
+
+def test_version_table_set_in_env_py_is_the_one_read_and_written(db: Db, env: dict[str, str], tmp_path: Path) -> None:
+    """With the version table named only in env.py, nothing is written to the default one."""
+    shape = SHAPES["version-table-in-env-py"]
+    project = copy_project(shape, tmp_path)
+
+    assert 0 == run_job("run", env=_job_env(env, db, shape, project), cwd=project).code
+
+    assert (["b003"], []) == (version_rows(db, "app.schema_version"),
+                              db.query("SELECT 1 FROM pg_tables WHERE tablename = 'alembic_version'"))
+
+
+@pytest.mark.parametrize("name", ["version-table-in-env-py", "sync-template-psycopg3", "async-template"])
+def test_second_start_at_head_skips_alembic_without_a_manifest(name: str, db: Db, env: dict[str, str],
+                                                              tmp_path: Path) -> None:
+    """What the first run learned (heads, version table) lets the next start at head skip SQLAlchemy and Alembic."""
+    shape = SHAPES[name]
+    project = copy_project(shape, tmp_path)
+    job_env = _job_env(env, db, shape, project, PYTHONVERBOSE="1")
+    assert 0 == run_job("run", env=job_env, cwd=project).code
+    assert not list(project.rglob("migrate-job-heads.json"))
+
+    result = run_job("run", env=job_env, cwd=project)
+
+    assert ("up-to-date", "shared") == (result.event("run.done")["outcome"], result.event("lock.acquired")["mode"])
+    assert "import 'alembic'" not in result.stderr and "import 'sqlalchemy'" not in result.stderr
+    assert "import 'psycopg2'" in result.stderr  # the verbose import log is really there
+
+
+def test_a_tampered_record_costs_speed_only(db: Db, env: dict[str, str], tmp_path: Path) -> None:
+    """A record whose heads were edited no longer matches its seal: the next run asks Alembic and migrates."""
+    shape = SHAPES["sync-template-psycopg2"]
+    project = copy_project(shape, tmp_path)
+    job_env = _job_env(env, db, shape, project)
+    assert 0 == run_job("run", env=job_env, cwd=project).code
+    assert "shared" == run_job("run", env=job_env, cwd=project).event("lock.acquired")["mode"]  # answered from it
+    db.query("UPDATE migrate_job_history_heads SET heads = '{b002}'")
+    db.query("UPDATE alembic_version SET version_num = 'b002'")
+    db.query("ALTER TABLE users DROP COLUMN display_name")
+
+    result = run_job("run", env=job_env, cwd=project)
+
+    assert (0, ["b003"]) == (result.code, [e["revision"] for e in result.events("migration.done")])
+
+
+def test_a_changed_revision_file_is_not_answered_from_the_record(db: Db, env: dict[str, str], tmp_path: Path) -> None:
+    """A revision added after the record was written changes the fingerprint: it is applied."""
+    shape = SHAPES["sync-template-psycopg2"]
+    project = copy_project(shape, tmp_path)
+    job_env = _job_env(env, db, shape, project)
+    assert 0 == run_job("run", env=job_env, cwd=project).code
+    assert 1 == db.query("SELECT count(*) FROM migrate_job_history_heads")[0][0]
+    (tmp_path / "blog_versions" / "b004_tags.py").write_text(
+        (SCENARIOS / "package_location" / "blog_migrations" / "migrations" / "versions" / "p004_tags.py")
+        .read_text().replace("p004", "b004"))
+
+    assert 8 == run_job("check", env=job_env, cwd=project).code
+    result = run_job("run", env=job_env, cwd=project)
+    assert (0, ["b004"]) == (result.code, [e["revision"] for e in result.events("migration.done")])
+
+
+def test_env_py_on_another_database_is_refused(db: Db, reference_db: Db, env: dict[str, str], tmp_path: Path) -> None:
+    """An env.py whose own settings point elsewhere is refused (exit 2, both named) before anything changes."""
+    project = copy_project(Shape("own_engine", "alembic.ini", "postgresql"), tmp_path)
+    job_env = {**env, "ALEMBIC_CONFIG": str(project / "alembic.ini"), "APP_DATABASE_URL": reference_db.url}
+
+    result = run_job("run", env=job_env, cwd=project)
+
+    error = result.event("run.failed")["error"]
+    assert (2, True, True) == (result.code, repr(reference_db.name) in error, repr(db.name) in error)
+    assert ([], [], []) == (db.version(), reference_db.version(), list(Path(env["MIGRATE_BACKUP_DIR"]).iterdir()))
+
+
+def test_env_py_with_its_own_engine_on_the_same_database_migrates(db: Db, env: dict[str, str], tmp_path: Path) -> None:
+    """An env.py that builds its engine from the app's settings works when they name the same database."""
+    project = copy_project(Shape("own_engine", "alembic.ini", "postgresql"), tmp_path)
+    job_env = {**env, "ALEMBIC_CONFIG": str(project / "alembic.ini"), "APP_DATABASE_URL": db.url}
+
+    result = run_job("run", env=job_env, cwd=project)
+
+    assert (0, ["b003"]) == (result.code, db.version())
+
+
+@pytest.mark.parametrize("config", ["pyproject.toml", "alembic.ini"])
+def test_pyproject_project_manifest_and_lint(config: str, env: dict[str, str], tmp_path: Path) -> None:
+    """`manifest` and `lint --all` read a pyproject.toml project through either file."""
+    project = copy_project(SHAPES["pyproject-template-via-toml"], tmp_path)
+    job_env = {**env, "ALEMBIC_CONFIG": str(project / config)}
+
+    written = run_job("manifest", env=job_env, cwd=project)
+    linted = run_job("lint", "--all", "--allow", "prefer-bigint-over-int,prefer-identity", env=job_env, cwd=project)
+
+    assert (0, ["b003"]) == (written.code, json.loads((project / "migrations" / "migrate-job-heads.json").read_text())["heads"])
+    assert 3 == linted.event("lint.done")["revisions"]
+
+
+@pytest.mark.parametrize(("url", "named"), [
+    ("mysql://root@127.0.0.1/test", "must be a PostgreSQL URL"),
+    ("postgresql+pg8000://postgres@127.0.0.1/test", "unsupported driver 'pg8000'"),
+    ("postgresql+psycopg://postgres@127.0.0.1/test?ssl=true", "'ssl' is not a connection parameter of libpq"),
+])
+def test_a_url_that_will_not_work_exits_2_naming_the_drivers_that_do(url: str, named: str, env: dict[str, str]) -> None:
+    """A URL of another database or driver is a configuration error that lists what works."""
+    result = run_job("run", env={**env, "DATABASE_URL": url})
+
+    error = result.event("run.failed")["error"]
+    assert (2, True) == (result.code, named in error)
+    assert "postgresql+asyncpg://" in error or "libpq" in error
