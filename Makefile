@@ -4,12 +4,14 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+# the lowest supported versions of the dependencies (requirements-lowest.txt)
+LOWEST := .venv-lowest
 LOCAL  := .local
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 PG_MAJOR ?= 15
 
-.PHONY: system-deps install migrate test lint lint-migrations plan revision db-up db-down bench chart clean
+.PHONY: system-deps install migrate test test-lowest lint lint-migrations plan revision db-up db-down bench chart clean
 
 install: $(VENV)/.installed
 
@@ -51,6 +53,19 @@ plan: install
 
 test: system-deps install
 	$(BIN)/pytest -n 2 --dist loadgroup
+	@$(MAKE) --no-print-directory test-lowest
+
+# the scenario projects again, against the lowest version of every dependency range
+test-lowest: system-deps $(LOWEST)/.installed
+	$(LOWEST)/bin/pytest -n 2 -p no:cacheprovider tests/test_projects.py
+
+$(LOWEST)/.installed: pyproject.toml requirements-lowest.txt
+	@echo "installing the lowest supported versions into $(LOWEST)" >&2
+	@$(PYTHON) -m venv $(LOWEST) >&2
+	@$(LOWEST)/bin/pip install --quiet --upgrade pip >&2
+	@$(LOWEST)/bin/pip install --quiet --requirement requirements-lowest.txt >&2
+	@$(LOWEST)/bin/pip install --quiet --no-deps -e . >&2
+	@touch $@
 
 # side-by-side measurements against bare Alembic and bare pg_dump (not a test: no pass/fail)
 bench: install
@@ -81,4 +96,4 @@ db-down: install
 
 clean:
 	-$(BIN)/python -m tests.pgcluster down $(LOCAL)/pg
-	rm -rf $(LOCAL) $(VENV)
+	rm -rf $(LOCAL) $(VENV) $(LOWEST)

@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import NamedTuple
 
+import alembic
 import pytest
 
 from tests.conftest import ADMIN_URL, MIGRATE_JOB, SCENARIOS, Db, create_database, drop_database, run_job
@@ -34,6 +35,10 @@ class Shape(NamedTuple):
     heads: tuple[str, ...] = ("b003",)
     version_table: str = "public.alembic_version"
 
+
+# [tool.alembic] in pyproject.toml is read by Alembic 1.16 and newer (the lowest-versions run has older)
+PYPROJECT_ALEMBIC = tuple(int(p) for p in alembic.__version__.split(".")[:2]) >= (1, 16)
+needs_pyproject_alembic = pytest.mark.skipif(not PYPROJECT_ALEMBIC, reason="Alembic < 1.16 has no pyproject.toml support")
 
 SHAPES = {
     "async-template": Shape("async_template", "alembic.ini", "postgresql+asyncpg"),
@@ -98,6 +103,8 @@ def test_project_shape_migrates_like_bare_alembic(name: str, db: Db, reference_d
                                                   tmp_path: Path) -> None:
     """The shape migrates, re-runs as a no-op, checks, reports, goes down one and back, like bare Alembic."""
     shape = SHAPES[name]
+    if shape.folder == "pyproject_template" and not PYPROJECT_ALEMBIC:
+        pytest.skip("Alembic < 1.16 has no pyproject.toml support")
     project = copy_project(shape, tmp_path / "job")
     job_env = {**env, "DATABASE_URL": url_for(db, shape.scheme), "ALEMBIC_CONFIG": str(project / shape.config)}
 
@@ -227,6 +234,7 @@ def test_env_py_with_its_own_engine_on_the_same_database_migrates(db: Db, env: d
     assert (0, ["b003"]) == (result.code, db.version())
 
 
+@needs_pyproject_alembic
 @pytest.mark.parametrize("config", ["pyproject.toml", "alembic.ini"])
 def test_pyproject_project_manifest_and_lint(config: str, env: dict[str, str], tmp_path: Path) -> None:
     """`manifest` and `lint --all` read a pyproject.toml project through either file."""
@@ -252,3 +260,13 @@ def test_a_url_that_will_not_work_exits_2_naming_the_drivers_that_do(url: str, n
     error = result.event("run.failed")["error"]
     assert (2, True) == (result.code, named in error)
     assert "postgresql+asyncpg://" in error or "libpq" in error
+
+
+@pytest.mark.skipif(PYPROJECT_ALEMBIC, reason="this Alembic reads pyproject.toml")
+def test_pyproject_project_on_an_older_alembic_exits_2_saying_why(env: dict[str, str], tmp_path: Path) -> None:
+    """With an Alembic too old for [tool.alembic], the run stops at once and names the version needed."""
+    project = copy_project(SHAPES["pyproject-template-via-toml"], tmp_path)
+
+    result = run_job("run", env={**env, "ALEMBIC_CONFIG": str(project / "pyproject.toml")}, cwd=project)
+
+    assert (2, True) == (result.code, "needs Alembic 1.16 or newer" in result.event("run.failed")["error"])
