@@ -1,0 +1,82 @@
+"""Database URLs in every form the contract accepts: what the job's own session (libpq) gets, and
+what env.py gets in the driver the user named. Pure parsing: no database, no subprocess."""
+
+from __future__ import annotations
+
+import pytest
+
+from job.config import Database
+from job.errors import ConfigError
+
+
+def test_a_url_without_driver_gives_env_py_psycopg2() -> None:
+    """A bare postgresql:// URL hands env.py psycopg2, which is always installed (not SQLAlchemy 2.1's psycopg 3)."""
+    database = Database.from_url("postgresql://app@db:5432/blog")
+
+    assert "postgresql+psycopg2://app@db:5432/blog" == database.sqlalchemy_url()
+
+
+def test_postgres_scheme_is_accepted_and_spelled_for_sqlalchemy() -> None:
+    """The postgres:// spelling some platforms hand out reaches env.py as postgresql+psycopg2://."""
+    assert Database.from_url("postgres://app@db/blog").sqlalchemy_url().startswith("postgresql+psycopg2://")
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg", "asyncpg"])
+def test_env_py_gets_the_driver_the_user_named(driver: str) -> None:
+    """The URL's driver is the one env.py's engine uses."""
+    database = Database.from_url(f"postgresql+{driver}://app@db/blog")
+
+    assert (driver, f"postgresql+{driver}://app@db/blog") == (database.driver, database.sqlalchemy_url())
+
+
+def test_libpq_parameters_reach_the_job_session_and_libpq_drivers() -> None:
+    """sslmode, sslrootcert, options and application_name are libpq's: the job's session and psycopg get them as is."""
+    database = Database.from_url(
+        "postgresql+psycopg://app@db/blog?sslmode=verify-full&sslrootcert=/ca.pem&options=-c%20search_path%3Dapp")
+
+    assert {"sslmode": "verify-full", "sslrootcert": "/ca.pem", "options": "-c search_path=app"}.items() <= \
+        database.params.items()
+    assert "sslmode=verify-full" in database.sqlalchemy_url() and "sslrootcert=%2Fca.pem" in database.sqlalchemy_url()
+
+
+def test_asyncpg_url_parameters_translate_both_ways() -> None:
+    """asyncpg's ssl= is libpq's sslmode for the job; libpq's TLS files reach asyncpg through its environment."""
+    database = Database.from_url(
+        "postgresql+asyncpg://app@db/blog?ssl=require&prepared_statement_cache_size=0&sslrootcert=/ca.pem"
+        "&application_name=web")
+
+    assert ("require", "/ca.pem") == (database.params["sslmode"], database.params["sslrootcert"])
+    assert "postgresql+asyncpg://app@db/blog?prepared_statement_cache_size=0&ssl=require" == database.sqlalchemy_url()
+    assert {"PGSSLROOTCERT": "/ca.pem"} == database.driver_environment()
+
+
+def test_libpq_sslmode_becomes_asyncpg_ssl() -> None:
+    """A libpq-style sslmode in an asyncpg URL reaches asyncpg as its ssl keyword."""
+    assert Database.from_url("postgresql+asyncpg://app@db/blog?sslmode=require").sqlalchemy_url().endswith("?ssl=require")
+
+
+def test_url_encoded_password_is_kept_aside_and_given_back_encoded() -> None:
+    """The password is not among the libpq parameters, and env.py's URL carries it URL-encoded."""
+    database = Database.from_url("postgresql+asyncpg://app:s3cr%25t%40p%3Ass%2Fw0rd@db/blog")
+
+    assert ("s3cr%t@p:ss/w0rd", "password" in database.params) == (database.password, False)
+    assert "app:s3cr%25t%40p%3Ass%2Fw0rd@db" in database.sqlalchemy_url()
+
+
+def test_socket_directory_host_goes_in_the_query() -> None:
+    """A Unix socket directory cannot be a URL host for SQLAlchemy: it travels as ?host=."""
+    assert "postgresql+psycopg2://app@/blog?host=%2Fvar%2Frun%2Fpostgresql" == \
+        Database.from_url("postgresql://app@/blog?host=/var/run/postgresql").sqlalchemy_url()
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("mysql://root@db/blog", "must be a PostgreSQL URL"),
+    ("postgresql+pg8000://app@db/blog", "the drivers that work are psycopg2, psycopg, asyncpg"),
+    ("postgresql://app@db/blog?prepared_statement_cache_size=0", "not a connection parameter of libpq"),
+    ("postgresql://app:pw@db:port/blog", "invalid database URL"),
+])
+def test_urls_that_cannot_work_are_configuration_errors(url: str, message: str) -> None:
+    """Another database, an unknown driver, a parameter nothing takes: exit 2 with what works."""
+    with pytest.raises(ConfigError, match=message) as raised:
+        Database.from_url(url)
+    assert ":pw@" not in str(raised.value)
