@@ -270,3 +270,34 @@ def test_pyproject_project_on_an_older_alembic_exits_2_saying_why(env: dict[str,
     result = run_job("run", env={**env, "ALEMBIC_CONFIG": str(project / "pyproject.toml")}, cwd=project)
 
     assert (2, True) == (result.code, "needs Alembic 1.16 or newer" in result.event("run.failed")["error"])
+
+
+@pytest.mark.parametrize("name", ["package-script-location", "pyproject-template-via-toml", "sync-template-psycopg2"])
+def test_manifest_gives_the_fast_path_for_every_script_location(name: str, db: Db, env: dict[str, str],
+                                                                tmp_path: Path) -> None:
+    """Package-style, pyproject and %(here)s locations (several at once) get a manifest the next start uses."""
+    shape = SHAPES[name]
+    if shape.folder == "pyproject_template" and not PYPROJECT_ALEMBIC:
+        pytest.skip("Alembic < 1.16 has no pyproject.toml support")
+    project = copy_project(shape, tmp_path)
+    # no record in the database: only the manifest can make the start fast
+    job_env = _job_env(env, db, shape, project, MIGRATE_HISTORY_TABLE="off", PYTHONVERBOSE="1")
+    assert 0 == run_job("run", env=job_env, cwd=project).code
+    assert 0 == run_job("manifest", env=job_env, cwd=project).code
+
+    result = run_job("run", env=job_env, cwd=project)
+
+    assert ("up-to-date", "shared") == (result.event("run.done")["outcome"], result.event("lock.acquired")["mode"])
+    assert "import 'alembic'" not in result.stderr
+
+
+def test_check_wait_passes_once_the_version_table_in_env_py_is_at_head(db: Db, env: dict[str, str],
+                                                                       tmp_path: Path) -> None:
+    """An app pod's `check --wait` reads the table env.py configures, so it passes after the run."""
+    shape = SHAPES["version-table-in-env-py"]
+    project = copy_project(shape, tmp_path)
+    job_env = _job_env(env, db, shape, project, MIGRATE_WAIT_TIMEOUT="1")
+    assert 8 == run_job("check", "--wait", env=job_env, cwd=project).code
+    assert 0 == run_job("run", env=job_env, cwd=project).code
+
+    assert 0 == run_job("check", "--wait", env=job_env, cwd=project).code
