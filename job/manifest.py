@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -181,25 +182,39 @@ def _locations(files: AlembicFiles) -> tuple[Path, list[Path], bool] | None:
     raw = files.option("version_locations")
     if raw:
         if isinstance(raw, str):
-            separator = {"os": os.pathsep, "space": None, "newline": "\n", ":": ":", ";": ";", ",": ","}.get(
-                files.option("path_separator") or "space", None
-            )
-            raw = [p for p in raw.split(separator)]
+            raw = _split(files, raw, "path_separator", "version_path_separator")
+            if raw is None:
+                return None
         versions = [_resolve(p.strip(), files.base_dir("version_locations"), search_path) for p in raw if p.strip()]
         if any(v is None for v in versions):
             return None
     else:
         versions = [script / "versions"]
+    if not all(location.is_dir() for location in versions):
+        return None  # nothing to fingerprint there: Alembic will say what is wrong
     recursive = str(files.option("recursive_version_locations") or "false").lower() in ("true", "1", "yes")
     return script, versions, recursive  # type: ignore[return-value]
+
+
+# Alembic's separators for lists in alembic.ini (Config._get_file_separator_char)
+SEPARATORS = {"space": " ", "newline": "\n", "os": os.pathsep, ":": ":", ";": ";"}
+
+
+def _split(files: AlembicFiles, raw: str, *separator_options: str) -> list[str] | None:
+    """A list option of alembic.ini split as Alembic splits it: by the first separator option set,
+    else (Alembic's legacy rule) on spaces and commas. None for a separator Alembic refuses."""
+    for option in separator_options:
+        name = files.option(option)
+        if name is not None:
+            return raw.split(SEPARATORS[name]) if name in SEPARATORS else None
+    return re.split(r", *|(?: +)", raw)
 
 
 def _prepended(files: AlembicFiles) -> list[str]:
     """`prepend_sys_path`: where Alembic looks for the project's packages first."""
     raw = files.option("prepend_sys_path") or []
     if isinstance(raw, str):
-        separator = os.pathsep if files.option("path_separator") == "os" else None
-        raw = raw.split(separator)
+        raw = _split(files, raw, "path_separator") or []
     return [os.path.abspath(p.strip()) for p in raw if p.strip()]
 
 

@@ -1,9 +1,10 @@
 """Users' own Alembic projects, as `alembic init` and the cookbook make them, in every driver.
 
-Each shape is a folder in tests/scenarios/ (the templates' env.py files verbatim, or changed as
-the folder says) sharing the three revisions in tests/scenarios/blog_versions/. Each must migrate
-empty → head, re-run as a no-op, pass `check`, report in `status`, go down one revision and back,
-and end with the schema bare `alembic upgrade head` gives on a second database.
+Each project is made by the installed Alembic's own `alembic init -t TEMPLATE`, then changed only
+as its shape says (an edit below, and the files in its tests/scenarios/ folder); they share the
+three revisions in tests/scenarios/blog_versions/. Each must migrate empty → head, re-run as a
+no-op, pass `check`, report in `status`, go down one revision and back, and end with the schema
+bare `alembic upgrade head` gives on a second database.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import alembic
 import pytest
@@ -23,17 +24,88 @@ from tests.conftest import ADMIN_URL, MIGRATE_JOB, SCENARIOS, Db, create_databas
 ALEMBIC = str(Path(MIGRATE_JOB).parent / "alembic")
 # the job's own tables, which bare Alembic does not make
 JOB_TABLES = "migrate_job_history*"
+SHARED_VERSIONS = "%(here)s/../blog_versions"
+
+
+def replace(path: Path, old: str, new: str) -> None:
+    """Edit a template file as a user would; a template that changed under us fails loudly."""
+    text = path.read_text()
+    assert old in text, f"{path.name} no longer contains {old!r}"
+    path.write_text(text.replace(old, new, 1))
+
+
+def set_options(ini: Path, **options: str) -> None:
+    """Set options in alembic.ini's [alembic] section (replacing the template's line, if any)."""
+    text = ini.read_text()
+    for key, value in options.items():
+        text, found = re.subn(rf"(?m)^{key} = .*$", lambda _: f"{key} = {value}", text)
+        if not found:
+            text = text.replace("[alembic]\n", f"[alembic]\n{key} = {value}\n", 1)
+    ini.write_text(text)
+
+
+def share_the_connection(project: Path) -> None:
+    """Alembic's cookbook, "Programmatic API use (connection sharing) With Asyncio"."""
+    replace(project / "migrations" / "env.py", "    asyncio.run(run_async_migrations())\n",
+            '    connectable = config.attributes.get("connection", None)\n\n'
+            "    if connectable is None:\n        asyncio.run(run_async_migrations())\n"
+            "    else:\n        do_run_migrations(connectable)\n")
+
+
+def version_table_in_code(project: Path) -> None:
+    """The version table in the app's own schema, under its own name: set in env.py, not alembic.ini."""
+    env_py = project / "migrations" / "env.py"
+    replace(env_py, "from sqlalchemy import pool\n", "from sqlalchemy import pool\nfrom sqlalchemy import text\n")
+    replace(env_py, "target_metadata = None\n",
+            'target_metadata = None\nVERSION_TABLE = dict(version_table="schema_version", version_table_schema="app")\n')
+    replace(env_py, '        dialect_opts={"paramstyle": "named"},\n',
+            '        dialect_opts={"paramstyle": "named"},\n        **VERSION_TABLE,\n')
+    replace(env_py, "            connection=connection, target_metadata=target_metadata\n",
+            "            connection=connection, target_metadata=target_metadata, **VERSION_TABLE\n")
+    replace(env_py, "        context.configure(\n            connection=connection,",
+            '        connection.execute(text("CREATE SCHEMA IF NOT EXISTS app"))\n        connection.commit()\n'
+            "        context.configure(\n            connection=connection,")
+
+
+def own_engine(project: Path) -> None:
+    """The app's own settings name the database, as in many FastAPI projects; alembic.ini's URL
+    (which migrate-job fills in) only when they do not."""
+    env_py = project / "migrations" / "env.py"
+    replace(env_py, "from sqlalchemy import engine_from_config\n", "import os\n\nfrom sqlalchemy import create_engine\n")
+    replace(env_py, '    connectable = engine_from_config(\n        config.get_section(config.config_ini_section, {}),\n'
+                    '        prefix="sqlalchemy.",\n',
+            '    connectable = create_engine(\n'
+            '        os.environ.get("APP_DATABASE_URL") or config.get_main_option("sqlalchemy.url"),\n')
+
+
+def imports_noisy_settings(project: Path) -> None:
+    """env.py imports the app's settings module, which configures logging (and prints) on import."""
+    replace(project / "migrations" / "env.py", "from alembic import context\n",
+            "from alembic import context\n\nimport noisy_settings  # noqa: F401\n")
+
+
+def in_a_package(project: Path) -> None:
+    """script_location and a second version location inside a package (tests/scenarios/package_location)."""
+    set_options(project / "alembic.ini", script_location="blog_migrations:migrations", path_separator="space",
+                version_path_separator="space",
+                version_locations=f"blog_migrations:migrations/versions {SHARED_VERSIONS}")
 
 
 class Shape(NamedTuple):
-    folder: str
-    # what ALEMBIC_CONFIG names, relative to the folder
-    config: str
+    # `alembic init -t` template
+    template: str
     # the URL scheme the user writes
     scheme: str
+    # what the user changed in the template, and the folder of tests/scenarios/ with files added
+    edit: Callable[[Path], None] | None = None
+    folder: str | None = None
+    # what ALEMBIC_CONFIG names
+    config: str = "alembic.ini"
     # the revisions at head, and where the version table is
     heads: tuple[str, ...] = ("b003",)
     version_table: str = "public.alembic_version"
+    # where `alembic init` puts the scripts
+    scripts: str = "migrations"
 
 
 # [tool.alembic] in pyproject.toml is read by Alembic 1.16 and newer (the lowest-versions run has older)
@@ -41,26 +113,41 @@ PYPROJECT_ALEMBIC = tuple(int(p) for p in alembic.__version__.split(".")[:2]) >=
 needs_pyproject_alembic = pytest.mark.skipif(not PYPROJECT_ALEMBIC, reason="Alembic < 1.16 has no pyproject.toml support")
 
 SHAPES = {
-    "async-template": Shape("async_template", "alembic.ini", "postgresql+asyncpg"),
-    "async-cookbook-shared-connection": Shape("async_shared", "alembic.ini", "postgresql+asyncpg"),
-    "sync-template-psycopg3": Shape("sync_template", "alembic.ini", "postgresql+psycopg"),
-    "sync-template-psycopg2": Shape("sync_template", "alembic.ini", "postgresql+psycopg2"),
-    "sync-template-no-driver": Shape("sync_template", "alembic.ini", "postgresql"),
-    "sync-template-postgres-scheme": Shape("sync_template", "alembic.ini", "postgres"),
-    "pyproject-template-via-ini": Shape("pyproject_template", "alembic.ini", "postgresql"),
-    "pyproject-template-via-toml": Shape("pyproject_template", "pyproject.toml", "postgresql+psycopg"),
-    "version-table-in-env-py": Shape("version_table_in_code", "alembic.ini", "postgresql",
-                                     version_table="app.schema_version"),
-    "package-script-location": Shape("package_location", "alembic.ini", "postgresql", heads=("p004",)),
-    "app-configures-logging": Shape("noisy_logging", "alembic.ini", "postgresql"),
+    "async-template": Shape("async", "postgresql+asyncpg"),
+    "async-cookbook-shared-connection": Shape("async", "postgresql+asyncpg", share_the_connection),
+    "sync-template-psycopg3": Shape("generic", "postgresql+psycopg"),
+    "sync-template-psycopg2": Shape("generic", "postgresql+psycopg2"),
+    "sync-template-no-driver": Shape("generic", "postgresql"),
+    "sync-template-postgres-scheme": Shape("generic", "postgres"),
+    "pyproject-template-via-ini": Shape("pyproject", "postgresql"),
+    "pyproject-template-via-toml": Shape("pyproject", "postgresql+psycopg", config="pyproject.toml"),
+    "version-table-in-env-py": Shape("generic", "postgresql", version_table_in_code, version_table="app.schema_version"),
+    "package-script-location": Shape("generic", "postgresql", in_a_package, "package_location", heads=("p004",),
+                                     scripts="blog_migrations/migrations"),
+    "app-configures-logging": Shape("generic", "postgresql", imports_noisy_settings, "noisy_logging"),
 }
+OWN_ENGINE = Shape("generic", "postgresql", own_engine)
 
 
-def copy_project(shape: Shape, where: Path) -> Path:
-    """The shape's folder and the shared revisions, copied so that a test may write into them."""
-    shutil.copytree(SCENARIOS / shape.folder, where / shape.folder, ignore=shutil.ignore_patterns("__pycache__"))
+def make_project(shape: Shape, where: Path) -> Path:
+    """`alembic init` in `where/project`, the shape's edits and files, and the shared revisions beside it."""
+    if shape.template == "pyproject" and not PYPROJECT_ALEMBIC:
+        pytest.skip("Alembic < 1.16 has no pyproject.toml support")
+    project = where / "project"
+    project.mkdir(parents=True)
+    subprocess.run([ALEMBIC, "init", "-t", shape.template, shape.scripts], cwd=project, check=True, capture_output=True)
+    if shape.template == "pyproject":
+        replace(project / "pyproject.toml", "[tool.alembic]\n", f'[tool.alembic]\nversion_locations = ["{SHARED_VERSIONS}"]\n')
+    else:
+        # (Alembic before 1.16 writes `version_path_separator = os  # Use os.pathsep...`, which it
+        # cannot read back once version_locations is set)
+        set_options(project / "alembic.ini", version_locations=SHARED_VERSIONS, version_path_separator="os")
+    if shape.folder:
+        shutil.copytree(SCENARIOS / shape.folder, project, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    if shape.edit:
+        shape.edit(project)
     shutil.copytree(SCENARIOS / "blog_versions", where / "blog_versions", ignore=shutil.ignore_patterns("__pycache__"))
-    return where / shape.folder
+    return project
 
 
 def url_for(db: Db, scheme: str) -> str:
@@ -69,7 +156,7 @@ def url_for(db: Db, scheme: str) -> str:
 
 def bare_alembic_upgrade(shape: Shape, db: Db, where: Path) -> None:
     """`alembic upgrade head` as the project's own developers run it, with the URL in alembic.ini."""
-    project = copy_project(shape, where)
+    project = make_project(shape, where)
     ini = project / "alembic.ini"
     # (SQLAlchemy itself does not take the `postgres://` spelling some platforms hand out)
     url = url_for(db, "postgresql" if shape.scheme == "postgres" else shape.scheme)
@@ -103,9 +190,7 @@ def test_project_shape_migrates_like_bare_alembic(name: str, db: Db, reference_d
                                                   tmp_path: Path) -> None:
     """The shape migrates, re-runs as a no-op, checks, reports, goes down one and back, like bare Alembic."""
     shape = SHAPES[name]
-    if shape.folder == "pyproject_template" and not PYPROJECT_ALEMBIC:
-        pytest.skip("Alembic < 1.16 has no pyproject.toml support")
-    project = copy_project(shape, tmp_path / "job")
+    project = make_project(shape, tmp_path / "job")
     job_env = {**env, "DATABASE_URL": url_for(db, shape.scheme), "ALEMBIC_CONFIG": str(project / shape.config)}
 
     first = run_job("run", env=job_env, cwd=project)
@@ -140,7 +225,7 @@ def _job_env(env: dict[str, str], db: Db, shape: Shape, project: Path, **extra: 
 def test_alembic_records_stay_json_when_the_app_configures_logging(db: Db, env: dict[str, str], tmp_path: Path) -> None:
     """An app module's dictConfig, basicConfig, root handlers and print leave stdout one JSON object a line."""
     shape = SHAPES["app-configures-logging"]
-    project = copy_project(shape, tmp_path)
+    project = make_project(shape, tmp_path)
 
     result = run_job("run", env=_job_env(env, db, shape, project), cwd=project)
 
@@ -155,7 +240,7 @@ def test_alembic_records_stay_json_when_the_app_configures_logging(db: Db, env: 
 def test_version_table_set_in_env_py_is_the_one_read_and_written(db: Db, env: dict[str, str], tmp_path: Path) -> None:
     """With the version table named only in env.py, nothing is written to the default one."""
     shape = SHAPES["version-table-in-env-py"]
-    project = copy_project(shape, tmp_path)
+    project = make_project(shape, tmp_path)
 
     assert 0 == run_job("run", env=_job_env(env, db, shape, project), cwd=project).code
 
@@ -168,7 +253,7 @@ def test_second_start_at_head_skips_alembic_without_a_manifest(name: str, db: Db
                                                               tmp_path: Path) -> None:
     """What the first run learned (heads, version table) lets the next start at head skip SQLAlchemy and Alembic."""
     shape = SHAPES[name]
-    project = copy_project(shape, tmp_path)
+    project = make_project(shape, tmp_path)
     job_env = _job_env(env, db, shape, project, PYTHONVERBOSE="1")
     assert 0 == run_job("run", env=job_env, cwd=project).code
     assert not list(project.rglob("migrate-job-heads.json"))
@@ -183,7 +268,7 @@ def test_second_start_at_head_skips_alembic_without_a_manifest(name: str, db: Db
 def test_a_tampered_record_costs_speed_only(db: Db, env: dict[str, str], tmp_path: Path) -> None:
     """A record whose heads were edited no longer matches its seal: the next run asks Alembic and migrates."""
     shape = SHAPES["sync-template-psycopg2"]
-    project = copy_project(shape, tmp_path)
+    project = make_project(shape, tmp_path)
     job_env = _job_env(env, db, shape, project)
     assert 0 == run_job("run", env=job_env, cwd=project).code
     assert "shared" == run_job("run", env=job_env, cwd=project).event("lock.acquired")["mode"]  # answered from it
@@ -199,7 +284,7 @@ def test_a_tampered_record_costs_speed_only(db: Db, env: dict[str, str], tmp_pat
 def test_a_changed_revision_file_is_not_answered_from_the_record(db: Db, env: dict[str, str], tmp_path: Path) -> None:
     """A revision added after the record was written changes the fingerprint: it is applied."""
     shape = SHAPES["sync-template-psycopg2"]
-    project = copy_project(shape, tmp_path)
+    project = make_project(shape, tmp_path)
     job_env = _job_env(env, db, shape, project)
     assert 0 == run_job("run", env=job_env, cwd=project).code
     assert 1 == db.query("SELECT count(*) FROM migrate_job_history_heads")[0][0]
@@ -214,7 +299,7 @@ def test_a_changed_revision_file_is_not_answered_from_the_record(db: Db, env: di
 
 def test_env_py_on_another_database_is_refused(db: Db, reference_db: Db, env: dict[str, str], tmp_path: Path) -> None:
     """An env.py whose own settings point elsewhere is refused (exit 2, both named) before anything changes."""
-    project = copy_project(Shape("own_engine", "alembic.ini", "postgresql"), tmp_path)
+    project = make_project(OWN_ENGINE, tmp_path)
     job_env = {**env, "ALEMBIC_CONFIG": str(project / "alembic.ini"), "APP_DATABASE_URL": reference_db.url}
 
     result = run_job("run", env=job_env, cwd=project)
@@ -226,7 +311,7 @@ def test_env_py_on_another_database_is_refused(db: Db, reference_db: Db, env: di
 
 def test_env_py_with_its_own_engine_on_the_same_database_migrates(db: Db, env: dict[str, str], tmp_path: Path) -> None:
     """An env.py that builds its engine from the app's settings works when they name the same database."""
-    project = copy_project(Shape("own_engine", "alembic.ini", "postgresql"), tmp_path)
+    project = make_project(OWN_ENGINE, tmp_path)
     job_env = {**env, "ALEMBIC_CONFIG": str(project / "alembic.ini"), "APP_DATABASE_URL": db.url}
 
     result = run_job("run", env=job_env, cwd=project)
@@ -238,7 +323,7 @@ def test_env_py_with_its_own_engine_on_the_same_database_migrates(db: Db, env: d
 @pytest.mark.parametrize("config", ["pyproject.toml", "alembic.ini"])
 def test_pyproject_project_manifest_and_lint(config: str, env: dict[str, str], tmp_path: Path) -> None:
     """`manifest` and `lint --all` read a pyproject.toml project through either file."""
-    project = copy_project(SHAPES["pyproject-template-via-toml"], tmp_path)
+    project = make_project(SHAPES["pyproject-template-via-toml"], tmp_path)
     job_env = {**env, "ALEMBIC_CONFIG": str(project / config)}
 
     written = run_job("manifest", env=job_env, cwd=project)
@@ -265,7 +350,9 @@ def test_a_url_that_will_not_work_exits_2_naming_the_drivers_that_do(url: str, n
 @pytest.mark.skipif(PYPROJECT_ALEMBIC, reason="this Alembic reads pyproject.toml")
 def test_pyproject_project_on_an_older_alembic_exits_2_saying_why(env: dict[str, str], tmp_path: Path) -> None:
     """With an Alembic too old for [tool.alembic], the run stops at once and names the version needed."""
-    project = copy_project(SHAPES["pyproject-template-via-toml"], tmp_path)
+    project = make_project(SHAPES["sync-template-psycopg2"], tmp_path)  # (no pyproject template before 1.16)
+    (project / "alembic.ini").unlink()
+    (project / "pyproject.toml").write_text('[tool.alembic]\nscript_location = "%(here)s/migrations"\n')
 
     result = run_job("run", env={**env, "ALEMBIC_CONFIG": str(project / "pyproject.toml")}, cwd=project)
 
@@ -277,9 +364,7 @@ def test_manifest_gives_the_fast_path_for_every_script_location(name: str, db: D
                                                                 tmp_path: Path) -> None:
     """Package-style, pyproject and %(here)s locations (several at once) get a manifest the next start uses."""
     shape = SHAPES[name]
-    if shape.folder == "pyproject_template" and not PYPROJECT_ALEMBIC:
-        pytest.skip("Alembic < 1.16 has no pyproject.toml support")
-    project = copy_project(shape, tmp_path)
+    project = make_project(shape, tmp_path)
     # no record in the database: only the manifest can make the start fast
     job_env = _job_env(env, db, shape, project, MIGRATE_HISTORY_TABLE="off", PYTHONVERBOSE="1")
     assert 0 == run_job("run", env=job_env, cwd=project).code
@@ -295,7 +380,7 @@ def test_check_wait_passes_once_the_version_table_in_env_py_is_at_head(db: Db, e
                                                                        tmp_path: Path) -> None:
     """An app pod's `check --wait` reads the table env.py configures, so it passes after the run."""
     shape = SHAPES["version-table-in-env-py"]
-    project = copy_project(shape, tmp_path)
+    project = make_project(shape, tmp_path)
     job_env = _job_env(env, db, shape, project, MIGRATE_WAIT_TIMEOUT="1")
     assert 8 == run_job("check", "--wait", env=job_env, cwd=project).code
     assert 0 == run_job("run", env=job_env, cwd=project).code
