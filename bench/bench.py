@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -47,7 +48,7 @@ def image_venv() -> None:
 def main() -> int:
     print(f"migrate-job benchmark: {RUNS} runs per side, {os.cpu_count()} cores, {sys.version.split()[0]}")
     image_venv()
-    rows = [*at_head(), revisions_flat(), *replicas(), handoff(), backup()]
+    rows = [*at_head(), revisions_flat(), long_history(), *replicas(), handoff(), backup()]
     print()
     print(f"{'work':58} {'measured':>28} {'target':>14}")
     for name, measured, target in rows:
@@ -198,6 +199,44 @@ def revisions_flat() -> tuple[str, str, str]:
         admin(f'DROP DATABASE "{setups[count][3]}" WITH (FORCE)')
     return ("run at head, 500 revisions vs 5", f"{med(many)/med(five):.2f}x (alembic {med(alembic500)/med(alembic5):.2f}x)",
             "<=1.1x")
+
+
+def long_history(count: int = 300, runs: int = 5) -> tuple[str, str, str]:
+    """Empty → head on a `count`-revision history with merges, the stock `alembic init` env.py:
+    migrate-job run (backup included) vs alembic upgrade head, each on a fresh database."""
+    project = WORK / "long"
+    project.mkdir()
+    subprocess.run([str(BIN / "alembic"), "init", "-t", "generic", "migrations"], cwd=project, check=True,
+                   capture_output=True)
+    versions = project / "migrations" / "versions"
+    previous: object = None
+    for i in range(1, count + 1):
+        rev = f"h{i:04d}"
+        if i % 50 == 0:  # a branch of two revisions off the previous one, merged here
+            side = f"s{i:04d}"
+            (versions / f"{side}.py").write_text(_revision(side, previous, f"CREATE TABLE {side} (id int)"))
+            previous = (previous, side)
+        (versions / f"{rev}.py").write_text(_revision(rev, previous, f"CREATE TABLE {rev} (id int)"))
+        previous = rev
+    ini = project / "alembic.ini"
+    job, bare = [], []
+    for _ in range(runs):
+        for side, samples in (("job", job), ("bare", bare)):
+            name = new_database()
+            env = env_for(name, ini)
+            url = url_of(name).replace("postgresql://", "postgresql+psycopg2://")
+            ini.write_text(re.sub(r"(?m)^sqlalchemy\.url = .*$", f"sqlalchemy.url = {url}", ini.read_text()))
+            argv = [str(BIN / "migrate-job"), "run"] if side == "job" else [str(BIN / "alembic"), "upgrade", "head"]
+            samples.append(timed(argv, env, project))
+            admin(f'DROP DATABASE "{name}" WITH (FORCE)')
+    print(f"{count} revisions, empty to head: migrate-job {med(job):.2f} s, alembic {med(bare):.2f} s ({runs} runs each)")
+    return (f"empty → head, {count} revisions with merges", f"{med(job)/med(bare):.2f}x", "<=1.3x")
+
+
+def _revision(rev: str, down: object, sql: str) -> str:
+    return (f'"""{rev}"""\nfrom alembic import op\n\nrevision = "{rev}"\ndown_revision = {down!r}\n'
+            f"branch_labels = None\ndepends_on = None\n\n\ndef upgrade():\n    op.execute(\"{sql}\")\n\n\n"
+            "def downgrade():\n    pass\n")
 
 
 def replicas(rounds: int = 7) -> list[tuple[str, str, str]]:

@@ -43,6 +43,29 @@ class Backup(NamedTuple):
     server_version: int
 
 
+# Anything of the database's own: relations (tables, views, sequences…), functions, types other
+# than tables' row types, extensions beyond the built-in plpgsql. Relations named with the job's
+# own prefix (its history tables, their sequences and indexes) do not count.
+NOTHING_TO_BACK_UP_SQL = """
+SELECT NOT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                   WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%%'
+                     AND (%(own)s::text IS NULL OR c.relname NOT LIKE %(own)s || '%%'))
+   AND NOT EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                   WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%%')
+   AND NOT EXISTS (SELECT 1 FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+                   WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%%'
+                     AND t.typtype IN ('b', 'd', 'e', 'r', 'm') AND t.typelem = 0)
+   AND NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname <> 'plpgsql')
+"""
+
+
+def nothing_to_back_up(conn: Any, own_prefix: str | None) -> bool:
+    """Whether the database holds nothing of its own (a first deploy): its backup could restore nothing."""
+    with conn.cursor() as cur:
+        cur.execute(NOTHING_TO_BACK_UP_SQL, {"own": own_prefix})
+        return bool(cur.fetchone()[0])
+
+
 def server_too_new(stderr: str, server_version_num: int) -> BackupFailed | None:
     """pg_dump refuses a server of a newer major version than its own ("aborting because of server
     version mismatch", right after it connects): say what to install instead."""

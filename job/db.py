@@ -93,15 +93,47 @@ def autocommit(conn: Any) -> Iterator[None]:
             conn.autocommit = False
 
 
-def driver_error(error: BaseException | None) -> psycopg2.Error | None:
-    """The psycopg2 error behind `error`, which SQLAlchemy and Alembic may have wrapped."""
-    while error is not None:
-        if isinstance(error, psycopg2.Error):
-            return error
+# SQLSTATEs the job tells apart, whichever driver raised them
+QUERY_CANCELED = "57014"
+LOCK_NOT_AVAILABLE = "55P03"
+
+
+def _chain(error: BaseException | None) -> Iterator[BaseException]:
+    """`error` and what it wraps: SQLAlchemy's `orig`, then causes and contexts."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
         error = getattr(error, "orig", None) or error.__cause__ or error.__context__
+
+
+def sqlstate(error: BaseException | None) -> str | None:
+    """The SQLSTATE of the database error behind `error`: psycopg2's `pgcode`, psycopg 3's and
+    asyncpg's `sqlstate` (SQLAlchemy's asyncpg adapter keeps it on the error it raises)."""
+    for link in _chain(error):
+        for attribute in ("pgcode", "sqlstate"):
+            code = getattr(link, attribute, None)
+            if isinstance(code, str) and len(code) == 5:
+                return code
     return None
+
+
+def root_error(error: BaseException) -> BaseException:
+    """The driver's own error behind SQLAlchemy's wrapper, for messages."""
+    orig = getattr(error, "orig", None)
+    return orig if isinstance(orig, BaseException) else error
 
 
 def is_cancel(error: BaseException) -> bool:
     """Whether `error` is (or wraps) a cancelled statement."""
-    return isinstance(driver_error(error), psycopg2.errors.QueryCanceled)
+    return sqlstate(error) == QUERY_CANCELED
+
+
+def is_disconnect(error: BaseException) -> bool:
+    """Whether `error` means the connection is gone (the server rolled back what it held)."""
+    for link in _chain(error):
+        if getattr(link, "connection_invalidated", False):
+            return True
+        if isinstance(link, psycopg2.OperationalError) and link.pgcode is None:
+            return True
+    return False

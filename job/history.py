@@ -39,6 +39,15 @@ CREATE TABLE IF NOT EXISTS {table} (
 """
 
 
+REVISION_ROW = (
+    "INSERT INTO {table} (run_id, kind, revision, direction, started_at, finished_at, seconds, outcome, "
+    "error, host) VALUES (%(run_id)s, 'revision', %(revision)s, %(direction)s, CAST(%(started)s AS timestamptz), "
+    "CAST(%(started)s AS timestamptz) + make_interval(secs => CAST(%(seconds)s AS float8)), "
+    "CAST(%(seconds)s AS float8), %(outcome)s, %(error)s, %(host)s)"
+)
+# (the casts: asyncpg has the server infer each parameter's type, and `$1 + interval` is ambiguous)
+
+
 class History:
     """Writes to the history table on `conn`; a table name of None turns it off."""
 
@@ -97,14 +106,31 @@ class History:
 
     def revision(self, revision: str, direction: str, started: dt.datetime, seconds: float, outcome: str,
                  error: str | None = None) -> None:
-        """Record one revision applied (or failed, or interrupted)."""
-        self._write(
-            "INSERT INTO {table} (run_id, kind, revision, direction, started_at, finished_at, seconds, outcome, "
-            "error, host) VALUES (%(run_id)s, 'revision', %(revision)s, %(direction)s, %(started)s, "
-            "%(started)s + make_interval(secs => %(seconds)s), %(seconds)s, %(outcome)s, %(error)s, %(host)s)",
-            {"run_id": self.run_id, "revision": revision, "direction": direction, "started": started,
-             "seconds": seconds, "outcome": outcome, "error": error and redactor.text(error), "host": self.host},
-        )
+        """Record one revision applied (or failed, or interrupted), in a transaction of its own."""
+        self._write(REVISION_ROW, self._revision_params(revision, direction, started, seconds, outcome, error))
+
+    def revision_within(self, connection: Any, revision: str, direction: str, started: dt.datetime,
+                        seconds: float) -> bool:
+        """Record a revision applied inside its own transaction, on env.py's connection (any driver),
+        so that the row commits with the version row, at no commit of its own. Under a savepoint:
+        history never fails a migration. False when it could not be written there."""
+        if self.table is None or not self._created:
+            return False
+        from sqlalchemy import text
+
+        statement = text(REVISION_ROW.replace("%(", ":").replace(")s", "").format(table=self.table.as_string(self.conn)))
+        try:
+            with connection.begin_nested():
+                connection.execute(statement, self._revision_params(revision, direction, started, seconds, "applied"))
+        except Exception as e:  # any driver's error: the savepoint is rolled back, the revision goes on
+            log.warning("history.unavailable", error=str(e).strip().splitlines()[0])
+            return False
+        return True
+
+    def _revision_params(self, revision: str, direction: str, started: dt.datetime, seconds: float, outcome: str,
+                         error: str | None = None) -> dict[str, Any]:
+        return {"run_id": self.run_id, "revision": revision, "direction": direction, "started": started,
+                "seconds": seconds, "outcome": outcome, "error": error and redactor.text(error), "host": self.host}
 
 
 def recent(conn: Any, table: str | None, limit: int = 10) -> list[dict[str, Any]]:

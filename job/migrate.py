@@ -2,9 +2,10 @@
 
 Alembic hands the work to the project's env.py. Ours takes the shared connection from
 `config.attributes["connection"]` (the Alembic cookbook's "sharing a connection" recipe); a stock
-`alembic init` env.py ignores it and builds its own engine from `sqlalchemy.url`, which we fill in.
-Either way each revision runs in its own `run_env()`, so each commits on its own, whatever
-`transaction_per_migration` the env.py passes.
+`alembic init` env.py ignores it and builds its own engine from `sqlalchemy.url`, which we fill in
+with the driver the user named. Either way env.py runs once for the pending revisions, is made to
+give each a transaction of its own, and hands them out one at a time (`Stepper`), so the job logs
+and records each as it commits.
 """
 
 from __future__ import annotations
@@ -15,14 +16,13 @@ import inspect
 import io
 import logging.config
 import os
+import random
 import sys
 import time
 from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
-import psycopg2
-import psycopg2.errors
 import alembic
-import tenacity
+import psycopg2
 from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
 from alembic.script import ScriptDirectory
@@ -35,6 +35,7 @@ from job import db, logs
 from job.alembic_files import AlembicFiles
 from job.config import Database
 from job.errors import ConfigError, Interrupted, MigrationFailed, RevisionError
+from job.history import History
 from job.logs import log
 from job.plan import Step, VersionTable
 from job.wait import one_line
@@ -169,11 +170,13 @@ class Project:
             hint = "to go back, use `migrate-job downgrade`" if direction == "upgrade" else "to go forward, use run"
             raise ConfigError(f"cannot {direction} from {', '.join(current) or 'base'} to {target!r}: {e} ({hint})") from None
 
-    def run_env(self, fn: Callable[[Any, Any], list[Any]], as_sql: bool = False, **kw: Any) -> None:
-        """Run the project's env.py once with `fn` choosing the steps; env.py never reconfigures logging."""
+    def run_env(self, fn: Callable[[Any, Any], Any], as_sql: bool = False,
+                on_version_apply: Callable[..., None] | None = None, **kw: Any) -> None:
+        """Run the project's env.py once with `fn` choosing the steps (and `on_version_apply` hearing of
+        each version row written); env.py never reconfigures logging."""
         if not as_sql:
             self.connection()
-        with owned_logging(), EnvironmentContext(self.config, self.script, fn=fn, as_sql=as_sql, **kw):
+        with owned_logging(), _environment(self.config, self.script, on_version_apply, fn=fn, as_sql=as_sql, **kw):
             self.script.run_env()
 
     def offline_sql(self, current: tuple[str, ...], target: str) -> str:
@@ -244,6 +247,25 @@ class Project:
             if not self.raw_connection.closed:
                 self.raw_connection.rollback()
                 self.raw_connection.autocommit = True
+
+
+def _environment(config: Config, script: ScriptDirectory, on_version_apply: Callable[..., None] | None,
+                 **kw: Any) -> EnvironmentContext:
+    """The context env.py configures: whatever it passes, every revision gets a transaction of its
+    own (`transaction_per_migration`), so that a failure leaves the database at the last revision
+    that committed and the job can report each one (see `Stepper`). (Wrapped on the instance: the
+    `alembic.context` module proxy is set up for EnvironmentContext itself, not for subclasses.)"""
+    environment = EnvironmentContext(config, script, **kw)
+    configure = environment.configure
+
+    def per_migration(*args: Any, **options: Any) -> None:
+        callbacks = list(options.get("on_version_apply") or ())
+        if on_version_apply is not None:
+            callbacks.append(on_version_apply)
+        configure(*args, **{**options, "transaction_per_migration": True, "on_version_apply": callbacks})
+
+    environment.configure = per_migration  # type: ignore[method-assign]
+    return environment
 
 
 def _config(files: AlembicFiles) -> Config:
@@ -334,78 +356,139 @@ def apply(
     target: str,
     direction: str = "upgrade",
     lock_retries: int = 0,
-    on_step: Callable[[Step, dt.datetime, float, str, str | None], None] | None = None,
+    history: History | None = None,
 ) -> None:
-    """Apply `steps` (upgrade or downgrade) one per transaction, logging each; raise MigrationFailed
-    naming the one that failed. `on_step(step, started, seconds, outcome, error)` hears of each.
+    """Apply `steps` (upgrade or downgrade) one per transaction, logging each and recording it in
+    `history`; raise MigrationFailed naming the one that failed.
 
-    A revision whose DDL gave up waiting for a table lock (`lock_timeout`) is retried with backoff:
+    env.py runs once for all of them (a long history would otherwise pay for env.py, its engine and
+    its first connection once per revision), and is handed them one at a time (`Stepper`). A
+    revision whose DDL gave up waiting for a table lock (`lock_timeout`) is retried with backoff:
     the application's transactions go first, and the migration tries again when they have moved on.
     """
-    record = on_step or (lambda *args: None)
-    for step in steps:
-        log.info("migration.start", revision=step.revision, description=step.description, direction=direction)
-        started, started_at = time.monotonic(), dt.datetime.now(dt.timezone.utc)
-        reached: list[bool] = []
-
-        def one_step(rev: Any, _context: Any, expected: str = step.revision) -> list[Any]:
-            reached.append(True)
-            steps_now = project._revs(direction, target, rev)[:1]
-            if not steps_now or steps_now[0].revision.revision != expected:
-                raise MigrationFailed(f"the database moved while we held the lock: expected {expected} next")
-            return steps_now
-
-        def before_retry(state: tenacity.RetryCallState, step: Step = step) -> None:
-            log.warning(
-                "migration.retry",
-                revision=step.revision,
-                attempt=state.attempt_number,
-                retries=lock_retries,
-                next_in=round(state.upcoming_sleep, 3),
-                error=one_line(db.driver_error(state.outcome.exception())),
-                blockers=project.long_transactions(),
-            )
-
-        retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception(_is_lock_timeout),
-            stop=tenacity.stop_after_attempt(lock_retries + 1),
-            wait=tenacity.wait_random_exponential(multiplier=0.5, max=10),
-            before_sleep=before_retry,
-            reraise=True,
-        )
+    pending = list(steps)
+    retried: dict[str, int] = {}
+    while pending:
+        stepper = Stepper(project, pending, target, direction, history)
         try:
-            retrying(project.run_env, one_step)
+            project.run_env(stepper, on_version_apply=stepper.applied)
+        except Interrupted:
+            stepper.failed("interrupted", None)
+            raise
         except Exception as e:
-            if not reached and db.received_signal() is None and not isinstance(e, MigrationFailed):
+            step = stepper.running
+            if step is None and not stepper.done and db.received_signal() is None and not isinstance(
+                    e, (MigrationFailed, ConfigError)):
                 raise ConfigError(
-                    f"the Alembic environment (env.py) failed before revision {step.revision} could run: "
+                    f"the Alembic environment (env.py) failed before revision {pending[0].revision} could run: "
                     f"{type(e).__name__}: {one_line(e)}{_async_hint(e)}"
                 ) from None
-            failure = e if isinstance(e, MigrationFailed) else _failure(step, e, project)
-            record(step, started_at, time.monotonic() - started,
-                   "interrupted" if isinstance(failure, Interrupted) else "failed", str(failure))
+            if isinstance(e, ConfigError):
+                raise
+            if step is not None and _is_lock_timeout(e) and retried.get(step.revision, 0) < lock_retries:
+                retried[step.revision] = retried.get(step.revision, 0) + 1
+                _back_off(project, step, retried[step.revision], lock_retries, e)
+                pending = pending[len(stepper.done):]
+                continue
+            failure = e if isinstance(e, MigrationFailed) else _failure(step or pending[0], e, project)
+            stepper.failed("interrupted" if isinstance(failure, Interrupted) else "failed", str(failure))
             raise failure from None
-        except Interrupted:
-            record(step, started_at, time.monotonic() - started, "interrupted", None)
-            raise
+        stepper.committed_by_env_py()
+        if not stepper.done:
+            raise MigrationFailed(f"env.py ran no migration (revision {pending[0].revision} is still pending): "
+                                  "does it call context.run_migrations()?", revision=pending[0].revision)
+        pending = pending[len(stepper.done):]
+
+
+class Stepper:
+    """The `fn` env.py's MigrationContext pulls revisions from: one at a time, so that the job
+    regains control between them. Alembic asks for the next revision only once the previous one's
+    transaction has ended (`MigrationContext.run_migrations`); the job makes every env.py give each
+    revision a transaction of its own (`transaction_per_migration`, see `_Environment`), and checks
+    that it did commit before reporting it done. An env.py that holds one transaction of its own
+    around all of them gets one revision per run instead, committed when env.py ends it."""
+
+    def __init__(self, project: Project, pending: list[Step], target: str, direction: str,
+                 history: History | None) -> None:
+        self.project, self.pending, self.target, self.direction, self.history = project, pending, target, direction, history
+        self.done: list[Step] = []
+        self.running: Step | None = None
+        self._started = (0.0, dt.datetime.now(dt.timezone.utc))
+        self._recorded = False
+
+    def __call__(self, rev: Any, context: Any) -> Iterator[Any]:
+        planned = self.project._revs(self.direction, self.target, rev)
+        if [s.revision.revision for s in planned[:1]] != [self.pending[0].revision]:
+            raise MigrationFailed(
+                f"the database moved while we held the lock: expected {self.pending[0].revision} next, found "
+                f"{', '.join(rev) or 'base'} (did env.py connect to another database, or a revision commit on its own?)",
+                revision=self.pending[0].revision)
+        return self._one_at_a_time(planned, context)
+
+    def _one_at_a_time(self, planned: list[Any], context: Any) -> Iterator[Any]:
+        for script_step, step in zip(planned, self.pending):
+            log.info("migration.start", revision=step.revision, description=step.description, direction=self.direction)
+            self.running, self._started = step, (time.monotonic(), dt.datetime.now(dt.timezone.utc))
+            self._recorded = False
+            yield script_step
+            if context.connection is not None and context.connection.in_transaction():
+                return  # env.py's own transaction: it commits when env.py ends it
+            self._committed()
+
+    def committed_by_env_py(self) -> None:
+        """env.py returned: the revision its own transaction held is committed."""
+        if self.running is not None:
+            self._committed()
+
+    def applied(self, ctx: Any, **_: Any) -> None:
+        """Alembic's on_version_apply: the running revision's version row is written, its transaction
+        not yet committed. Its history row goes into that same transaction."""
+        if self.history is not None and self.running is not None:
+            started, started_at = self._started
+            self._recorded = self.history.revision_within(ctx.connection, self.running.revision, self.direction,
+                                                          started_at, time.monotonic() - started)
+
+    def _committed(self) -> None:
+        step, (started, started_at) = self.running, self._started
         seconds = time.monotonic() - started
-        record(step, started_at, seconds, "applied", None)
-        log.info("migration.done", revision=step.revision, description=step.description, direction=direction,
+        if self.history is not None and not self._recorded:
+            self.history.revision(step.revision, self.direction, started_at, seconds, "applied")
+        log.info("migration.done", revision=step.revision, description=step.description, direction=self.direction,
                  seconds=round(seconds, 3))
+        self.done.append(step)
+        self.running = None
+
+    def failed(self, outcome: str, error: str | None) -> None:
+        """The running revision rolled back (or was never started): record how."""
+        if self.running is not None and self.history is not None:
+            started, started_at = self._started
+            self.history.revision(self.running.revision, self.direction, started_at, time.monotonic() - started,
+                                  outcome, error)
+
+
+def _back_off(project: Project, step: Step, attempt: int, retries: int, error: BaseException) -> None:
+    """Wait before trying a revision that timed out on a table lock again: exponential from 0.5 s,
+    capped at 10 s, full jitter, so that the application's transactions go first."""
+    delay = random.uniform(0, min(10.0, 0.5 * 2 ** attempt))
+    log.warning("migration.retry", revision=step.revision, attempt=attempt, retries=retries, next_in=round(delay, 3),
+                error=one_line(db.root_error(error)), blockers=project.long_transactions())
+    time.sleep(delay)
 
 
 def _is_lock_timeout(error: BaseException) -> bool:
-    return db.received_signal() is None and isinstance(db.driver_error(error), psycopg2.errors.LockNotAvailable)
+    return db.received_signal() is None and db.sqlstate(error) == db.LOCK_NOT_AVAILABLE
 
 
 def _failure(step: Step, error: Exception, project: Project) -> BaseException:
-    """Tell a signal's cancel from a revision's own failure, and say what state the database is in."""
+    """Tell a signal's cancel from a revision's own failure, and say what state the database is in
+    (for every driver: the job's psycopg2 session, or env.py's psycopg 3 or asyncpg)."""
     signum = db.received_signal()
-    if signum is not None and db.is_cancel(error):
+    code = db.sqlstate(error)
+    if signum is not None and (code == db.QUERY_CANCELED or not isinstance(error, Exception) or db.is_disconnect(error)):
         return Interrupted(signum)
-    driver = db.driver_error(error)
-    message = one_line(driver or error)
-    if isinstance(driver, psycopg2.errors.LockNotAvailable):
+    cause = db.root_error(error)
+    message = one_line(cause)
+    if code == db.LOCK_NOT_AVAILABLE:
         blockers = ", ".join(
             f"pid {b['pid']} ({b['application_name'] or 'no application_name'}, {b['state']} since {b['xact_start']})"
             for b in project.long_transactions()
@@ -416,7 +499,7 @@ def _failure(step: Step, error: Exception, project: Project) -> BaseException:
             f"Blocking: {blockers or 'no transaction is open any more'}",
             revision=step.revision,
         )
-    if isinstance(driver, psycopg2.OperationalError) and getattr(driver, "pgcode", None) is None:
+    if db.is_disconnect(error):
         return MigrationFailed(
             f"revision {step.revision} ({step.description}) lost its connection: {message}; "
             "the server rolled the revision back, run the job again",
@@ -424,6 +507,6 @@ def _failure(step: Step, error: Exception, project: Project) -> BaseException:
         )
     return MigrationFailed(
         f"revision {step.revision} ({step.description}) failed and was rolled back: "
-        f"{type(driver or error).__name__}: {message}",
+        f"{type(cause).__name__}: {message}",
         revision=step.revision,
     )

@@ -61,7 +61,10 @@ def migrate_exclusively(settings: Settings, conn: Any, scripts: manifest.Scripts
     the_plan = plan.make(project, plan.current_revisions(conn, version_table), settings.target)
     remember(settings, conn, scripts, known, manifest.Known(the_plan.heads, version_table))
     log.info("plan", **the_plan.as_dict())
-    backing_up = settings.backup == "always" or (settings.backup == "auto" and the_plan.pending)
+    backing_up = settings.backup == "always" or (settings.backup == "auto" and bool(the_plan.pending))
+    if backing_up and settings.backup == "auto" and not the_plan.current and nothing_to_back_up(settings, conn):
+        log.info("backup.skipped", reason="the database holds nothing yet (a first deploy): nothing to restore")
+        backing_up = False
     if not the_plan.pending and not backing_up:
         return "up-to-date"
     with history(settings, conn).run("run") as record:
@@ -175,6 +178,12 @@ def set_session_timeouts(conn: Any, settings: Settings) -> None:
                     [part for item in options.items() for part in item])
 
 
+def nothing_to_back_up(settings: Settings, conn: Any) -> bool:
+    from job import backup
+
+    return backup.nothing_to_back_up(conn, settings.history_table)
+
+
 def take_backup(settings: Settings, conn: Any, from_revision: tuple[str, ...], to_revision: tuple[str, ...]) -> backup.Backup:
     """A verified backup of this database, labelled with the revisions it goes from and to."""
     from job import backup
@@ -200,11 +209,7 @@ def apply(settings: Settings, conn: Any, project: migrate.Project, steps: list[p
     from job import migrate
 
     set_session_timeouts(conn, settings)
-    migrate.apply(
-        project, steps, target, direction, settings.lock_retries,
-        on_step=lambda step, started, seconds, outcome, error: record.revision(
-            step.revision, direction, started, seconds, outcome, error),
-    )
+    migrate.apply(project, steps, target, direction, settings.lock_retries, record)
 
 
 def verify(settings: Settings, conn: Any, project: migrate.Project, version_table: plan.VersionTable,

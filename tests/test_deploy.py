@@ -328,6 +328,7 @@ def _run_pods(argv: list[str], env: dict[str, str], copies: int) -> list[Result]
 def test_hook_job_pods_migrate_once_and_the_app_pods_then_start(db: Db, tmp_path: Path) -> None:
     """Four copies of the rendered Job's container run together: all exit 0, the migrations run once;
     then the app's wait-for-migrations init container returns 0."""
+    db.holds_data()
     docs = render({"database": {"existingSecret": "blog-db"}})
     secrets = {"blog-db": {"DATABASE_URL": db.url}}
     backups = tmp_path / "backups"

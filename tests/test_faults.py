@@ -207,6 +207,7 @@ def test_full_disk_during_backup_exits_5_and_keeps_older_backups(db: Db, env: di
 
 def test_backup_dir_that_is_not_writable_exits_5(db: Db, env: dict[str, str]) -> None:
     """A backup directory the job may not write to exits 5 with nothing migrated."""
+    db.holds_data()
     locked_dir = Path(tempfile.mkdtemp(prefix="migrate-job-ro-"))
     # root ignores permissions; an immutable directory stops root too
     lock_cmd, unlock_cmd = (["chattr", "+i"], ["chattr", "-i"]) if os.geteuid() == 0 else (["chmod", "555"], ["chmod", "755"])
@@ -225,6 +226,7 @@ def test_backup_dir_that_is_not_writable_exits_5(db: Db, env: dict[str, str]) ->
 
 def test_missing_backup_dir_exits_5(db: Db, env: dict[str, str], tmp_path: Path) -> None:
     """A backup directory that does not exist exits 5 and says how to fix it."""
+    db.holds_data()
     result = run_job("run", env={**env, "MIGRATE_BACKUP_DIR": str(tmp_path / "nope")})
 
     assert 5 == result.code

@@ -46,6 +46,7 @@ def test_status_names_the_lock_holder(db: Db, env: dict[str, str]) -> None:
 
 def test_status_shows_backups_and_history(db: Db, env: dict[str, str]) -> None:
     """After a run, status lists its backup and its history row, and prints a readable text form."""
+    db.holds_data()
     path = run_job("run", env=env).event("backup.done")["path"]
 
     report = json.loads(run_job("status", "--format", "json", env=env).stdout)
@@ -229,6 +230,7 @@ def test_downgrade_without_yes_is_refused(db: Db, env: dict[str, str]) -> None:
 
 def test_history_records_a_successful_run_and_each_revision(db: Db, env: dict[str, str]) -> None:
     """A run that migrates leaves one run row and one row per revision, and an at-head run leaves none."""
+    db.holds_data()
     result = run_job("run", env=env)
     run_job("run", env=env)
 

@@ -27,8 +27,9 @@ def test_run_migrates_an_empty_database_to_head(db: Db, env: dict[str, str]) -> 
     assert "migrated" == result.event("run.done")["outcome"]
 
 
-def test_run_logs_the_contract_events_in_order(env: dict[str, str]) -> None:
+def test_run_logs_the_contract_events_in_order(db: Db, env: dict[str, str]) -> None:
     """The events come in the contract's order, one migration.start/done pair per revision."""
+    db.holds_data()
     result = run_job("run", env=env)
 
     core = [line["event"] for line in result.lines if "logger" not in line]  # the job's own events
@@ -97,6 +98,7 @@ def test_a_run_that_fails_before_the_lock_writes_its_held_lines(env: dict[str, s
 
 def test_backup_is_private_verified_and_described_by_its_sidecar(db: Db, env: dict[str, str], backup_dir: Path) -> None:
     """The backup is 0600, its sidecar's sha256 and size match the file, and it is named by time."""
+    db.holds_data()
     result = run_job("run", env=env)
 
     done = result.event("backup.done")
@@ -159,7 +161,25 @@ def test_backup_always_backs_up_at_head(env: dict[str, str], backup_dir: Path) -
     result = run_job("run", env={**env, "MIGRATE_BACKUP": "always"})
 
     assert 1 == len(result.events("backup.done"))
-    assert 2 == len(list(backup_dir.glob("*.dump")))
+    assert 1 == len(list(backup_dir.glob("*.dump")))
+
+
+def test_a_first_deploy_on_an_empty_database_is_not_backed_up(db: Db, env: dict[str, str], backup_dir: Path) -> None:
+    """With `auto`, a database that holds nothing yet is migrated without a backup, and the log says why."""
+    result = run_job("run", env=env)
+
+    assert (0, [], []) == (result.code, result.events("backup.done"), list(backup_dir.iterdir()))
+    assert "nothing to restore" in result.event("backup.skipped")["reason"]
+
+
+def test_a_database_holding_anything_is_backed_up_before_its_first_migration(db: Db, env: dict[str, str],
+                                                                           backup_dir: Path) -> None:
+    """A type of its own is enough for `auto` to back the database up before migrating it."""
+    db.query("CREATE TYPE mood AS ENUM ('happy')")
+
+    result = run_job("run", env=env)
+
+    assert (0, 1, []) == (result.code, len(result.events("backup.done")), result.events("backup.skipped"))
 
 
 def test_backup_off_takes_none(env: dict[str, str], backup_dir: Path) -> None:
@@ -282,6 +302,7 @@ def test_database_url_file_is_read(db: Db, env: dict[str, str], tmp_path: Path) 
 
 def test_libpq_environment_is_enough(db: Db, env: dict[str, str]) -> None:
     """Without DATABASE_URL, libpq's PGHOST/PGPORT/PGUSER/PGDATABASE are used, backups included."""
+    db.holds_data()
     pg_env = {k: v for k, v in env.items() if k != "DATABASE_URL"}
     pg_env.update(PGHOST="127.0.0.1", PGPORT="5432", PGUSER="postgres", PGDATABASE=db.name)
 

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.faults
 
 def test_eight_replicas_at_once_migrate_once(db: Db, env: dict[str, str]) -> None:
     """Eight jobs started together on a slow migration all exit 0, and the migration ran once."""
+    db.holds_data()
     slow = {**env, "ALEMBIC_CONFIG": scenario("slow"), "SCENARIO_SLEEP": "2"}
     procs = [start_job("run", env=slow) for _ in range(8)]
     results = [finish(p) for p in procs]
@@ -262,6 +263,7 @@ def test_bad_flag_exits_2_as_json(env: dict[str, str]) -> None:
 
 def test_pg_dump_missing_exits_5_and_migrates_nothing(db: Db, env: dict[str, str], tmp_path: Path) -> None:
     """Without pg_dump on PATH the backup fails: exit 5, nothing migrated, no file left."""
+    db.holds_data()
     bare_path = tmp_path / "bin"
     bare_path.mkdir()
     result = run_job("run", env={**env, "PATH": str(bare_path)})
