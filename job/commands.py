@@ -46,7 +46,7 @@ def check(settings: Settings, block: bool = False) -> plan.Plan:
                 known.heads, plan.current_revisions(conn, known.version_table), settings.target)
             if the_plan is None:
                 project = project or stack.enter_context(project_of(settings, conn))
-                version_table = version_table or project.locate(conn).version_table
+                version_table = version_table or project.locate()
                 the_plan = plan.make(project, plan.current_revisions(conn, version_table), settings.target)
             if not block or not the_plan.pending or time.monotonic() >= deadline:
                 return the_plan

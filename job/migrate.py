@@ -19,7 +19,7 @@ import os
 import random
 import sys
 import time
-from typing import Any, Callable, Iterator, Mapping, NamedTuple
+from typing import Any, Callable, Iterator, Mapping
 
 import alembic
 import psycopg2
@@ -49,14 +49,6 @@ ORDER BY xact_start LIMIT 5
 """
 
 
-class Located(NamedTuple):
-    """What env.py itself reads: its version table, the revisions in it, and the database it reached."""
-
-    version_table: VersionTable
-    current: tuple[str, ...]
-    database: str
-
-
 class Project:
     """An Alembic project: its config and scripts, loaded once, and the connection env.py should use.
 
@@ -75,9 +67,7 @@ class Project:
         else:  # offline: env.py only needs a dialect
             self.config.set_main_option("sqlalchemy.url", "postgresql+psycopg2://")
         self.config.attributes["configure_logger"] = False
-        _session_settings.clear()
-        _session_settings.update(session or {})
-        _hook_every_engine()
+        sessions.start(session or {}, _identity(raw_connection) if raw_connection is not None else None)
         try:
             with owned_logging():
                 self.script = ScriptDirectory.from_config(self.config)
@@ -99,24 +89,15 @@ class Project:
             self.config.attributes["connection"] = self._connection
         return self._connection
 
-    def locate(self, conn: Any) -> Located:
-        """Ask env.py where its version table is, as `alembic current` does (changing nothing), and
-        check that it migrates the database `conn` (the job's own, locked session) is connected to.
+    def locate(self) -> VersionTable:
+        """Ask env.py where its version table is, as `alembic current` does (changing nothing).
 
-        env.py may set `version_table` / `version_table_schema` in code, and may build its own
-        engine from its own settings: only running it tells."""
-        seen: list[Located] = []
+        env.py may set `version_table` / `version_table_schema` in code: only running it tells.
+        (Every connection it opens meanwhile is checked to be on the locked database: `_Sessions`.)"""
+        seen: list[VersionTable] = []
 
         def found(rev: Any, context: Any) -> list[Any]:
-            identity = context.connection.exec_driver_sql(IDENTITY_SQL).one()
-            seen.append(Located(VersionTable(context.version_table, context.version_table_schema),
-                                tuple(sorted(context.get_current_heads())), _describe(*identity)))
-            if identity != _identity(conn):
-                raise ConfigError(
-                    f"env.py migrates {_describe(*identity)}, but DATABASE_URL is {_describe(*_identity(conn))}: "
-                    "the job locks and backs up DATABASE_URL's database, so env.py must use it "
-                    "(take the URL from `config.get_main_option('sqlalchemy.url')`)"
-                )
+            seen.append(VersionTable(context.version_table, context.version_table_schema))
             return []
 
         try:
@@ -239,6 +220,8 @@ class Project:
             self.raw_connection.rollback()
 
     def close(self) -> None:
+        """Roll back what is open on the shared connection, and end every session env.py left open
+        (an interrupted revision's psycopg 3 or asyncpg session is still running its statement)."""
         if self._connection is not None:
             with contextlib.suppress(Exception):
                 self._connection.rollback()
@@ -247,6 +230,8 @@ class Project:
             if not self.raw_connection.closed:
                 self.raw_connection.rollback()
                 self.raw_connection.autocommit = True
+        if self.raw_connection is not None and not self.raw_connection.closed:
+            sessions.end_leftovers(self.raw_connection)
 
 
 def _environment(config: Config, script: ScriptDirectory, on_version_apply: Callable[..., None] | None,
@@ -278,33 +263,77 @@ def _config(files: AlembicFiles) -> Config:
     return Config(str(files.ini))
 
 
-# Settings every session env.py opens gets (job.pipeline.session_options), set by a connect hook.
-_session_settings: dict[str, str] = {}
-_hooked: list[bool] = []
+class _Sessions:
+    """Every session env.py opens, through any SQLAlchemy engine, sync or async (an AsyncEngine's
+    pool is its sync engine's), whatever URL it was built from: the job listens for `connect` on
+    every Engine at once. Each session gets the job's settings (job.pipeline.session_options), is
+    checked to be on the database the job has locked before any statement runs on it, and is
+    remembered, so that the job can end any that outlive the run."""
+
+    def __init__(self) -> None:
+        self.settings: dict[str, str] = {}
+        self.expected: tuple[Any, ...] | None = None
+        # (pid, backend_start) of each session opened
+        self.opened: list[tuple[int, str]] = []
+        self._listening = False
+
+    def start(self, settings: Mapping[str, str], expected: tuple[Any, ...] | None) -> None:
+        self.settings, self.expected, self.opened = dict(settings), expected, []
+        if not self._listening:
+            event.listen(Engine, "connect", self._on_connect)
+            self._listening = True
+
+    def _on_connect(self, dbapi_connection: Any, _record: Any) -> None:
+        if not self.settings and self.expected is None:
+            return
+        # in autocommit, as SQLAlchemy's own recipe does: a SET inside a transaction that is then
+        # rolled back (as dialect initialisation does) would be undone. One round trip, literal
+        # values only: every driver has its own parameter style.
+        autocommit = dbapi_connection.autocommit
+        dbapi_connection.autocommit = True
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(
+                f"SELECT pid, backend_start::text, {IDENTITY_COLUMNS}"
+                + "".join(f", set_config({_literal(k)}, {_literal(v)}, false)" for k, v in self.settings.items())
+                + " FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+            row = tuple(cursor.fetchone())
+        finally:
+            cursor.close()
+            dbapi_connection.autocommit = autocommit
+        self.opened.append((row[0], row[1]))
+        identity = row[2:6]
+        if self.expected is not None and identity != self.expected:
+            raise ConfigError(
+                f"env.py connects to {_describe(*identity)}, but DATABASE_URL is {_describe(*self.expected)}: "
+                "the job locks and backs up DATABASE_URL's database only, so env.py must migrate that one "
+                "(take the URL from `config.get_main_option('sqlalchemy.url')`; a multidb env.py is not supported)"
+            )
+
+    def end_leftovers(self, conn: Any) -> None:
+        """Terminate the sessions env.py opened that are still there (the same pid and start time:
+        a pid the server has since given to another session is left alone)."""
+        own = conn.get_backend_pid()
+        left = [(pid, start) for pid, start in self.opened if pid != own]
+        self.opened = []
+        if not left:
+            return
+        try:
+            with db.autocommit(conn), conn.cursor() as cur:
+                cur.execute(
+                    "SELECT a.pid, pg_terminate_backend(a.pid) FROM pg_stat_activity a "
+                    "JOIN unnest(%s::int[], %s::text[]) AS o(pid, started) ON a.pid = o.pid "
+                    "AND a.backend_start::text = o.started",
+                    ([pid for pid, _ in left], [start for _, start in left]))
+                ended = [pid for pid, done in cur.fetchall() if done]
+        except psycopg2.Error as e:
+            log.warning("session.not_ended", pids=[pid for pid, _ in left], error=one_line(e))
+            return
+        if ended:
+            log.info("session.ended", pids=ended, reason="env.py left it open")
 
 
-def _hook_every_engine() -> None:
-    """Listen for `connect` on every Engine at once: env.py's own engines, sync or async (an
-    AsyncEngine's pool is its sync engine's), whatever URL they were built from."""
-    if not _hooked:
-        event.listen(Engine, "connect", _on_connect)
-        _hooked.append(True)
-
-
-def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-    if not _session_settings:
-        return
-    # in autocommit, as SQLAlchemy's own recipe does: a SET inside a transaction that is then
-    # rolled back (as dialect initialisation does) would be undone
-    autocommit = dbapi_connection.autocommit
-    dbapi_connection.autocommit = True
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute("SELECT " + ", ".join(
-            f"set_config({_literal(name)}, {_literal(value)}, false)" for name, value in _session_settings.items()))
-    finally:
-        cursor.close()
-        dbapi_connection.autocommit = autocommit
+sessions = _Sessions()
 
 
 def _literal(value: str) -> str:
@@ -313,12 +342,12 @@ def _literal(value: str) -> str:
 
 
 # Which database a session is on: its name, and the server (started once, at one instant).
-IDENTITY_SQL = "SELECT current_database(), pg_postmaster_start_time()::text, inet_server_addr()::text, inet_server_port()"
+IDENTITY_COLUMNS = "current_database(), pg_postmaster_start_time()::text, inet_server_addr()::text, inet_server_port()"
 
 
 def _identity(conn: Any) -> tuple[Any, ...]:
     with conn.cursor() as cur:
-        cur.execute(IDENTITY_SQL)
+        cur.execute(f"SELECT {IDENTITY_COLUMNS}")
         return tuple(cur.fetchone())
 
 

@@ -57,7 +57,7 @@ def migrate_exclusively(settings: Settings, conn: Any, scripts: manifest.Scripts
             log.info("plan", **at_head.as_dict())
             return "up-to-date"
     project = project_of_run()
-    version_table = project.locate(conn).version_table
+    version_table = project.locate()
     the_plan = plan.make(project, plan.current_revisions(conn, version_table), settings.target)
     remember(settings, conn, scripts, known, manifest.Known(the_plan.heads, version_table))
     log.info("plan", **the_plan.as_dict())
@@ -108,9 +108,9 @@ def version_table_of(settings: Settings, conn: Any, project: migrate.Project | N
     if recorded:
         return recorded.version_table
     if project is not None:
-        return project.locate(conn).version_table
+        return project.locate()
     with project_of(settings, conn) as loaded:
-        return loaded.locate(conn).version_table
+        return loaded.locate()
 
 
 @contextlib.contextmanager
