@@ -146,13 +146,14 @@ def downgrade(settings: Settings, target: str) -> str:
                  pending=[{"revision": s.revision, "description": s.description} for s in steps])
         if not steps:
             return "up-to-date"
+        project.refuse_unsafe_endings(steps, "downgrade")
         final = project.after_downgrade(steps)
         # a relative target (-1) is resolved once: after the first step it would mean something else
         absolute = "base" if not final else final[0] if len(final) == 1 else target
         with history_of(settings, conn).run("downgrade") as record:
             if settings.backup != "off":
                 record.backup_path = take_backup(settings, conn, current, tuple(final)).path
-            apply(settings, conn, project, steps, absolute, "downgrade", record)
+            apply(settings, conn, project, steps, absolute, "downgrade", record, version_table)
             verify(settings, conn, project, version_table, "downgrade", absolute)
             record.outcome = "downgraded"
             return "downgraded"

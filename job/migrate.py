@@ -31,7 +31,7 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import StaticPool
 
-from job import db, logs
+from job import commits, db, logs, plan
 from job.alembic_files import AlembicFiles
 from job.config import Database
 from job.errors import ConfigError, Interrupted, MigrationFailed, RevisionError
@@ -189,6 +189,31 @@ class Project:
             for pid, app, state, start in rows
         ]
 
+    def transaction_endings(self, steps: list[Step], direction: str) -> dict[str, commits.Ending]:
+        """The pending revisions that end their own transaction, and how (read from their source)."""
+        function = "upgrade" if direction == "upgrade" else "downgrade"
+        found = {}
+        for step in steps:
+            path = self.script.get_revision(step.revision).path
+            try:
+                source = open(path, encoding="utf-8").read()
+            except (OSError, UnicodeDecodeError):
+                continue  # a sourceless (.pyc) revision: nothing to read
+            ending = commits.ending(source, step.revision, function)
+            if ending is not None:
+                found[step.revision] = ending
+        return found
+
+    def refuse_unsafe_endings(self, steps: list[Step], direction: str) -> None:
+        """Refuse, before anything runs, a revision that ends its transaction in a way a re-run
+        could not complete after a failure (job.commits)."""
+        unsafe = [e for e in self.transaction_endings(steps, direction).values() if e.problem]
+        if unsafe:
+            raise ConfigError(
+                "; ".join(f"revision {e.revision} cannot be run safely: {e.problem}" for e in unsafe)
+                + f" (if it failed after that, a re-run could not complete it). Instead: {commits.ADVICE}"
+            )
+
     def after_downgrade(self, steps: list[Step]) -> list[str]:
         """The revision(s) the database is at once `steps` (a downgrade, in order) are undone."""
         down = self.script.get_revision(steps[-1].revision).down_revision
@@ -311,9 +336,11 @@ class _Sessions:
             )
 
     def end_leftovers(self, conn: Any) -> None:
-        """Terminate the sessions env.py opened that are still there (the same pid and start time:
-        a pid the server has since given to another session is left alone)."""
-        own = conn.get_backend_pid()
+        """Terminate the sessions env.py opened that are still at work (running a statement, or in a
+        transaction): an interrupted revision's. Only the very same sessions (pid, start time and our
+        application_name: a pooler may have handed the server connection to someone else); an idle
+        one holds nothing, and ends with this process."""
+        own = getattr(conn, "server_pid", None) or conn.get_backend_pid()  # the server's pid, behind a pooler too
         left = [(pid, start) for pid, start in self.opened if pid != own]
         self.opened = []
         if not left:
@@ -323,8 +350,10 @@ class _Sessions:
                 cur.execute(
                     "SELECT a.pid, pg_terminate_backend(a.pid) FROM pg_stat_activity a "
                     "JOIN unnest(%s::int[], %s::text[]) AS o(pid, started) ON a.pid = o.pid "
-                    "AND a.backend_start::text = o.started",
-                    ([pid for pid, _ in left], [start for _, start in left]))
+                    "AND a.backend_start::text = o.started "
+                    "WHERE a.state <> 'idle' AND a.application_name = %s",
+                    ([pid for pid, _ in left], [start for _, start in left],
+                     self.settings.get("application_name", "")))
                 ended = [pid for pid, done in cur.fetchall() if done]
         except psycopg2.Error as e:
             log.warning("session.not_ended", pids=[pid for pid, _ in left], error=one_line(e))
@@ -386,6 +415,7 @@ def apply(
     direction: str = "upgrade",
     lock_retries: int = 0,
     history: History | None = None,
+    version_table: VersionTable | None = None,
 ) -> None:
     """Apply `steps` (upgrade or downgrade) one per transaction, logging each and recording it in
     `history`; raise MigrationFailed naming the one that failed.
@@ -397,14 +427,17 @@ def apply(
     """
     pending = list(steps)
     retried: dict[str, int] = {}
+    endings = project.transaction_endings(pending, direction)
     while pending:
-        stepper = Stepper(project, pending, target, direction, history)
+        stepper = Stepper(project, pending, target, direction, history, endings)
         try:
             project.run_env(stepper, on_version_apply=stepper.applied)
         except Interrupted:
             stepper.failed("interrupted", None)
+            stepper.clean_up()
             raise
         except Exception as e:
+            stepper.clean_up()
             step = stepper.running
             if step is None and not stepper.done and db.received_signal() is None and not isinstance(
                     e, (MigrationFailed, ConfigError)):
@@ -422,7 +455,7 @@ def apply(
             failure = e if isinstance(e, MigrationFailed) else _failure(step or pending[0], e, project)
             stepper.failed("interrupted" if isinstance(failure, Interrupted) else "failed", str(failure))
             raise failure from None
-        stepper.committed_by_env_py()
+        stepper.committed_by_env_py(version_table)
         if not stepper.done:
             raise MigrationFailed(f"env.py ran no migration (revision {pending[0].revision} is still pending): "
                                   "does it call context.run_migrations()?", revision=pending[0].revision)
@@ -438,12 +471,15 @@ class Stepper:
     around all of them gets one revision per run instead, committed when env.py ends it."""
 
     def __init__(self, project: Project, pending: list[Step], target: str, direction: str,
-                 history: History | None) -> None:
+                 history: History | None, endings: Mapping[str, commits.Ending]) -> None:
         self.project, self.pending, self.target, self.direction, self.history = project, pending, target, direction, history
+        self.endings = endings
         self.done: list[Step] = []
         self.running: Step | None = None
         self._started = (0.0, dt.datetime.now(dt.timezone.utc))
         self._recorded = False
+        # INVALID indexes before a revision that ends its own transaction ran (job.commits)
+        self._invalid_before: set[tuple[str, str]] | None = None
 
     def __call__(self, rev: Any, context: Any) -> Iterator[Any]:
         planned = self.project._revs(self.direction, self.target, rev)
@@ -459,15 +495,53 @@ class Stepper:
             log.info("migration.start", revision=step.revision, description=step.description, direction=self.direction)
             self.running, self._started = step, (time.monotonic(), dt.datetime.now(dt.timezone.utc))
             self._recorded = False
+            self._invalid_before = None
+            if step.revision in self.endings and self.project.raw_connection is not None:
+                self._invalid_before = commits.invalid_indexes(self.project.raw_connection)
+            connection = context.connection
+            before = connection.get_transaction() if connection is not None else None
             yield script_step
-            if context.connection is not None and context.connection.in_transaction():
-                return  # env.py's own transaction: it commits when env.py ends it
+            # The revision's transaction has ended, as far as Alembic knows. One still open is either
+            # env.py's own, held around every revision (it commits it when it ends it), or one the
+            # revision began after committing Alembic's (`op.get_bind().commit()`): that one holds
+            # the rest of the revision and its version row, and nobody else will commit it.
+            after = connection.get_transaction() if connection is not None else None
+            if after is not None and after.is_active:
+                if after is before:
+                    return
+                connection.commit()
             self._committed()
 
-    def committed_by_env_py(self) -> None:
-        """env.py returned: the revision its own transaction held is committed."""
-        if self.running is not None:
-            self._committed()
+    def committed_by_env_py(self, version_table: VersionTable | None) -> None:
+        """env.py returned after its own transaction held the running revision: check it committed."""
+        if self.running is None:
+            return
+        raw = self.project.raw_connection
+        if version_table is not None and raw is not None:
+            self.project.rollback()  # what env.py left open on the shared connection is not committed
+            current = plan.current_revisions(raw, version_table)
+            if (self.running.revision in current) != (self.direction == "upgrade"):
+                step, self.running = self.running, None
+                raise MigrationFailed(f"env.py ended without committing revision {step.revision} "
+                                      f"({step.description}): the database is at {', '.join(current) or 'base'}",
+                                      revision=step.revision)
+        self._committed()
+
+    def clean_up(self) -> None:
+        """After the running revision failed: drop the INVALID indexes it left (job.commits)."""
+        raw = self.project.raw_connection
+        if self._invalid_before is None or raw is None or raw.closed:
+            return
+        self.project.rollback()
+        try:
+            with db.autocommit(raw):
+                dropped = commits.drop_left_behind(raw, self._invalid_before)
+        except psycopg2.Error as e:
+            log.warning("migration.cleanup_failed", error=one_line(e))
+            return
+        if dropped:
+            log.info("migration.cleanup", revision=self.running and self.running.revision, dropped=dropped,
+                     reason="INVALID indexes the failed revision left (a failed CREATE INDEX CONCURRENTLY)")
 
     def applied(self, ctx: Any, **_: Any) -> None:
         """Alembic's on_version_apply: the running revision's version row is written, its transaction

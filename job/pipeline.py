@@ -61,6 +61,7 @@ def migrate_exclusively(settings: Settings, conn: Any, scripts: manifest.Scripts
     the_plan = plan.make(project, plan.current_revisions(conn, version_table), settings.target)
     remember(settings, conn, scripts, known, manifest.Known(the_plan.heads, version_table))
     log.info("plan", **the_plan.as_dict())
+    project.refuse_unsafe_endings(list(the_plan.pending), "upgrade")
     backing_up = settings.backup == "always" or (settings.backup == "auto" and bool(the_plan.pending))
     if backing_up and settings.backup == "auto" and not the_plan.current and nothing_to_back_up(settings, conn):
         log.info("backup.skipped", reason="the database holds nothing yet (a first deploy): nothing to restore")
@@ -74,7 +75,7 @@ def migrate_exclusively(settings: Settings, conn: Any, scripts: manifest.Scripts
         if not the_plan.pending:
             record.outcome = "up-to-date"
             return "up-to-date"
-        apply(settings, conn, project, the_plan.pending, settings.target, "upgrade", record)
+        apply(settings, conn, project, the_plan.pending, settings.target, "upgrade", record, version_table)
         verify(settings, conn, project, version_table)
         record.outcome = "migrated"
         return "migrated"
@@ -204,12 +205,12 @@ def take_backup(settings: Settings, conn: Any, from_revision: tuple[str, ...], t
 
 
 def apply(settings: Settings, conn: Any, project: migrate.Project, steps: list[plan.Step], target: str,
-          direction: str, record: History) -> None:
+          direction: str, record: History, version_table: plan.VersionTable) -> None:
     """Apply the steps, each in its own transaction, with our session's timeouts, into the history."""
     from job import migrate
 
     set_session_timeouts(conn, settings)
-    migrate.apply(project, steps, target, direction, settings.lock_retries, record)
+    migrate.apply(project, steps, target, direction, settings.lock_retries, record, version_table)
 
 
 def verify(settings: Settings, conn: Any, project: migrate.Project, version_table: plan.VersionTable,

@@ -52,6 +52,17 @@ def share_the_connection(project: Path) -> None:
             "    else:\n        do_run_migrations(connectable)\n")
 
 
+def share_the_connection_sync(project: Path) -> None:
+    """Alembic's cookbook, "Sharing a Connection across one or more programmatic migration commands"."""
+    replace(project / "migrations" / "env.py", "    connectable = engine_from_config(",
+            '    connectable = config.attributes.get("connection", None)\n'
+            "    if connectable is not None:\n"
+            "        context.configure(connection=connectable, target_metadata=target_metadata)\n"
+            "        with context.begin_transaction():\n            context.run_migrations()\n"
+            "        return\n\n"
+            "    connectable = engine_from_config(")
+
+
 def version_table_in_code(project: Path) -> None:
     """The version table in the app's own schema, under its own name: set in env.py, not alembic.ini."""
     env_py = project / "migrations" / "env.py"
@@ -115,6 +126,7 @@ needs_pyproject_alembic = pytest.mark.skipif(not PYPROJECT_ALEMBIC, reason="Alem
 SHAPES = {
     "async-template": Shape("async", "postgresql+asyncpg"),
     "async-cookbook-shared-connection": Shape("async", "postgresql+asyncpg", share_the_connection),
+    "sync-cookbook-shared-connection": Shape("generic", "postgresql", share_the_connection_sync),
     "sync-template-psycopg3": Shape("generic", "postgresql+psycopg"),
     "sync-template-psycopg2": Shape("generic", "postgresql+psycopg2"),
     "sync-template-no-driver": Shape("generic", "postgresql"),
@@ -154,9 +166,10 @@ def url_for(db: Db, scheme: str) -> str:
     return scheme + "://" + db.url.split("://", 1)[1]
 
 
-def bare_alembic_upgrade(shape: Shape, db: Db, where: Path) -> None:
-    """`alembic upgrade head` as the project's own developers run it, with the URL in alembic.ini."""
-    project = make_project(shape, where)
+def bare_alembic_upgrade(shape: Shape, db: Db, where: Path, edit: Callable[[Path], Path] | None = None) -> None:
+    """`alembic upgrade head` as the project's own developers run it, with the URL in alembic.ini
+    (`edit(where)` makes the project instead, when given)."""
+    project = edit(where) if edit else make_project(shape, where)
     ini = project / "alembic.ini"
     # (SQLAlchemy itself does not take the `postgres://` spelling some platforms hand out)
     url = url_for(db, "postgresql" if shape.scheme == "postgres" else shape.scheme)
