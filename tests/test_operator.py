@@ -320,3 +320,16 @@ def test_lint_of_the_example_history_is_clean(env: dict[str, str]) -> None:
 
     assert 0 == result.code, result.stdout
     assert 6 == result.event("lint.done")["revisions"]
+
+
+def test_a_history_table_that_refuses_revision_rows_never_fails_a_migration(db: Db, env: dict[str, str]) -> None:
+    """Revision rows are written inside each revision's transaction; one that errors leaves the revision be."""
+    assert 0 == run_job("run", env={**env, "MIGRATE_TARGET": "0001"}).code
+    db.query("CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'no'; END $$")
+    db.query("CREATE TRIGGER refuse BEFORE INSERT ON migrate_job_history FOR EACH ROW WHEN (NEW.kind = 'revision') "
+             "EXECUTE FUNCTION refuse()")
+
+    result = run_job("run", env=env)
+
+    assert (0, ["0006"]) == (result.code, db.version())
+    assert [] == db.query("SELECT 1 FROM migrate_job_history WHERE kind = 'revision' AND revision <> '0001'")
