@@ -49,6 +49,7 @@ def parser() -> argparse.ArgumentParser:
     flag("--backup", choices=("auto", "always", "off"), help="MIGRATE_BACKUP")
     flag("--backup-dir", help="MIGRATE_BACKUP_DIR")
     flag("--backup-keep", type=int, help="MIGRATE_BACKUP_KEEP")
+    flag("--databases", help="a multidb env.py's alembic.ini sections: `section` or `section=URL` (MIGRATE_DATABASES)")
     flag("--log-format", choices=("json", "console"), help="MIGRATE_LOG_FORMAT")
     flag("--log-level", choices=("debug", "info", "warning", "error"), help="MIGRATE_LOG_LEVEL")
 

@@ -18,8 +18,8 @@ from job.config import Settings
 from job.errors import ConfigError, LintFindings
 from job.logs import log
 from job.pipeline import (
-    apply, connected, database_name, known_scripts, lock_key, locked, project_of, take_backup, verify,
-    version_table_of,
+    apply, connected, database_name, known_scripts, lock_key, locked, other_databases, project_of, take_backup,
+    verify, version_table_of,
 )
 from job.pipeline import history as history_of
 
@@ -44,14 +44,27 @@ def check(settings: Settings, block: bool = False) -> plan.Plan:
             known = known_scripts(settings, conn, scripts)
             the_plan = known and plan.known_at_target(
                 known.heads, plan.current_revisions(conn, known.version_table), settings.target)
-            if the_plan is None:
+            if the_plan is None or settings.other_databases:
                 project = project or stack.enter_context(project_of(settings, conn))
                 version_table = version_table or project.locate()
                 the_plan = plan.make(project, plan.current_revisions(conn, version_table), settings.target)
+                for section, current in others_current(settings, version_table):
+                    if current != the_plan.current:  # a multidb env.py's other database lags: its plan
+                        log.info("check.database", section=section, current=list(current))
+                        the_plan = plan.make(project, current, settings.target)
             if not block or not the_plan.pending or time.monotonic() >= deadline:
                 return the_plan
             log.info("check.waiting", current=list(the_plan.current), pending=len(the_plan.pending))
             lock.sleep_or_notified(conn, min(1.0, max(deadline - time.monotonic(), 0.0)))
+
+
+def others_current(settings: Settings, version_table: plan.VersionTable) -> list[tuple[str, tuple[str, ...]]]:
+    """Where each other database a multidb env.py migrates is (MIGRATE_DATABASES), read without a lock."""
+    found = []
+    for section, database in settings.other_databases:
+        with connected(settings._replace(database=database)) as conn:
+            found.append((section, plan.current_revisions(conn, version_table)))
+    return found
 
 
 def plan_of(settings: Settings, sql: bool = False) -> tuple[plan.Plan, str | None]:
@@ -89,14 +102,20 @@ def status(settings: Settings) -> dict[str, Any]:
             for b in (backup.listing(settings.backup_dir, name)[:5] if settings.backup_dir.is_dir() else [])
         ]
         report["history"] = history.recent(conn, settings.history_table)
+        report["databases"] = [{"section": section, "current": list(current)}
+                               for section, current in others_current(settings, version_table)]
         return report
 
 
 def backup_now(settings: Settings) -> str:
     """Take a backup under the lock, labelled with the current revision; return its path."""
-    with connected(settings) as conn, locked(settings, conn):
-        current = plan.current_revisions(conn, version_table_of(settings, conn))
+    with connected(settings) as conn, locked(settings, conn), other_databases(settings) as others:
+        version_table = version_table_of(settings, conn)
+        current = plan.current_revisions(conn, version_table)
         with history_of(settings, conn).run("backup") as record:
+            for other in others:  # a multidb env.py's other databases too, each under its lock
+                theirs = plan.current_revisions(other.conn, version_table)
+                take_backup(settings, other.conn, theirs, theirs, other.database)
             record.backup_path = take_backup(settings, conn, current, current).path
             return record.backup_path
 
@@ -137,7 +156,8 @@ def restore(settings: Settings, name: str, force: bool = False) -> tuple[list[st
 
 def downgrade(settings: Settings, target: str) -> str:
     """Back up, then downgrade to `target` one revision per transaction, under the lock."""
-    with connected(settings) as conn, locked(settings, conn), project_of(settings, conn) as project:
+    with connected(settings) as conn, locked(settings, conn), other_databases(settings) as others, \
+            project_of(settings, conn) as project:
         version_table = version_table_of(settings, conn, project)
         current = plan.current_revisions(conn, version_table)
         project.validate(current, "heads")
@@ -152,9 +172,11 @@ def downgrade(settings: Settings, target: str) -> str:
         absolute = "base" if not final else final[0] if len(final) == 1 else target
         with history_of(settings, conn).run("downgrade") as record:
             if settings.backup != "off":
+                for other in others:
+                    take_backup(settings, other.conn, current, tuple(final), other.database)
                 record.backup_path = take_backup(settings, conn, current, tuple(final)).path
-            apply(settings, conn, project, steps, absolute, "downgrade", record, version_table)
-            verify(settings, conn, project, version_table, "downgrade", absolute)
+            apply(settings, conn, project, steps, absolute, "downgrade", record, version_table, rows_within=not others)
+            verify(settings, conn, project, version_table, "downgrade", absolute, others=others)
             record.outcome = "downgraded"
             return "downgraded"
 

@@ -221,11 +221,20 @@ class Settings(NamedTuple):
     history_table: str | None = "migrate_job_history"
     # names our sessions in pg_stat_activity: the pod's hostname
     application_name: str = "migrate-job"
+    # a multidb env.py: the alembic.ini sections it reads its engines' URLs from, and the database
+    # each names (DATABASE_URL's, or another); the job fills them in, locks and backs up each
+    sections: tuple[tuple[str, Database], ...] = ()
 
     @property
     def secrets(self) -> tuple[str, ...]:
         """Strings that must never be printed."""
-        return (self.database.password,) if self.database.password else ()
+        databases = [self.database, *(database for _, database in self.sections)]
+        return tuple(d.password for d in databases if d.password)
+
+    @property
+    def other_databases(self) -> tuple[tuple[str, Database], ...]:
+        """The sections that name a database other than DATABASE_URL's."""
+        return tuple((name, database) for name, database in self.sections if database != self.database)
 
 
 def lock_key_for(database_name: str, version_table: VersionTable) -> int:
@@ -299,7 +308,21 @@ def load(env: Mapping[str, str], flags: Mapping[str, object], need_database: boo
         statement_timeout=_number(pick("statement_timeout", "MIGRATE_STATEMENT_TIMEOUT"), "MIGRATE_STATEMENT_TIMEOUT", 0),
         history_table=None if history.lower() == "off" else _identifier(history, "MIGRATE_HISTORY_TABLE"),
         application_name=f"migrate-job/{socket.gethostname()}"[:63],
+        sections=_sections(pick("databases", "MIGRATE_DATABASES"), database),
     )
+
+
+def _sections(value: str | None, database: Database) -> tuple[tuple[str, Database], ...]:
+    """MIGRATE_DATABASES: `section` (DATABASE_URL's database) or `section=URL`, separated by spaces or lines."""
+    sections = []
+    for entry in (value or "").split():
+        name, _, url = entry.partition("=")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ConfigError(f"MIGRATE_DATABASES: {redact_url(entry)!r} is not `section` or `section=URL`")
+        sections.append((name, Database.from_url(url) if url else database))
+    if len({name for name, _ in sections}) != len(sections):
+        raise ConfigError("MIGRATE_DATABASES names a section more than once")
+    return tuple(sections)
 
 
 def log_options(env: Mapping[str, object], flags: Mapping[str, object], strict: bool = False) -> tuple[str, str]:

@@ -57,7 +57,7 @@ class Project:
     SQLAlchemy engine, async ones included (whatever URL or engine env.py builds)."""
 
     def __init__(self, files: AlembicFiles, database: Database | None = None, raw_connection: Any | None = None,
-                 session: Mapping[str, str] | None = None) -> None:
+                 session: Mapping[str, str] | None = None, sections: tuple[tuple[str, Database], ...] = ()) -> None:
         self.files = files
         self.config = _config(files)
         if database is not None:
@@ -66,8 +66,11 @@ class Project:
             os.environ.update(database.driver_environment())
         else:  # offline: env.py only needs a dialect
             self.config.set_main_option("sqlalchemy.url", "postgresql+psycopg2://")
+        for section, named in sections:  # a multidb env.py's engines (MIGRATE_DATABASES)
+            self.config.set_section_option(section, "sqlalchemy.url", named.sqlalchemy_url().replace("%", "%%"))
+            os.environ.update(named.driver_environment())
         self.config.attributes["configure_logger"] = False
-        sessions.start(session or {}, _identity(raw_connection) if raw_connection is not None else None)
+        sessions.start(session or {}, [_identity(raw_connection)] if raw_connection is not None else None)
         try:
             with owned_logging():
                 self.script = ScriptDirectory.from_config(self.config)
@@ -88,6 +91,11 @@ class Project:
             self._connection = engine.connect()
             self.config.attributes["connection"] = self._connection
         return self._connection
+
+    def allow(self, connections: list[Any]) -> None:
+        """Let env.py also connect to the databases of these (locked) connections."""
+        if sessions.expected is not None:
+            sessions.expected.extend(_identity(conn) for conn in connections)
 
     def locate(self) -> VersionTable:
         """Ask env.py where its version table is, as `alembic current` does (changing nothing).
@@ -237,11 +245,13 @@ class Project:
         return ";\n".join(st for st in sql.split(";\n") if not version_table or version_table[0] not in st)
 
     def rollback(self) -> None:
-        """End whatever transaction env.py left open on the shared connection (reads included)."""
+        """End whatever transaction is open on the job's session, through the shared connection
+        or not (reads included: a transaction begun before env.py created the version table would
+        not see it, even in READ COMMITTED: PostgreSQL takes in catalog changes at transaction start)."""
         if self._connection is not None:
             with contextlib.suppress(Exception):
                 self._connection.rollback()
-        elif self.raw_connection is not None and not self.raw_connection.closed:
+        if self.raw_connection is not None and not self.raw_connection.closed:
             self.raw_connection.rollback()
 
     def close(self) -> None:
@@ -297,12 +307,13 @@ class _Sessions:
 
     def __init__(self) -> None:
         self.settings: dict[str, str] = {}
-        self.expected: tuple[Any, ...] | None = None
+        # the databases env.py may connect to: DATABASE_URL's and MIGRATE_DATABASES' (None: any)
+        self.expected: list[tuple[Any, ...]] | None = None
         # (pid, backend_start) of each session opened
         self.opened: list[tuple[int, str]] = []
         self._listening = False
 
-    def start(self, settings: Mapping[str, str], expected: tuple[Any, ...] | None) -> None:
+    def start(self, settings: Mapping[str, str], expected: list[tuple[Any, ...]] | None) -> None:
         self.settings, self.expected, self.opened = dict(settings), expected, []
         if not self._listening:
             event.listen(Engine, "connect", self._on_connect)
@@ -328,11 +339,12 @@ class _Sessions:
             dbapi_connection.autocommit = autocommit
         self.opened.append((row[0], row[1]))
         identity = row[2:6]
-        if self.expected is not None and identity != self.expected:
+        if self.expected is not None and identity not in self.expected:
             raise ConfigError(
-                f"env.py connects to {_describe(*identity)}, but DATABASE_URL is {_describe(*self.expected)}: "
-                "the job locks and backs up DATABASE_URL's database only, so env.py must migrate that one "
-                "(take the URL from `config.get_main_option('sqlalchemy.url')`; a multidb env.py is not supported)"
+                f"env.py connects to {_describe(*identity)}, but the job has locked and backed up only "
+                f"{' and '.join(_describe(*e) for e in self.expected)}: env.py must take DATABASE_URL "
+                "(`config.get_main_option('sqlalchemy.url')`), and a multidb env.py's other databases must be "
+                "listed in MIGRATE_DATABASES (`section=URL` for each alembic.ini section it reads a URL from)"
             )
 
     def end_leftovers(self, conn: Any) -> None:
@@ -416,6 +428,7 @@ def apply(
     lock_retries: int = 0,
     history: History | None = None,
     version_table: VersionTable | None = None,
+    rows_within: bool = True,
 ) -> None:
     """Apply `steps` (upgrade or downgrade) one per transaction, logging each and recording it in
     `history`; raise MigrationFailed naming the one that failed.
@@ -429,7 +442,7 @@ def apply(
     retried: dict[str, int] = {}
     endings = project.transaction_endings(pending, direction)
     while pending:
-        stepper = Stepper(project, pending, target, direction, history, endings)
+        stepper = Stepper(project, pending, target, direction, history, endings, rows_within)
         try:
             project.run_env(stepper, on_version_apply=stepper.applied)
         except Interrupted:
@@ -471,9 +484,9 @@ class Stepper:
     around all of them gets one revision per run instead, committed when env.py ends it."""
 
     def __init__(self, project: Project, pending: list[Step], target: str, direction: str,
-                 history: History | None, endings: Mapping[str, commits.Ending]) -> None:
+                 history: History | None, endings: Mapping[str, commits.Ending], rows_within: bool = True) -> None:
         self.project, self.pending, self.target, self.direction, self.history = project, pending, target, direction, history
-        self.endings = endings
+        self.endings, self.rows_within = endings, rows_within
         self.done: list[Step] = []
         self.running: Step | None = None
         self._started = (0.0, dt.datetime.now(dt.timezone.utc))
@@ -492,9 +505,11 @@ class Stepper:
 
     def _one_at_a_time(self, planned: list[Any], context: Any) -> Iterator[Any]:
         for script_step, step in zip(planned, self.pending):
-            log.info("migration.start", revision=step.revision, description=step.description, direction=self.direction)
-            self.running, self._started = step, (time.monotonic(), dt.datetime.now(dt.timezone.utc))
-            self._recorded = False
+            if step != self.running:  # (a multidb env.py asks again for each of its databases)
+                log.info("migration.start", revision=step.revision, description=step.description,
+                         direction=self.direction)
+                self.running, self._started = step, (time.monotonic(), dt.datetime.now(dt.timezone.utc))
+                self._recorded = False
             self._invalid_before = None
             if step.revision in self.endings and self.project.raw_connection is not None:
                 self._invalid_before = commits.invalid_indexes(self.project.raw_connection)
@@ -546,7 +561,7 @@ class Stepper:
     def applied(self, ctx: Any, **_: Any) -> None:
         """Alembic's on_version_apply: the running revision's version row is written, its transaction
         not yet committed. Its history row goes into that same transaction."""
-        if self.history is not None and self.running is not None:
+        if self.history is not None and self.running is not None and self.rows_within:
             started, started_at = self._started
             self._recorded = self.history.revision_within(ctx.connection, self.running.revision, self.direction,
                                                           started_at, time.monotonic() - started)

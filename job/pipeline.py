@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
 
 from job import db, lock, manifest, plan
-from job.config import Settings, lock_key_for
+from job.config import Database, Settings, lock_key_for
 from job.errors import MigrationFailed
 from job.history import History
 from job.logs import log, run_id
@@ -39,19 +39,22 @@ def run(settings: Settings) -> str:
                                            settings.target)
             return at_head is not None and settings.backup != "always"
 
-        with locked(settings, conn, while_waiting=prepare, enough=at_target if known is not None else None) as mode:
+        # (with other databases, every run checks them all under their locks: no shared fast path)
+        fast = known is not None and not settings.other_databases
+        with locked(settings, conn, while_waiting=prepare, enough=at_target if fast else None) as mode:
             if mode == lock.SHARED:
                 log.info("plan", **at_head.as_dict())
                 return "up-to-date"
-            return migrate_exclusively(settings, conn, scripts, known,
+            others = later.enter_context(other_databases(settings))
+            return migrate_exclusively(settings, conn, others, scripts, known,
                                        lambda: project or later.enter_context(project_of(settings, conn)))
 
 
-def migrate_exclusively(settings: Settings, conn: Any, scripts: manifest.Scripts | None, known: manifest.Known | None,
-                        project_of_run: Callable[[], migrate.Project]) -> str:
+def migrate_exclusively(settings: Settings, conn: Any, others: list[Other], scripts: manifest.Scripts | None,
+                        known: manifest.Known | None, project_of_run: Callable[[], migrate.Project]) -> str:
     """Under the exclusive lock: plan again (another replica may have done the work while this one
     waited), back up, upgrade, verify."""
-    if known is not None:
+    if known is not None and not others:
         at_head = plan.known_at_target(known.heads, plan.current_revisions(conn, known.version_table), settings.target)
         if at_head and settings.backup != "always":
             log.info("plan", **at_head.as_dict())
@@ -59,26 +62,69 @@ def migrate_exclusively(settings: Settings, conn: Any, scripts: manifest.Scripts
     project = project_of_run()
     version_table = project.locate()
     the_plan = plan.make(project, plan.current_revisions(conn, version_table), settings.target)
+    lagging = [o for o in others if plan.current_revisions(o.conn, version_table) != the_plan.current]
+    if lagging:
+        raise MigrationFailed(
+            f"the databases are at different revisions: {database_name(conn)} at {', '.join(the_plan.current) or 'base'}, "
+            + ", ".join(f"{o.section} ({database_name(o.conn)}) at "
+                        f"{', '.join(plan.current_revisions(o.conn, version_table)) or 'base'}" for o in lagging)
+            + ": restore the one that moved alone, or bring it to the same revision by hand")
     remember(settings, conn, scripts, known, manifest.Known(the_plan.heads, version_table))
     log.info("plan", **the_plan.as_dict())
     project.refuse_unsafe_endings(list(the_plan.pending), "upgrade")
     backing_up = settings.backup == "always" or (settings.backup == "auto" and bool(the_plan.pending))
-    if backing_up and settings.backup == "auto" and not the_plan.current and nothing_to_back_up(settings, conn):
-        log.info("backup.skipped", reason="the database holds nothing yet (a first deploy): nothing to restore")
-        backing_up = False
     if not the_plan.pending and not backing_up:
         return "up-to-date"
     with history(settings, conn).run("run") as record:
         if backing_up:
             to = the_plan.heads if the_plan.pending else the_plan.current
-            record.backup_path = take_backup(settings, conn, the_plan.current, to).path
+            # every database env.py migrates, before the first change to any of them
+            for other in others:
+                if needs_backup(settings, other.conn, the_plan):
+                    take_backup(settings, other.conn, the_plan.current, to, other.database)
+            if needs_backup(settings, conn, the_plan):
+                record.backup_path = take_backup(settings, conn, the_plan.current, to).path
         if not the_plan.pending:
             record.outcome = "up-to-date"
             return "up-to-date"
-        apply(settings, conn, project, the_plan.pending, settings.target, "upgrade", record, version_table)
-        verify(settings, conn, project, version_table)
+        apply(settings, conn, project, the_plan.pending, settings.target, "upgrade", record, version_table,
+              rows_within=not others)
+        verify(settings, conn, project, version_table, others=others)
         record.outcome = "migrated"
         return "migrated"
+
+
+class Other(NamedTuple):
+    """Another database a multidb env.py migrates (MIGRATE_DATABASES), connected and locked."""
+
+    section: str
+    database: Database
+    conn: Any
+
+
+@contextlib.contextmanager
+def other_databases(settings: Settings) -> Iterator[list[Other]]:
+    """Wait for and lock each other database env.py migrates, in the order they are listed (every
+    runner takes them in the same order, after DATABASE_URL's); release them at the end."""
+    with contextlib.ExitStack() as stack:
+        others = []
+        for section, database in settings.other_databases:
+            conn = wait_for_database(database.connect_kwargs(settings.application_name), settings.wait_timeout)
+            stack.callback(conn.close)
+            key = settings.lock_key if settings.lock_key is not None else lock_key_for(database_name(conn),
+                                                                                     settings.version_table)
+            stack.enter_context(lock.advisory_lock(conn, key, settings.lock_timeout))
+            others.append(Other(section, database, conn))
+        yield others
+
+
+def needs_backup(settings: Settings, conn: Any, the_plan: plan.Plan) -> bool:
+    """`auto` does not back up a database that holds nothing yet (a first deploy: nothing to restore)."""
+    if settings.backup == "auto" and not the_plan.current and nothing_to_back_up(settings, conn):
+        log.info("backup.skipped", database=database_name(conn),
+                 reason="the database holds nothing yet (a first deploy): nothing to restore")
+        return False
+    return True
 
 
 def known_scripts(settings: Settings, conn: Any, scripts: manifest.Scripts | None) -> manifest.Known | None:
@@ -140,7 +186,10 @@ def project_of(settings: Settings, conn: Any | None) -> Iterator[migrate.Project
     from job import migrate
 
     settings.database.check_driver_installed()
-    project = migrate.Project(settings.alembic, settings.database, conn, session_options(settings))
+    project = migrate.Project(settings.alembic, settings.database, conn, session_options(settings), settings.sections)
+    for _, database in settings.other_databases:  # env.py may connect to these too
+        with connected(settings._replace(database=database)) as other:
+            project.allow([other])
     try:
         yield project
     finally:
@@ -185,12 +234,14 @@ def nothing_to_back_up(settings: Settings, conn: Any) -> bool:
     return backup.nothing_to_back_up(conn, settings.history_table)
 
 
-def take_backup(settings: Settings, conn: Any, from_revision: tuple[str, ...], to_revision: tuple[str, ...]) -> backup.Backup:
-    """A verified backup of this database, labelled with the revisions it goes from and to."""
+def take_backup(settings: Settings, conn: Any, from_revision: tuple[str, ...], to_revision: tuple[str, ...],
+                database: Database | None = None) -> backup.Backup:
+    """A verified backup of this database (DATABASE_URL's unless `database` says which), labelled
+    with the revisions it goes from and to."""
     from job import backup
 
     return backup.take(
-        settings.database,
+        database or settings.database,
         settings.backup_dir,
         database_name(conn),
         conn.server_version,
@@ -205,19 +256,25 @@ def take_backup(settings: Settings, conn: Any, from_revision: tuple[str, ...], t
 
 
 def apply(settings: Settings, conn: Any, project: migrate.Project, steps: list[plan.Step], target: str,
-          direction: str, record: History, version_table: plan.VersionTable) -> None:
-    """Apply the steps, each in its own transaction, with our session's timeouts, into the history."""
+          direction: str, record: History, version_table: plan.VersionTable, rows_within: bool = True) -> None:
+    """Apply the steps, each in its own transaction, with our session's timeouts, into the history
+    (a revision's row inside its transaction, unless env.py migrates several databases)."""
     from job import migrate
 
     set_session_timeouts(conn, settings)
-    migrate.apply(project, steps, target, direction, settings.lock_retries, record, version_table)
+    migrate.apply(project, steps, target, direction, settings.lock_retries, record, version_table, rows_within)
 
 
 def verify(settings: Settings, conn: Any, project: migrate.Project, version_table: plan.VersionTable,
-           direction: str = "upgrade", target: str | None = None) -> None:
-    """Read the version table again: the database must now be at the target."""
+           direction: str = "upgrade", target: str | None = None, others: list[Other] = ()) -> None:
+    """Read the version table again: the database (and every other one env.py migrates) must now be at the target."""
     project.close()
     current = plan.current_revisions(conn, version_table)
+    for other in others:
+        theirs = plan.current_revisions(other.conn, version_table)
+        if theirs != current:
+            raise MigrationFailed(f"after the {direction}, {other.section} ({database_name(other.conn)}) is at "
+                                  f"{', '.join(theirs) or 'base'} but {database_name(conn)} at {', '.join(current) or 'base'}")
     left = project.steps(current, target or settings.target, direction)
     if left:
         raise MigrationFailed(
