@@ -41,6 +41,16 @@ class Backup(NamedTuple):
     seconds: float
     pg_dump_version: str
     server_version: int
+    # the backup set: one database on one server (a volume may hold several sets)
+    set: str = ""
+    # order within the set, counted under the lock: clocks and names may lie
+    sequence: int = 0
+    # the migration it preceded succeeded (written after the run)
+    succeeded: bool = False
+
+
+# what a sidecar must hold to be taken for one of ours
+SIDECAR_FIELDS = ("database", "from_revision", "to_revision", "created_at", "sha256")
 
 
 # Anything of the database's own: relations (tables, views, sequences…), functions, types other
@@ -101,13 +111,22 @@ def child_env(database: Database, env: Mapping[str, str]) -> dict[str, str]:
     return child
 
 
-def file_name(moment: dt.datetime, database: str, from_revision: list[str], to_revision: list[str]) -> str:
-    """Timestamp first, so a plain listing sorts by time."""
+def set_of(server: str, database: str) -> str:
+    """The backup set of one database on one server: 8 hex characters, in names and sidecars."""
+    return hashlib.sha256(f"{server}/{database}".encode()).hexdigest()[:8]
+
+
+def file_name(moment: dt.datetime, database: str, set_key: str, from_revision: list[str], to_revision: list[str]) -> str:
+    """Timestamp first, so a plain listing sorts by time; the set key tells one database's files from another's."""
     def part(revs: list[str]) -> str:
         return "+".join(revs) or "base"
 
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{database}_{part(from_revision)}_to_{part(to_revision)}")
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{database}_{set_key}_{part(from_revision)}_to_{part(to_revision)}")
     return f"{moment.strftime('%Y%m%dT%H%M%S.%fZ')}_{safe}.dump"
+
+
+# a backup file's name as file_name writes it, with or without (older versions) a set key
+NAME = re.compile(r"^\d{8}T\d{6}\.\d{6}Z_[A-Za-z0-9_.-]+\.dump$")
 
 
 def take(
@@ -122,17 +141,19 @@ def take(
     env: Mapping[str, str],
     lock_wait_timeout: float = 300,
     exclude_tables: list[str] = [],
+    set_key: str = "",
 ) -> Backup:
-    """Dump the database into `directory`, verify it, write the sidecar, prune to the newest `keep`."""
+    """Dump the database into `directory`, verify it, write the sidecar, prune the set (`prune`)."""
     pg_dump, pg_restore = tool("pg_dump"), tool("pg_restore")
     if not directory.is_dir():
         raise BackupFailed(
             f"backup directory {str(directory)!r} does not exist: mount a volume there, "
             "set MIGRATE_BACKUP_DIR, or set MIGRATE_BACKUP=off"
         )
-    remove_partials(directory)
+    remove_partials(directory, set_key)
     moment = dt.datetime.now(dt.timezone.utc)
-    final = directory / file_name(moment, database_name, from_revision, to_revision)
+    final = directory / file_name(moment, database_name, set_key, from_revision, to_revision)
+    sequence = 1 + max((b.get("sequence") or 0 for b in listing(directory, database_name, set_key)), default=0)
     log.info("backup.start", path=str(final), database=database_name)
     started = time.monotonic()
     child = child_env(database, env)
@@ -160,25 +181,40 @@ def take(
             seconds=round(time.monotonic() - started, 3),
             pg_dump_version=version,
             server_version=server_version,
+            set=set_key,
+            sequence=sequence,
         )
         _write_atomically(sidecar_of(final), (json.dumps(backup._asdict(), indent=2) + "\n").encode())
     except BaseException:
         final.unlink(missing_ok=True)
         raise
     log.info("backup.done", path=backup.path, bytes=backup.bytes, seconds=backup.seconds, sha256=backup.sha256)
-    prune(directory, database_name, keep)
+    prune(directory, database_name, set_key, keep)
     return backup
 
 
+def mark_succeeded(path: str) -> None:
+    """Note in its sidecar that the migration this backup preceded succeeded (see `prune`)."""
+    sidecar = sidecar_of(Path(path))
+    try:
+        meta = json.loads(sidecar.read_text())
+        _write_atomically(sidecar, (json.dumps({**meta, "succeeded": True}, indent=2) + "\n").encode())
+    except (OSError, ValueError, BackupFailed) as e:
+        log.warning("backup.unmarked", path=path, error=str(e))
+
+
 def verified(directory: Path, name: str) -> tuple[Path, dict[str, Any]]:
-    """The backup `name` (a path, or a file in `directory`) and its sidecar, its sha256 checked."""
-    path = Path(name) if Path(name).exists() or os.sep in name else directory / name
+    """The backup `name` (an absolute path, or a name in `directory`: never the working
+    directory's) and its sidecar, its sha256 checked."""
+    path = Path(name) if Path(name).is_absolute() else directory / name
     try:
         meta = json.loads(sidecar_of(path).read_text())
     except FileNotFoundError:
         raise RestoreFailed(f"no backup {str(path)!r} with a sidecar ({sidecar_of(path).name}) to check it against") from None
     except ValueError:
         raise RestoreFailed(f"the sidecar of {str(path)!r} is not valid JSON") from None
+    if not isinstance(meta, dict) or any(field not in meta for field in SIDECAR_FIELDS):
+        raise RestoreFailed(f"the sidecar of {str(path)!r} is not one of ours (it lacks {', '.join(SIDECAR_FIELDS)})")
     try:
         _, digest = _sha256(path)
     except OSError as e:
@@ -228,33 +264,94 @@ def sidecar_of(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def listing(directory: Path, database_name: str | None = None) -> list[dict[str, Any]]:
-    """Sidecars of the backups in `directory`, newest first (optionally for one database)."""
+def listing(directory: Path, database_name: str | None = None, set_key: str | None = None) -> list[dict[str, Any]]:
+    """Sidecars of the backups in `directory` (optionally of one database, and of one set),
+    newest first. Anything else there (other files, directories, sidecars that are not ours) is
+    passed over with a warning: a backup directory is input like any other."""
     found = []
-    for side in sorted(directory.glob("*.dump.json"), reverse=True):
-        try:
-            meta = json.loads(side.read_text())
-        except (OSError, ValueError):
+    for side in directory.glob("*.dump.json"):
+        dump = side.with_name(side.name[: -len(".json")])
+        meta = _sidecar(side) if NAME.match(dump.name) else None
+        if meta is None:
+            if side not in _ignored:  # once per run, however often the directory is read
+                _ignored.add(side)
+                log.warning("backup.ignored", path=str(side), reason="not a backup sidecar of ours")
             continue
-        if database_name is None or meta.get("database") == database_name:
-            found.append(meta)
-    return found
+        if database_name is not None and meta["database"] != database_name:
+            continue
+        if set_key is not None and meta.get("set", set_key) != set_key:  # (older sidecars have no set)
+            continue
+        found.append({**meta, "path": str(dump)})  # the path is where it is, not what the sidecar says
+    return sorted(found, key=_newest_first)
 
 
-def prune(directory: Path, database_name: str, keep: int) -> None:
-    """Delete all but the newest `keep` backups of this database."""
-    for meta in listing(directory, database_name)[keep:]:
-        path = Path(meta["path"])
-        path.unlink(missing_ok=True)
-        sidecar_of(path).unlink(missing_ok=True)
-        log.info("backup.pruned", path=str(path))
+_ignored: set[Path] = set()
 
 
-def remove_partials(directory: Path) -> None:
-    """Under the lock no other job writes here: a partial file is a dead run's leftover."""
-    for leftover in directory.glob(f".*{PARTIAL}"):
-        leftover.unlink(missing_ok=True)
-        log.warning("backup.partial_removed", path=str(leftover))
+def _sidecar(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(meta, dict) or any(field not in meta for field in SIDECAR_FIELDS):
+        return None
+    return meta
+
+
+def _newest_first(meta: dict[str, Any]) -> tuple[int, str]:
+    """By the set's sequence number (counted under the lock); older sidecars without one come
+    after them, by time."""
+    sequence = meta.get("sequence")
+    return -(sequence if isinstance(sequence, int) else 0), _descending(str(meta.get("created_at", "")))
+
+
+def _descending(text: str) -> str:
+    """A key that sorts `text` descending inside an ascending sort."""
+    return "".join(chr(0x10FFFF - ord(c)) for c in text)
+
+
+def prune(directory: Path, database_name: str, set_key: str, keep: int) -> None:
+    """Delete the backups of this set that are no longer a way back. Newest first, kept are: the
+    newest (just taken); the newest backup of each migration (the same from and to revisions: a
+    retry replaces its own earlier backup) until `keep` are kept; and, whatever `keep` says, the
+    first backup taken since the last migration that succeeded: the way back from a migration
+    that keeps failing. Only files of this set, found in `directory` by name, are deleted."""
+    backups = listing(directory, database_name, set_key)
+    if not backups:
+        return
+    since_success = []
+    for meta in backups:
+        if meta.get("succeeded"):
+            break
+        since_success.append(meta)
+    kept = {backups[0]["path"], *([since_success[-1]["path"]] if since_success else [])}
+    regular: list[str] = []
+    seen = set()
+    for meta in backups:
+        migration = (tuple(meta["from_revision"]), tuple(meta["to_revision"]))
+        if migration[0] != migration[1] and migration in seen:
+            continue  # an older attempt at the same migration
+        seen.add(migration)
+        if len(regular) < keep:
+            regular.append(meta["path"])
+    kept.update(regular)
+    for meta in backups:
+        if meta["path"] not in kept:
+            path = directory / Path(meta["path"]).name
+            path.unlink(missing_ok=True)
+            sidecar_of(path).unlink(missing_ok=True)
+            log.info("backup.pruned", path=str(path))
+
+
+def remove_partials(directory: Path, set_key: str) -> None:
+    """A partial file of this set is a dead run's leftover: under the lock no other job writes one.
+    Another set's (another database on the same volume) may be being written right now."""
+    for leftover in directory.glob(f".*_{set_key}_*{PARTIAL}" if set_key else f".*{PARTIAL}"):
+        if leftover.is_file():
+            leftover.unlink(missing_ok=True)
+            log.warning("backup.partial_removed", path=str(leftover))
 
 
 def _dump_atomically(argv: list[str], list_argv: list[str], env: dict[str, str], final: Path,

@@ -18,8 +18,8 @@ from job.config import Settings
 from job.errors import ConfigError, LintFindings
 from job.logs import log
 from job.pipeline import (
-    apply, connected, database_name, known_scripts, lock_key, locked, other_databases, project_of, take_backup,
-    verify, version_table_of,
+    apply, connected, database_name, known_scripts, lock_key, locked, other_databases, project_of, succeeded,
+    take_backup, verify, version_table_of,
 )
 from job.pipeline import history as history_of
 
@@ -113,10 +113,12 @@ def backup_now(settings: Settings) -> str:
         version_table = version_table_of(settings, conn)
         current = plan.current_revisions(conn, version_table)
         with history_of(settings, conn).run("backup") as record:
+            taken = []
             for other in others:  # a multidb env.py's other databases too, each under its lock
                 theirs = plan.current_revisions(other.conn, version_table)
-                take_backup(settings, other.conn, theirs, theirs, other.database)
+                taken.append(take_backup(settings, other.conn, theirs, theirs, other.database).path)
             record.backup_path = take_backup(settings, conn, current, current).path
+            succeeded([*taken, record.backup_path])  # no migration follows that could fail
             return record.backup_path
 
 
@@ -171,12 +173,15 @@ def downgrade(settings: Settings, target: str) -> str:
         # a relative target (-1) is resolved once: after the first step it would mean something else
         absolute = "base" if not final else final[0] if len(final) == 1 else target
         with history_of(settings, conn).run("downgrade") as record:
+            taken = []
             if settings.backup != "off":
                 for other in others:
-                    take_backup(settings, other.conn, current, tuple(final), other.database)
+                    taken.append(take_backup(settings, other.conn, current, tuple(final), other.database).path)
                 record.backup_path = take_backup(settings, conn, current, tuple(final)).path
+                taken.append(record.backup_path)
             apply(settings, conn, project, steps, absolute, "downgrade", record, version_table, rows_within=not others)
             verify(settings, conn, project, version_table, "downgrade", absolute, others=others)
+            succeeded(taken)
             record.outcome = "downgraded"
             return "downgraded"
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+
+import psycopg2
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
 
 from job import db, lock, manifest, plan
@@ -75,21 +77,25 @@ def migrate_exclusively(settings: Settings, conn: Any, others: list[Other], scri
     backing_up = settings.backup == "always" or (settings.backup == "auto" and bool(the_plan.pending))
     if not the_plan.pending and not backing_up:
         return "up-to-date"
+    backups_taken: list[str] = []
     with history(settings, conn).run("run") as record:
         if backing_up:
             to = the_plan.heads if the_plan.pending else the_plan.current
             # every database env.py migrates, before the first change to any of them
             for other in others:
                 if needs_backup(settings, other.conn, the_plan):
-                    take_backup(settings, other.conn, the_plan.current, to, other.database)
+                    backups_taken.append(take_backup(settings, other.conn, the_plan.current, to, other.database).path)
             if needs_backup(settings, conn, the_plan):
                 record.backup_path = take_backup(settings, conn, the_plan.current, to).path
+                backups_taken.append(record.backup_path)
         if not the_plan.pending:
+            succeeded(backups_taken)
             record.outcome = "up-to-date"
             return "up-to-date"
         apply(settings, conn, project, the_plan.pending, settings.target, "upgrade", record, version_table,
               rows_within=not others)
         verify(settings, conn, project, version_table, others=others)
+        succeeded(backups_taken)
         record.outcome = "migrated"
         return "migrated"
 
@@ -252,7 +258,28 @@ def take_backup(settings: Settings, conn: Any, from_revision: tuple[str, ...], t
         os.environ,
         lock_wait_timeout=settings.lock_timeout,
         exclude_tables=[t for t in (settings.history_table, manifest.record_table(settings.history_table)) if t],
+        set_key=backup.set_of(server_identity(conn), database_name(conn)),
     )
+
+
+def succeeded(paths: list[str]) -> None:
+    """The migration these backups preceded succeeded: retention may now let them go in turn."""
+    from job import backup
+
+    for path in paths:
+        backup.mark_succeeded(path)
+
+
+def server_identity(conn: Any) -> str:
+    """Which server this is, for the backup set: its system identifier, else (where the function is
+    not granted, as on some managed services) the address the job reached it at."""
+    try:
+        with db.autocommit(conn), conn.cursor() as cur:
+            cur.execute("SELECT system_identifier::text FROM pg_control_system()")
+            return cur.fetchone()[0]
+    except psycopg2.Error:
+        params = conn.get_dsn_parameters()
+        return f"{params.get('host', '')}:{params.get('port', '')}"
 
 
 def apply(settings: Settings, conn: Any, project: migrate.Project, steps: list[plan.Step], target: str,

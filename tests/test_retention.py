@@ -1,0 +1,132 @@
+"""Backups are never pruned away while they are a way back: failing deploys, clocks ahead, volumes
+shared by several databases, and whatever else lies in the backup directory."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ADMIN_URL, Db, create_database, drop_database, run_job, scenario
+
+pytestmark = pytest.mark.faults
+
+
+def dumps(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.glob("*.dump"))
+
+
+def test_the_backup_before_a_failing_migration_survives_any_number_of_retries(db: Db, env: dict[str, str],
+                                                                            backup_dir: Path) -> None:
+    """Six failing attempts with MIGRATE_BACKUP_KEEP=1: the first attempt's backup (the only one holding
+    the state before f001) is still there, beside one backup of the retries' state."""
+    db.holds_data()
+    failing = {**env, "ALEMBIC_CONFIG": scenario("failing"), "MIGRATE_BACKUP_KEEP": "1"}
+    results = [run_job("run", env=failing) for _ in range(6)]
+
+    assert [6] * 6 == [r.code for r in results]
+    first = Path(results[0].event("backup.done")["path"]).name
+    last = Path(results[-1].event("backup.done")["path"]).name
+    assert ("base_to_f003" in first, "f001_to_f003" in last) == (True, True)
+    assert sorted([first, last]) == dumps(backup_dir)
+
+
+def test_a_successful_migration_lets_the_way_back_go_in_turn(db: Db, env: dict[str, str], backup_dir: Path) -> None:
+    """Once a migration succeeds, keep applies again: MIGRATE_BACKUP_KEEP=1 leaves the newest backup only."""
+    db.holds_data()
+    keep1 = {**env, "MIGRATE_BACKUP_KEEP": "1"}
+    assert 0 == run_job("run", env={**keep1, "MIGRATE_TARGET": "0003"}).code
+
+    newest = run_job("run", env=keep1).event("backup.done")["path"]
+
+    assert [Path(newest).name] == dumps(backup_dir)
+
+
+def test_a_clock_ahead_does_not_prune_the_backup_just_taken(db: Db, env: dict[str, str], backup_dir: Path) -> None:
+    """Backups another pod wrote with its clock years ahead sort later by name; the new one is still kept."""
+    db.holds_data()
+    first = Path(run_job("run", env={**env, "MIGRATE_TARGET": "0003"}).event("backup.done")["path"])
+    meta = json.loads(first.with_name(first.name + ".json").read_text())
+    for n in range(2, 7):  # sequences 2..6, named and dated in 2099
+        name = f"2099010{n}T000000.000000Z_" + first.name.split("_", 1)[1]
+        shutil.copy(first, backup_dir / name)
+        (backup_dir / f"{name}.json").write_text(json.dumps({**meta, "sequence": n, "succeeded": True,
+                                                             "created_at": f"2099-01-0{n}T00:00:00+00:00"}))
+
+    newest = Path(run_job("run", env={**env, "MIGRATE_BACKUP_KEEP": "5"}).event("backup.done")["path"])
+
+    assert newest.exists()
+    assert 7 == json.loads(newest.with_name(newest.name + ".json").read_text())["sequence"]
+
+
+def test_prune_never_deletes_a_path_a_sidecar_names(db: Db, env: dict[str, str], backup_dir: Path,
+                                                   tmp_path: Path) -> None:
+    """A sidecar whose `path` points outside the backup directory does not lead prune there."""
+    db.holds_data()
+    victim = tmp_path / "elsewhere.dump"
+    victim.write_text("not ours")
+    keep1 = {**env, "MIGRATE_BACKUP": "always", "MIGRATE_BACKUP_KEEP": "1"}
+    first = Path(run_job("run", env=keep1).event("backup.done")["path"])
+    sidecar = first.with_name(first.name + ".json")
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "path": str(victim)}))
+
+    for _ in range(2):
+        assert 0 == run_job("run", env=keep1).code
+
+    assert (True, False) == (victim.exists(), first.exists())
+
+
+def test_a_volume_shared_by_two_databases_loses_neither_ones_files(db: Db, env: dict[str, str],
+                                                                    backup_dir: Path) -> None:
+    """Another database's backups, and its backup being written, are left alone by this one's runs."""
+    other = create_database(ADMIN_URL)
+    try:
+        db.holds_data(), other.holds_data()
+        keep1 = {**env, "MIGRATE_BACKUP": "always", "MIGRATE_BACKUP_KEEP": "1"}
+        theirs = Path(run_job("run", env={**keep1, "DATABASE_URL": other.url}).event("backup.done")["path"])
+        in_progress = backup_dir / f".{theirs.name.replace(theirs.name[:4], '2030', 1)}.partial"
+        in_progress.write_text("pg_dump is writing this")
+
+        for _ in range(3):
+            assert 0 == run_job("run", env=keep1).code
+
+        assert (True, True) == (theirs.exists(), in_progress.exists())
+        assert 2 == len(dumps(backup_dir))
+    finally:
+        drop_database(other)
+
+
+def test_whatever_else_is_in_the_backup_directory_is_passed_over(db: Db, env: dict[str, str],
+                                                                backup_dir: Path) -> None:
+    """A directory named like a partial file, non-object and incomplete sidecars, other files: warnings, never a failure."""
+    db.holds_data()
+    (backup_dir / ".20260101T000000.000000Z_x.dump.partial").mkdir()
+    (backup_dir / "20260101T000000.000000Z_x_a.dump.json").write_text("[1, 2]")
+    (backup_dir / "20260101T000000.000000Z_x_b.dump.json").write_text('{"database": "x"}')
+    (backup_dir / "20260101T000000.000000Z_x_c.dump.json").write_text("{not json")
+    (backup_dir / "notes.txt").write_text("hello")
+
+    run = run_job("run", env=env)
+    status = run_job("status", "--format", "json", env=env)
+    listed = run_job("backup", "--list", "--format", "json", env=env)
+
+    assert (0, 0, 0) == (run.code, status.code, listed.code), run.stdout[-600:]
+    assert 3 == len(run.events("backup.ignored"))
+    assert [run.event("backup.done")["path"]] == [b["path"] for b in json.loads(listed.stdout)]
+
+
+def test_restore_takes_a_relative_name_from_the_backup_directory_only(db: Db, env: dict[str, str],
+                                                                      backup_dir: Path, tmp_path: Path) -> None:
+    """A backup of the same name in the working directory is never the one restored."""
+    db.holds_data()
+    made = Path(run_job("run", env=env).event("backup.done")["path"])
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    shutil.copy(made, elsewhere / "decoy.dump")
+    shutil.copy(made.with_name(made.name + ".json"), elsewhere / "decoy.dump.json")
+
+    result = run_job("restore", "decoy.dump", "--yes", env=env, cwd=elsewhere)
+
+    assert (5, True) == (result.code, str(backup_dir / "decoy.dump") in result.event("run.failed")["error"])
