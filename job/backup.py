@@ -8,6 +8,7 @@ instead would have our hashing compete with pg_dump's compression for the CPU.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime as dt
 import hashlib
 import json
@@ -83,9 +84,15 @@ def server_too_new(stderr: str, server_version_num: int) -> BackupFailed | None:
         return None
     server_major = server_version_num // 10000 if server_version_num >= 100000 else server_version_num // 100
     return BackupFailed(
-        f"pg_dump is older than the server ({_last_line(stderr).removeprefix('pg_dump: detail: ')}): install "
+        f"pg_dump is older than the server ({_detail(stderr)}): install "
         f"postgresql-client-{server_major} or newer in the image (build argument PG_MAJOR)"
     )
+
+
+def _detail(stderr: str) -> str:
+    """The text of the first DETAIL line, else the first error."""
+    found = re.search(r"(?im)detail:\s*(.*)$", stderr)
+    return found.group(1).strip() if found else _first_error(stderr)
 
 
 def dumped_by(listing: str) -> str:
@@ -142,6 +149,7 @@ def take(
     lock_wait_timeout: float = 300,
     exclude_tables: list[str] = [],
     set_key: str = "",
+    wait_timeout: float = 0,
 ) -> Backup:
     """Dump the database into `directory`, verify it, write the sidecar, prune the set (`prune`)."""
     pg_dump, pg_restore = tool("pg_dump"), tool("pg_restore")
@@ -162,13 +170,14 @@ def take(
         "--format=custom",
         "--no-password",
         # pg_dump takes a share lock on every table: never wait forever behind an app's transaction
-        f"--lock-wait-timeout={int(lock_wait_timeout * 1000)}",
+        # (0 would mean "wait forever" to pg_dump, where MIGRATE_LOCK_TIMEOUT=0 means "try once")
+        f"--lock-wait-timeout={max(int(lock_wait_timeout * 1000), 1)}",
         # the job's own history is not the application's data: a restore must not rewind it
         # (and its id sequence, which pg_restore --clean would otherwise try to drop from under it)
         *(f"--exclude-table={name}" for table in exclude_tables for name in (table, f"{table}_id_seq")),
         f"--dbname={database.conninfo_without_password(application_name)}",
     ]
-    size, digest, version = _dump_atomically(argv, [pg_restore, "--list"], child, final, server_version)
+    size, digest, version = _dump_atomically(argv, [pg_restore, "--list"], child, final, server_version, wait_timeout)
     try:
         backup = Backup(
             path=str(final),
@@ -241,7 +250,7 @@ def restore(database: Database, path: Path, application_name: str, env: Mapping[
         pg_restore, "--clean", "--if-exists", "--single-transaction", "--no-password",
         f"--dbname={database.conninfo_without_password(name)}", str(path),
     ]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=_dies_with_job,
                             env=child_env(database, env))
     cancelled = 0
     try:
@@ -257,7 +266,7 @@ def restore(database: Database, path: Path, application_name: str, env: Mapping[
         raise
     if proc.returncode != 0:
         why = " (it waited longer than MIGRATE_LOCK_TIMEOUT for a table lock)" if cancelled else ""
-        raise RestoreFailed(f"pg_restore failed, the database is unchanged{why}: {_last_line(stderr)}")
+        raise RestoreFailed(f"pg_restore failed, the database is unchanged{why}: {_first_error(stderr)}")
 
 
 def sidecar_of(path: Path) -> Path:
@@ -354,29 +363,51 @@ def remove_partials(directory: Path, set_key: str) -> None:
             log.warning("backup.partial_removed", path=str(leftover))
 
 
+def _dies_with_job() -> None:
+    """In the child, before exec: die when the job dies (Linux's PR_SET_PDEATHSIG). A SIGKILLed job
+    must not leave its pg_dump holding share locks on every table, or its pg_restore running."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: nothing to ask for
+
+
+def _server_full(stderr: str) -> bool:
+    lowered = stderr.lower()
+    return "too many clients" in lowered or "remaining connection slots are reserved" in lowered
+
+
 def _dump_atomically(argv: list[str], list_argv: list[str], env: dict[str, str], final: Path,
-                     server_version: int) -> tuple[int, str, str]:
+                     server_version: int, wait_timeout: float = 0) -> tuple[int, str, str]:
     """pg_dump into a private temporary file that becomes `final` only once complete and readable
     by `pg_restore --list`; return its size, sha256 and the pg_dump version it records."""
     with _atomically(final) as partial:
-        result = subprocess.run([*argv, f"--file={partial}"], env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, errors="replace")
+        deadline = time.monotonic() + wait_timeout
+        while True:
+            result = subprocess.run([*argv, f"--file={partial}"], env=env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True, errors="replace", preexec_fn=_dies_with_job)
+            if result.returncode == 0 or not _server_full(result.stderr) or time.monotonic() >= deadline:
+                break
+            # the server has no connection slot for pg_dump right now: wait within MIGRATE_WAIT_TIMEOUT
+            log.info("backup.retry", error=_first_error(result.stderr))
+            time.sleep(min(1.0, max(deadline - time.monotonic(), 0)))
         if result.returncode < 0:
             name = signal.Signals(-result.returncode).name
             raise BackupFailed(f"pg_dump was killed by {name}" + (
                 " (the file size limit)" if name == "SIGXFSZ" else ""))
         if result.returncode != 0:
             raise server_too_new(result.stderr, server_version) or BackupFailed(
-                f"pg_dump failed: {_last_line(result.stderr)}")
+                f"pg_dump failed: {_first_error(result.stderr)}")
         # pg_restore reads the archive's table of contents while we hash the file
         listing = subprocess.Popen([*list_argv, str(partial)], env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True, errors="replace")
+                                   stderr=subprocess.PIPE, text=True, errors="replace", preexec_fn=_dies_with_job)
         try:
             size, digest = _sha256(partial)
         finally:
             out, err = listing.communicate()
         if listing.returncode != 0:
-            raise BackupFailed(f"pg_restore --list cannot read the backup: {_last_line(err)}")
+            raise BackupFailed(f"pg_restore --list cannot read the backup: {_first_error(err)}")
         return size, digest, dumped_by(out)
 
 
@@ -428,6 +459,17 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _last_line(stderr: str) -> str:
-    lines = [line for line in stderr.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "no error output"
+def _first_error(stderr: str) -> str:
+    """What went wrong, from pg_dump/pg_restore/psql output: the first error line with the DETAIL
+    and HINT lines that follow it (its cause), not the last line (often `Command was: ...`)."""
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    first = next((i for i, line in enumerate(lines) if "error:" in line.lower() or "fatal:" in line.lower()), None)
+    if first is None:
+        return lines[-1] if lines else "no error output"
+    cause = [lines[first]]
+    for line in lines[first + 1:]:
+        if "detail:" in line.lower() or "hint:" in line.lower():
+            cause.append(line)
+        elif cause:
+            break
+    return " ".join(cause)

@@ -10,9 +10,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import psycopg2
+
 from job import __version__, commands, config, db, logs, pipeline
-from job.errors import ConfigError, Interrupted, JobError, RevisionError
+from job.errors import ConfigError, DatabaseUnavailable, Interrupted, JobError, RevisionError
 from job.logs import log
+from job.wait import one_line
 
 PENDING = 8
 
@@ -241,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         outcome, code = COMMANDS[args.command](settings, args)
     except (JobError, Interrupted) as e:
         return _failed(e, started, env)
+    except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:  # the job's own session, outside a revision
+        return _failed(DatabaseUnavailable(f"the connection to the database was lost: {one_line(e)}; "
+                                           "nothing was left half-done: run the job again"), started, env)
     except Exception as e:
         import traceback
 

@@ -40,6 +40,8 @@ CONNECTION_DEFAULTS = {
     "keepalives_interval": "5",
     "keepalives_count": "3",
     "connect_timeout": "5",
+    # libpq: give up on a connection whose sent data has gone unacknowledged this long (ms)
+    "tcp_user_timeout": "25000",
 }
 
 # libpq connection parameters that pg_dump/pg_restore get through their conninfo string.
@@ -124,8 +126,9 @@ class Database(NamedTuple):
         return kwargs
 
     def conninfo_without_password(self, application_name: str) -> str:
-        """A libpq conninfo string for pg_dump/pg_restore argv: everything but the password."""
-        params = {k: v for k, v in self.params.items() if k not in _NOT_FOR_CONNINFO}
+        """A libpq conninfo string for pg_dump/pg_restore argv: everything but the password, with
+        the same keepalives and connect timeout as the job's own session (URL parameters win)."""
+        params = {**CONNECTION_DEFAULTS, **{k: v for k, v in self.params.items() if k not in _NOT_FOR_CONNINFO}}
         params["application_name"] = application_name
         return psycopg2.extensions.make_dsn(**params)
 

@@ -25,6 +25,14 @@ class LockTimeout(JobError):
     exit_code = 4
 
 
+class LockLost(JobError):
+    """The server ended the session that held the migration lock (idle or network timeouts, an
+    operator's pg_terminate_backend): another runner may hold it now, so the job stops before its
+    next revision."""
+
+    exit_code = 4
+
+
 class BackupFailed(JobError):
     """The backup could not be taken or verified; nothing was migrated."""
 

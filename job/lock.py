@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 
 import psycopg2
 
-from job.errors import ConfigError, LockTimeout
+from job.errors import ConfigError, LockLost, LockTimeout
 from job.logs import log
 
 HOLDER_SQL = """
@@ -192,6 +192,23 @@ def acquire(
         if listening and not conn.closed:
             with conn.cursor() as cur:
                 cur.execute("UNLISTEN *")
+
+
+def confirm(conn: Any, key: int) -> None:
+    """Raise LockLost unless this session still holds lock `key` exclusively."""
+    unsigned = key & 0xFFFFFFFFFFFFFFFF
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted "
+                "AND mode = 'ExclusiveLock' AND objsubid = 1 AND classid::bigint = %s AND objid::bigint = %s",
+                (unsigned >> 32, unsigned & 0xFFFFFFFF))
+            held = cur.fetchone()[0] > 0
+    except psycopg2.Error as e:
+        raise LockLost(f"the session holding the migration lock is gone ({str(e).strip().splitlines()[0]}); "
+                       "nothing more was run: run the job again") from None
+    if not held:
+        raise LockLost(f"the migration lock {key} is no longer held by this run; nothing more was run: run the job again")
 
 
 def release(conn: Any, key: int, mode: str = EXCLUSIVE) -> None:

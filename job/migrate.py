@@ -34,7 +34,7 @@ from sqlalchemy.pool import StaticPool
 from job import commits, db, logs, plan
 from job.alembic_files import AlembicFiles
 from job.config import Database
-from job.errors import ConfigError, Interrupted, MigrationFailed, RevisionError
+from job.errors import ConfigError, Interrupted, JobError, MigrationFailed, RevisionError
 from job.history import History
 from job.logs import log
 from job.plan import Step, VersionTable
@@ -132,11 +132,14 @@ class Project:
         """Refuse a database at an unknown revision, an ambiguous `head`, or a target the scripts lack."""
         for revision in current:
             try:
-                self.script.get_revision(revision)
+                found = self.script.get_revision(revision)
             except Exception:
+                found = None
+            if found is None or found.revision != revision:  # `head`, a branch label, a partial id
                 raise RevisionError(
                     f"the database is at revision {revision!r}, which these migration scripts do not "
-                    "know: it was migrated by newer code, or the scripts are missing a revision"
+                    "know as a revision id: it was migrated by newer code, the scripts are missing a revision, "
+                    "or the version table holds a name rather than an id"
                 ) from None
         heads = self.heads()
         if target == "head" and len(heads) > 1:
@@ -429,6 +432,7 @@ def apply(
     history: History | None = None,
     version_table: VersionTable | None = None,
     rows_within: bool = True,
+    confirm_lock: Callable[[], None] | None = None,
 ) -> None:
     """Apply `steps` (upgrade or downgrade) one per transaction, logging each and recording it in
     `history`; raise MigrationFailed naming the one that failed.
@@ -442,14 +446,14 @@ def apply(
     retried: dict[str, int] = {}
     endings = project.transaction_endings(pending, direction)
     while pending:
-        stepper = Stepper(project, pending, target, direction, history, endings, rows_within)
+        stepper = Stepper(project, pending, target, direction, history, endings, rows_within, confirm_lock)
         try:
             project.run_env(stepper, on_version_apply=stepper.applied)
         except Interrupted:
             stepper.failed("interrupted", None)
             stepper.clean_up()
             raise
-        except Exception as e:
+        except (Exception, SystemExit, KeyboardInterrupt) as e:  # a revision's sys.exit() is its failure
             stepper.clean_up()
             step = stepper.running
             if step is None and not stepper.done and db.received_signal() is None and not isinstance(
@@ -458,8 +462,8 @@ def apply(
                     f"the Alembic environment (env.py) failed before revision {pending[0].revision} could run: "
                     f"{type(e).__name__}: {one_line(e)}{_async_hint(e)}"
                 ) from None
-            if isinstance(e, ConfigError):
-                raise
+            if isinstance(e, JobError) and not isinstance(e, MigrationFailed):
+                raise  # the job's own verdict (a refused connection, a lost lock), not the revision's
             if step is not None and _is_lock_timeout(e) and retried.get(step.revision, 0) < lock_retries:
                 retried[step.revision] = retried.get(step.revision, 0) + 1
                 _back_off(project, step, retried[step.revision], lock_retries, e)
@@ -484,9 +488,10 @@ class Stepper:
     around all of them gets one revision per run instead, committed when env.py ends it."""
 
     def __init__(self, project: Project, pending: list[Step], target: str, direction: str,
-                 history: History | None, endings: Mapping[str, commits.Ending], rows_within: bool = True) -> None:
+                 history: History | None, endings: Mapping[str, commits.Ending], rows_within: bool = True,
+                 confirm_lock: Callable[[], None] | None = None) -> None:
         self.project, self.pending, self.target, self.direction, self.history = project, pending, target, direction, history
-        self.endings, self.rows_within = endings, rows_within
+        self.endings, self.rows_within, self.confirm_lock = endings, rows_within, confirm_lock
         self.done: list[Step] = []
         self.running: Step | None = None
         self._started = (0.0, dt.datetime.now(dt.timezone.utc))
@@ -506,6 +511,8 @@ class Stepper:
     def _one_at_a_time(self, planned: list[Any], context: Any) -> Iterator[Any]:
         for script_step, step in zip(planned, self.pending):
             if step != self.running:  # (a multidb env.py asks again for each of its databases)
+                if self.confirm_lock is not None:
+                    self.confirm_lock()  # never run a revision on a lock the server has taken back
                 log.info("migration.start", revision=step.revision, description=step.description,
                          direction=self.direction)
                 self.running, self._started = step, (time.monotonic(), dt.datetime.now(dt.timezone.utc))

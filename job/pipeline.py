@@ -55,7 +55,8 @@ def run(settings: Settings) -> str:
 def migrate_exclusively(settings: Settings, conn: Any, others: list[Other], scripts: manifest.Scripts | None,
                         known: manifest.Known | None, project_of_run: Callable[[], migrate.Project]) -> str:
     """Under the exclusive lock: plan again (another replica may have done the work while this one
-    waited), back up, upgrade, verify."""
+    waited, and recorded what it learned of the scripts), back up, upgrade, verify."""
+    known = known or known_scripts(settings, conn, scripts)
     if known is not None and not others:
         at_head = plan.known_at_target(known.heads, plan.current_revisions(conn, known.version_table), settings.target)
         if at_head and settings.backup != "always":
@@ -259,6 +260,7 @@ def take_backup(settings: Settings, conn: Any, from_revision: tuple[str, ...], t
         lock_wait_timeout=settings.lock_timeout,
         exclude_tables=[t for t in (settings.history_table, manifest.record_table(settings.history_table)) if t],
         set_key=backup.set_of(server_identity(conn), database_name(conn)),
+        wait_timeout=settings.wait_timeout,
     )
 
 
@@ -289,13 +291,16 @@ def apply(settings: Settings, conn: Any, project: migrate.Project, steps: list[p
     from job import migrate
 
     set_session_timeouts(conn, settings)
-    migrate.apply(project, steps, target, direction, settings.lock_retries, record, version_table, rows_within)
+    key = lock_key(settings, conn)
+    migrate.apply(project, steps, target, direction, settings.lock_retries, record, version_table, rows_within,
+                  confirm_lock=lambda: lock.confirm(conn, key))
 
 
 def verify(settings: Settings, conn: Any, project: migrate.Project, version_table: plan.VersionTable,
            direction: str = "upgrade", target: str | None = None, others: list[Other] = ()) -> None:
     """Read the version table again: the database (and every other one env.py migrates) must now be at the target."""
     project.close()
+    lock.confirm(conn, lock_key(settings, conn))
     current = plan.current_revisions(conn, version_table)
     for other in others:
         theirs = plan.current_revisions(other.conn, version_table)

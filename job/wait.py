@@ -27,6 +27,7 @@ TRANSIENT = (
     "the database system is in recovery mode",
     "the database system is not yet accepting connections",
     "too many connections",
+    "too many clients",
     "remaining connection slots are reserved",
     "timeout expired",
     "server closed the connection unexpectedly",
@@ -58,7 +59,11 @@ SELECT pg_is_in_recovery(),
        -- PostgreSQL 14+: notice a client that went away even mid-statement (a SIGKILLed holder's
        -- pg_sleep or long UPDATE is cancelled within a second, and its lock freed)
        CASE WHEN current_setting('server_version_num')::int >= 140000
-            THEN set_config('client_connection_check_interval', '1000', false) END
+            THEN set_config('client_connection_check_interval', '1000', false) END,
+       -- PostgreSQL 14+: a database-wide idle_session_timeout must not end the session that holds
+       -- the lock while env.py's own engine or pg_dump does the work
+       CASE WHEN current_setting('server_version_num')::int >= 140000
+            THEN set_config('idle_session_timeout', '0', false) END
 """
 
 

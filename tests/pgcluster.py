@@ -46,7 +46,7 @@ class Cluster:
     """One data directory, one port, a superuser `postgres` (password `password` over TCP)."""
 
     def __init__(self, directory: Path, port: int | None = None, password_auth: bool = False,
-                 ssl: bool = False) -> None:
+                 ssl: bool = False, max_connections: int = 200) -> None:
         self.directory = Path(directory).resolve()
         self.data = self.directory / "data"
         self.port_file = self.directory / "port"
@@ -55,6 +55,7 @@ class Cluster:
         self.port = port or free_port()
         self.password_auth = password_auth
         self.ssl = ssl
+        self.max_connections = max_connections
         self.user = server_user()
 
     def url(self, database: str = "postgres", user: str = "postgres", password: str | None = None) -> str:
@@ -104,7 +105,7 @@ class Cluster:
         self.port_file.write_text(str(self.port))
         options = (
             f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.directory} "
-            "-c fsync=off -c full_page_writes=off -c max_connections=200"
+            f"-c fsync=off -c full_page_writes=off -c max_connections={self.max_connections}"
             + (" -c ssl=on" if self.ssl else "")
         )
         argv = [str(BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.directory / "server.log"), "-o", options]

@@ -1,0 +1,155 @@
+"""Every way a run can end has its exit code: a revision's sys.exit(), a version row that is a
+name, a full server, a connection or a lock lost outside a revision; and nothing outlives the job."""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Db, finish_logged, start_logged
+from tests.events import wait_for_event
+from tests.pgcluster import Cluster
+from tests.test_env_sessions import at_head_with_next
+from tests.test_projects import SHAPES, run_job
+
+pytestmark = pytest.mark.faults
+
+OWN_ENGINE = SHAPES["sync-template-psycopg2"]
+
+
+@pytest.mark.parametrize("body", ["import sys\n    sys.exit(0)", "import sys\n    sys.exit(3)", "raise KeyboardInterrupt"],
+                         ids=["sys.exit(0)", "sys.exit(3)", "KeyboardInterrupt"])
+def test_a_revision_that_exits_is_a_failed_revision(body: str, db: Db, env: dict[str, str], tmp_path: Path) -> None:
+    """sys.exit() or KeyboardInterrupt inside a revision: exit 6 naming it, rolled back, history `failed`."""
+    job_env = at_head_with_next(OWN_ENGINE, db, env, tmp_path, body='op.execute("CREATE TABLE half (id int)")\n    ' + body)
+
+    result = run_job("run", env=job_env)
+
+    assert (6, True, ["b003"]) == (result.code, "revision b004" in result.event("run.failed")["error"], db.version())
+    assert "half" not in db.tables()
+    assert [("b004", "failed")] == db.query(
+        "SELECT revision, outcome FROM migrate_job_history WHERE kind = 'revision' AND revision = 'b004'")
+
+
+@pytest.mark.parametrize("row", ["head", "heads", "b00"])
+def test_a_version_row_that_is_not_a_revision_id_exits_7(row: str, db: Db, env: dict[str, str], tmp_path: Path) -> None:
+    """A version table holding `head`, `heads` or a partial id is not taken for the revision it names."""
+    job_env = at_head_with_next(OWN_ENGINE, db, env, tmp_path, body="pass")
+    db.query("UPDATE alembic_version SET version_num = %s", (row,))
+
+    result = run_job("run", env=job_env)
+
+    assert (7, True) == (result.code, repr(row) in result.event("run.failed")["error"])
+
+
+def test_a_full_server_is_waited_for(tmp_path: Path, env: dict[str, str]) -> None:
+    """Every connection slot taken when the job starts: `too many clients` is retried until one frees up."""
+    import psycopg2
+
+    cluster = Cluster(Path(tempfile.mkdtemp(prefix="migrate-job-full-")), max_connections=8)
+    cluster.start()
+    try:
+        cluster.psql("CREATE DATABASE full_server")
+        url = cluster.url("full_server", password="password")
+        fillers = []
+        while True:  # take every slot but the superusers' reserved ones
+            try:
+                fillers.append(psycopg2.connect(url))
+            except psycopg2.OperationalError:
+                break
+        out = tmp_path / "job.log"
+        proc = start_logged({**env, "DATABASE_URL": url, "MIGRATE_WAIT_TIMEOUT": "60"}, out)
+        wait_for_event(out, "wait.retry")
+        time.sleep(1)
+        for conn in fillers:
+            conn.close()
+        result = finish_logged(proc, out)
+    finally:
+        cluster.destroy()
+
+    assert (0, True) == (result.code, "too many clients" in result.events("wait.retry")[0]["error"]), result.stdout[-600:]
+
+
+def test_a_connection_lost_while_waiting_for_the_lock_exits_3(db: Db, env: dict[str, str], tmp_path: Path) -> None:
+    """The job's session ended by the server while it waits for the lock: exit 3 with what happened, not a traceback."""
+    from tests.conftest import hold_lock
+
+    holder, _ = hold_lock(db)
+    out = tmp_path / "job.log"
+    proc = start_logged(env, out)
+    wait_for_event(out, "lock.waiting")
+    db.query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
+             "AND application_name LIKE 'migrate-job/%%'", (db.name,))
+    result = finish_logged(proc, out)
+    holder.close()
+
+    failed = result.event("run.failed")
+    assert (3, "DatabaseUnavailable", None) == (result.code, failed["error_type"], failed.get("traceback"))
+
+
+def test_idle_session_timeout_does_not_take_the_lock_from_its_holder(db: Db, env: dict[str, str],
+                                                                   tmp_path: Path) -> None:
+    """With idle_session_timeout=1s on the database, the locked session idles through a 2.5 s revision on env.py's engine."""
+    job_env = at_head_with_next(OWN_ENGINE, db, env, tmp_path, body='op.execute("SELECT pg_sleep(2.5)")')
+    db.query(f'ALTER DATABASE "{db.name}" SET idle_session_timeout = \'1s\'')
+
+    result = run_job("run", env=job_env)
+
+    assert (0, ["b004"]) == (result.code, db.version()), result.stdout[-600:]
+
+
+def test_a_lock_lost_mid_run_stops_before_the_next_revision_with_4(db: Db, env: dict[str, str],
+                                                                   tmp_path: Path) -> None:
+    """The session holding the lock is ended while env.py's engine runs b004: b004 commits, b005 never starts, exit 4."""
+    job_env = at_head_with_next(OWN_ENGINE, db, env, tmp_path, body='op.execute("SELECT pg_sleep(1.5)")')
+    (tmp_path / "blog_versions" / "b005_after.py").write_text(
+        (tmp_path / "blog_versions" / "b004_next.py").read_text().replace("b004", "b005").replace('"b003"', '"b004"')
+        .replace("Revises: b003", "Revises: b004").replace("pg_sleep(1.5)", "SELECT 1"))
+    out = tmp_path / "job.log"
+    proc = start_logged(job_env, out)
+    wait_for_event(out, "migration.start")
+    db.query("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+             "AND database = (SELECT oid FROM pg_database WHERE datname = %s)", (db.name,))
+    result = finish_logged(proc, out)
+
+    assert (4, "LockLost", ["b004"]) == (result.code, result.event("run.failed")["error_type"], db.version())
+    assert ["b004"] == [e["revision"] for e in result.events("migration.start")]
+
+
+def test_a_sigkilled_job_leaves_no_pg_dump_behind(db: Db, env: dict[str, str], tmp_path: Path) -> None:
+    """pg_dump waiting on a table lock when the job is SIGKILLed dies with it, and releases its share locks."""
+    db.holds_data()
+    app = db.connect(application_name="app")
+    app.autocommit = False
+    app.cursor().execute("LOCK TABLE legacy_notes IN ACCESS EXCLUSIVE MODE")  # pg_dump waits for it
+    out = tmp_path / "job.log"
+    proc = start_logged(env, out)
+    wait_for_event(out, "backup.start")
+    time.sleep(0.5)
+
+    def dumps() -> list[int]:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"pg_dump" in cmdline and db.name.encode() in cmdline:
+                found.append(int(pid))
+        return found
+
+    assert dumps()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 5
+    while dumps() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    app.rollback()
+    app.close()
+
+    assert [] == dumps()
