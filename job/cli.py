@@ -300,9 +300,22 @@ def _terminate(env: Any, message: str) -> None:
     if not (path.exists() or (explicit and path.parent.is_dir())):
         return
     try:
-        path.write_text(message[:4000] + "\n")
+        path.write_bytes(termination_message(message))
     except OSError:
         pass
+
+
+# Kubernetes keeps the first 4096 bytes of /dev/termination-log
+TERMINATION_LIMIT = 4096
+
+
+def termination_message(message: str) -> bytes:
+    """The message as UTF-8 within Kubernetes' limit, cut on a character boundary and marked as cut."""
+    encoded = message.encode() + b"\n"
+    if len(encoded) <= TERMINATION_LIMIT:
+        return encoded
+    marker = " [cut]\n".encode()
+    return encoded[: TERMINATION_LIMIT - len(marker)].decode(errors="ignore").encode() + marker
 
 
 def _out(text: str) -> None:

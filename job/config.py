@@ -75,6 +75,7 @@ class Database(NamedTuple):
         `+psycopg` or `+asyncpg`. libpq parses what it knows (multi-host, URL-encoding); asyncpg's
         own query parameters are kept for env.py, with `ssl` also read as libpq's `sslmode`."""
         url = url.strip()
+        _refuse_unencoded_password(url)
         scheme, sep, rest = url.partition("://")
         dialect, _, driver = scheme.partition("+")
         if not sep or dialect.lower() not in ("postgres", "postgresql"):
@@ -183,6 +184,34 @@ def is_libpq_parameter(name: str) -> bool:
     except psycopg2.ProgrammingError:
         return False
     return True
+
+
+# what may follow the user info: host[:port], comma-separated (IPv6 in brackets), or nothing
+_HOSTS = r"(?:(?:\[[0-9A-Fa-f:.%]+\]|[A-Za-z0-9._%-]*)(?::\d*)?)(?:,(?:\[[0-9A-Fa-f:.%]+\]|[A-Za-z0-9._%-]*)(?::\d*)?)*"
+
+
+def _refuse_unencoded_password(url: str) -> None:
+    """A password with `@ / ? # %` left as they are makes the URL parse into something else (the
+    rest of the password as a host, a port, a query), and every message about it would show the
+    password. Find it as a person would (between the first `:` after the user and the last `@`),
+    and refuse it without printing it."""
+    rest = url.partition("://")[2]
+    # the `@` that ends the user info is the first one followed by something shaped like hosts
+    # (an `@` inside a query value is followed by `=`, `&` and the like)
+    ends = [m.start() for m in re.finditer("@", rest)
+            if re.fullmatch(_HOSTS, re.split(r"[/?#]", rest[m.start() + 1:], maxsplit=1)[0])]
+    if not ends:
+        return
+    userinfo = rest[: ends[0]]
+    user, colon, password = userinfo.partition(":")
+    if not colon:
+        return
+    if re.search(r"[@/?#]|%(?![0-9A-Fa-f]{2})", password):
+        masked = url.replace(password, "***", 1)
+        raise ConfigError(
+            f"the password in the database URL {masked!r} must be URL-encoded: write @ as %40, / as %2F, "
+            "? as %3F, # as %23 and % as %25 (or put it in PGPASSWORD)"
+        )
 
 
 def redact_url(text: str) -> str:

@@ -15,6 +15,7 @@ or an error, and the end of the run release the held lines too.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import sys
 import time
@@ -87,8 +88,11 @@ class Redactor:
 
     def add(self, values: Iterable[str]) -> None:
         for secret in values:
-            # the secret as typed and as it appears inside a URL
-            for form in {secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote(secret)}:
+            # the secret as typed, inside a URL, and escaped as repr() and JSON write it (SQLAlchemy's
+            # debug lines show bound parameters in repr form)
+            forms = {secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote(secret), repr(secret)[1:-1],
+                     json.dumps(secret)[1:-1]}
+            for form in forms:
                 if form and form not in self.secrets:
                     self.secrets.append(form)
         self.secrets.sort(key=len, reverse=True)
@@ -103,7 +107,7 @@ class Redactor:
 
     def _value(self, value: Any) -> Any:
         if isinstance(value, str):
-            return self.text(value)
+            return _capped(self.text(value))
         if isinstance(value, (list, tuple)):
             return [self._value(v) for v in value]
         if isinstance(value, dict):
@@ -112,6 +116,15 @@ class Redactor:
 
 
 redactor = Redactor()
+
+# the longest text a log line carries in one field; a longer one is cut, and says so
+FIELD_LIMIT = 8000
+
+
+def _capped(text: str) -> str:
+    if len(text) <= FIELD_LIMIT:
+        return text
+    return f"{text[:FIELD_LIMIT]}… [cut: {len(text) - FIELD_LIMIT} more characters]"
 
 
 class Output:

@@ -4,6 +4,7 @@ name, a full server, a connection or a lock lost outside a revision; and nothing
 from __future__ import annotations
 
 import os
+import re
 import signal
 import tempfile
 import time
@@ -153,3 +154,14 @@ def test_a_sigkilled_job_leaves_no_pg_dump_behind(db: Db, env: dict[str, str], t
     app.close()
 
     assert [] == dumps()
+
+
+@pytest.mark.parametrize("password", ["s3cr%t@p:ss/w0rd", "qz@xk@vj9", "hlf%"])
+def test_an_unencoded_password_never_shows(password: str, env: dict[str, str], tmp_path: Path) -> None:
+    """Exit 2 telling how to encode it; no piece of it in stdout, stderr or the termination log."""
+    result = run_job("run", env={**env, "DATABASE_URL": f"postgresql://app:{password}@127.0.0.1:5432/postgres"})
+
+    everything = result.stdout + result.stderr + Path(env["MIGRATE_TERMINATION_LOG"]).read_text()
+    pieces = [piece for piece in re.split(r"[@%:/]", password) if len(piece) >= 3]
+    assert (2, []) == (result.code, [piece for piece in pieces if piece in everything])
+    assert "must be URL-encoded" in result.event("run.failed")["error"]

@@ -80,3 +80,19 @@ def test_urls_that_cannot_work_are_configuration_errors(url: str, message: str) 
     with pytest.raises(ConfigError, match=message) as raised:
         Database.from_url(url)
     assert ":pw@" not in str(raised.value)
+
+
+@pytest.mark.parametrize("password", ["s3cr%t", "p@ss", "pa/ss", "p?ss", "p#ss", "100%"])
+def test_a_password_that_is_not_url_encoded_is_refused_without_being_shown(password: str) -> None:
+    """However the unencoded password would make the URL parse, the error names the fix and shows none of it."""
+    with pytest.raises(ConfigError, match="must be URL-encoded") as raised:
+        Database.from_url(f"postgresql://app:{password}@db:5432/blog")
+
+    assert password not in str(raised.value) and "app:***@db" in str(raised.value)
+
+
+def test_an_at_sign_in_a_query_value_is_not_taken_for_the_password() -> None:
+    """The user info ends at the first `@` followed by hosts: `?application_name=a@b` is a query value."""
+    database = Database.from_url("postgresql://app:pw@db/blog?application_name=a@b")
+
+    assert ("pw", "a@b") == (database.password, database.params["application_name"])
