@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, NamedTuple
@@ -236,37 +237,128 @@ def verified(directory: Path, name: str) -> tuple[Path, dict[str, Any]]:
 
 
 def restore(database: Database, path: Path, application_name: str, env: Mapping[str, str],
-            cancel_lock_waits: Callable[[str], int]) -> None:
-    """pg_restore --clean --if-exists in a single transaction: all of the backup, or no change at all.
+            cancel_lock_waits: Callable[[str], int], clearing: str) -> None:
+    """Bring the database back to exactly the state the backup holds, in one transaction: all of
+    it, or no change at all.
 
-    Dropping the tables takes exclusive locks, and every application query would queue behind a
-    pg_restore waiting for one. pg_restore resets lock_timeout to 0 itself (its archive header
-    says so), so while it runs `cancel_lock_waits(its application_name)` is called every 0.2 s to
-    cancel a statement of it that has waited too long; the transaction then undoes everything.
+    `pg_restore --clean` drops only what is in the archive, so what later migrations added (a
+    table, a type, a foreign key onto a restored table, an extension) would stay or block the
+    drops. So psql runs, in a single transaction, `clearing` (drops everything the database holds
+    besides the job's own tables: `clearing_sql`) and then the archive's script as pg_restore
+    writes it, streamed (a dump may be larger than memory).
+
+    Dropping takes exclusive locks, and every application query would queue behind a restore
+    waiting for one. The archive's script sets lock_timeout to 0 itself, so while it runs
+    `cancel_lock_waits(its application_name)` is called every 0.2 s to cancel a statement of it
+    that has waited too long; the transaction then undoes everything.
     """
-    pg_restore = tool("pg_restore")
+    pg_restore, psql = tool("pg_restore"), tool("psql")
     name = f"{application_name}/restore"[:63]
-    argv = [
-        pg_restore, "--clean", "--if-exists", "--single-transaction", "--no-password",
-        f"--dbname={database.conninfo_without_password(name)}", str(path),
-    ]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=_dies_with_job,
-                            env=child_env(database, env))
+    child = child_env(database, env)
+    script = subprocess.Popen([pg_restore, "--clean", "--if-exists", "--file=-", str(path)], env=child,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_dies_with_job)
+    runner = subprocess.Popen(
+        [psql, "--no-psqlrc", "--quiet", "--single-transaction", "--set=ON_ERROR_STOP=1", "--file=-",
+         f"--dbname={database.conninfo_without_password(name)}"],
+        env=child, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        preexec_fn=_dies_with_job)
+    errors: list[bytes] = []
+
+    def feed() -> None:
+        """Write `clearing`, then the archive's script, into psql."""
+        try:
+            runner.stdin.write(clearing.encode() + b"\n")
+            while chunk := script.stdout.read(CHUNK):
+                runner.stdin.write(chunk)
+        except BrokenPipeError:
+            pass  # psql stopped at an error: its stderr says which
+        finally:
+            with contextlib.suppress(BrokenPipeError):
+                runner.stdin.close()
+        errors.append(script.stderr.read())
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
     cancelled = 0
     try:
         while True:
             try:
-                _, stderr = proc.communicate(timeout=0.2)
+                runner.wait(timeout=0.2)
                 break
             except subprocess.TimeoutExpired:
                 cancelled += cancel_lock_waits(name)
     except BaseException:
-        proc.kill()
-        proc.wait()
+        runner.kill()
+        script.kill()
+        runner.wait()
         raise
-    if proc.returncode != 0:
+    finally:
+        feeder.join(timeout=5)
+        script.wait()
+    stderr = runner.stderr.read().decode(errors="replace")
+    if runner.returncode != 0:
         why = " (it waited longer than MIGRATE_LOCK_TIMEOUT for a table lock)" if cancelled else ""
-        raise RestoreFailed(f"pg_restore failed, the database is unchanged{why}: {_first_error(stderr)}")
+        raise RestoreFailed(f"the restore failed, the database is unchanged{why}: {_first_error(stderr)}")
+    if script.returncode != 0:
+        raise RestoreFailed(f"pg_restore could not read the backup: {_first_error(b''.join(errors).decode(errors='replace'))}")
+
+
+def archive_database(path: Path) -> str | None:
+    """The database the archive itself says it was dumped from (its table of contents' header)."""
+    result = subprocess.run([tool("pg_restore"), "--list", str(path)], capture_output=True, text=True, errors="replace")
+    found = re.search(r"(?m)^;\s+dbname: (.*)$", result.stdout)
+    return found.group(1).strip() if found else None
+
+
+# Everything of the database's own, as DROP statements: schemas other than public (with what is in
+# them), extensions, then in the schemas left the relations, routines and types that are not the
+# job's own or an extension's. Run before the archive's script, in its transaction.
+CLEARING_SQL = """
+WITH kept AS (  -- the job's own tables, and the sequences they own
+    SELECT c.oid FROM pg_class c WHERE c.oid = ANY(%(kept)s::regclass[])
+    UNION SELECT d.objid FROM pg_depend d WHERE d.refobjid = ANY(%(kept)s::regclass[]) AND d.classid = 'pg_class'::regclass
+),
+user_schemas AS (
+    SELECT oid, nspname FROM pg_namespace
+    WHERE nspname NOT IN ('pg_catalog', 'information_schema') AND nspname NOT LIKE 'pg\\_%%'
+),
+kept_schemas AS (SELECT DISTINCT relnamespace AS oid FROM pg_class WHERE oid IN (SELECT oid FROM kept)),
+extension_owned AS (SELECT objid FROM pg_depend WHERE deptype = 'e')
+SELECT format('DROP SCHEMA IF EXISTS %%I CASCADE;', nspname) FROM user_schemas
+ WHERE nspname <> 'public' AND oid NOT IN (SELECT oid FROM kept_schemas)
+UNION ALL
+SELECT format('DROP EXTENSION IF EXISTS %%I CASCADE;', extname) FROM pg_extension WHERE extname <> 'plpgsql'
+UNION ALL
+SELECT format('DROP %%s IF EXISTS %%I.%%I CASCADE;',
+              CASE c.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW' WHEN 'S' THEN 'SEQUENCE'
+                             WHEN 'f' THEN 'FOREIGN TABLE' ELSE 'TABLE' END, n.nspname, c.relname)
+  FROM pg_class c JOIN user_schemas n ON n.oid = c.relnamespace
+ WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f') AND c.oid NOT IN (SELECT oid FROM kept)
+   AND c.oid NOT IN (SELECT objid FROM extension_owned)
+   AND (n.nspname = 'public' OR n.oid IN (SELECT oid FROM kept_schemas))
+UNION ALL
+SELECT format('DROP ROUTINE IF EXISTS %%I.%%I(%%s) CASCADE;', n.nspname, p.proname, pg_get_function_identity_arguments(p.oid))
+  FROM pg_proc p JOIN user_schemas n ON n.oid = p.pronamespace
+ WHERE p.oid NOT IN (SELECT objid FROM extension_owned) AND (n.nspname = 'public' OR n.oid IN (SELECT oid FROM kept_schemas))
+UNION ALL
+SELECT format('DROP %%s IF EXISTS %%I.%%I CASCADE;', CASE t.typtype WHEN 'd' THEN 'DOMAIN' ELSE 'TYPE' END, n.nspname, t.typname)
+  FROM pg_type t JOIN user_schemas n ON n.oid = t.typnamespace
+ WHERE t.typtype IN ('e', 'd', 'r', 'm', 'b') AND t.typelem = 0 AND t.oid NOT IN (SELECT objid FROM extension_owned)
+   AND (n.nspname = 'public' OR n.oid IN (SELECT oid FROM kept_schemas))
+UNION ALL
+SELECT format('DROP TYPE IF EXISTS %%I.%%I CASCADE;', n.nspname, t.typname)
+  FROM pg_type t JOIN user_schemas n ON n.oid = t.typnamespace JOIN pg_class c ON c.oid = t.typrelid
+ WHERE t.typtype = 'c' AND c.relkind = 'c' AND (n.nspname = 'public' OR n.oid IN (SELECT oid FROM kept_schemas))
+"""
+
+
+def clearing_sql(conn: Any, kept_tables: list[str]) -> str:
+    """DROP statements for everything the database holds besides `kept_tables` (the job's own)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT array_agg(t) FROM unnest(%s::text[]) t WHERE to_regclass(t) IS NOT NULL", (kept_tables,))
+        kept = cur.fetchone()[0] or []
+        cur.execute(CLEARING_SQL, {"kept": kept})
+        return "\n".join(row[0] for row in cur.fetchall())
 
 
 def sidecar_of(path: Path) -> Path:

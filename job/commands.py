@@ -138,19 +138,23 @@ def restore(settings: Settings, name: str, force: bool = False) -> tuple[list[st
     path, meta = backup.verified(settings.backup_dir, name)
     with connected(settings) as conn:
         database = database_name(conn)
-        if meta.get("database") != database and not force:
-            raise ConfigError(
-                f"backup {path.name} is of database {meta.get('database')!r}, not {database!r}: "
-                "add --force to restore it here anyway"
-            )
+        dumped_from = backup.archive_database(path)  # the archive's own word, not only the sidecar's
+        for claimed in (meta.get("database"), dumped_from):
+            if claimed != database and not force:
+                raise ConfigError(
+                    f"backup {path.name} is of database {claimed!r}, not {database!r}: "
+                    "add --force to restore it here anyway"
+                )
         with locked(settings, conn), history_of(settings, conn).run("restore") as record:
             version_table = version_table_of(settings, conn)
             before = list(plan.current_revisions(conn, version_table))
             # a backup holds the database as it was before the migration it preceded: from_revision
             log.info("restore.start", path=str(path), before=before, backup_at=meta.get("from_revision"))
             record.backup_path = str(path)
+            own = [t for t in (settings.history_table, manifest.record_table(settings.history_table)) if t]
             backup.restore(settings.database, path, settings.application_name, os.environ,
-                           lambda name: lock.cancel_lock_waits(conn, name, settings.lock_timeout))
+                           lambda name: lock.cancel_lock_waits(conn, name, settings.lock_timeout),
+                           backup.clearing_sql(conn, own))
             after = list(plan.current_revisions(conn, version_table))
             log.info("restore.done", path=str(path), before=before, after=after)
             return before, after

@@ -130,3 +130,71 @@ def test_restore_takes_a_relative_name_from_the_backup_directory_only(db: Db, en
     result = run_job("restore", "decoy.dump", "--yes", env=env, cwd=elsewhere)
 
     assert (5, True) == (result.code, str(backup_dir / "decoy.dump") in result.event("run.failed")["error"])
+
+
+def schema_and_rows(db: Db) -> tuple[str, list[tuple]]:
+    """The schema as pg_dump prints it (less the job's own tables) and every user table's row count."""
+    from tests.test_projects import schema
+
+    counts = db.query(
+        "SELECT c.relname, (xpath('/row/n/text()', query_to_xml(format('SELECT count(*) AS n FROM %I.%I', "
+        "n.nspname, c.relname), false, true, '')))[1]::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+        "AND c.relname NOT LIKE 'migrate_job_history%%' ORDER BY 1")
+    return schema(db), counts
+
+
+def test_restore_brings_back_exactly_the_state_at_backup_time(db: Db, env: dict[str, str]) -> None:
+    """After later migrations and an operator added tables, foreign keys, a type, a sequence, an index
+    and an extension, restoring an earlier backup leaves the schema and rows of backup time, nothing else."""
+    assert 0 == run_job("run", env={**env, "MIGRATE_TARGET": "0003"}).code
+    db.query("INSERT INTO users (email, first_name, last_name) VALUES ('a@example.org', 'A', 'B')")
+    backup = run_job("backup", env=env).event("backup.done")["path"]
+    at_backup = schema_and_rows(db)
+    assert 0 == run_job("run", env=env).code  # 0004: a table with a foreign key onto users, and more
+    db.query("CREATE EXTENSION citext; CREATE TYPE mood AS ENUM ('ok'); CREATE SEQUENCE tickets; "
+             "CREATE TABLE notes (id int PRIMARY KEY, body citext, mood mood); CREATE INDEX users_lower ON users (lower(email)); "
+             "CREATE SCHEMA reports; CREATE TABLE reports.daily (day date)")
+    assert at_backup != schema_and_rows(db)
+
+    result = run_job("restore", Path(backup).name, "--yes", env=env)
+
+    assert 0 == result.code, result.stdout[-800:]
+    assert at_backup == schema_and_rows(db)
+    assert (["0006"], ["0003"]) == (result.event("restore.done")["before"], result.event("restore.done")["after"])
+    assert 0 == run_job("run", env=env).code  # and the next run migrates again from there
+
+
+def test_a_failed_restore_changes_nothing_and_says_why(db: Db, env: dict[str, str]) -> None:
+    """A restore that fails half-way (the archive gives a table to a role dropped since) leaves the
+    database as it was, exit 5, with the first error rather than the last line."""
+    role = f"gone_{db.name}"
+    db.query(f'CREATE ROLE "{role}"')
+    assert 0 == run_job("run", env={**env, "MIGRATE_TARGET": "0003"}).code
+    db.query(f'ALTER TABLE users OWNER TO "{role}"')
+    backup = run_job("backup", env=env).event("backup.done")["path"]
+    db.query(f'ALTER TABLE users OWNER TO CURRENT_USER; DROP ROLE "{role}"')
+    assert 0 == run_job("run", env=env).code
+    before = schema_and_rows(db)
+
+    result = run_job("restore", Path(backup).name, "--yes", env=env)
+
+    error = result.event("run.failed")["error"]
+    assert (5, True) == (result.code, f'role "{role}" does not exist' in error), error
+    assert before == schema_and_rows(db)
+
+
+def test_restore_compares_the_archives_own_database_name(db: Db, env: dict[str, str], backup_dir: Path) -> None:
+    """A dump of another database whose sidecar was edited to name this one is still refused without --force."""
+    other = create_database(ADMIN_URL)
+    try:
+        other.holds_data()
+        theirs = Path(run_job("backup", env={**env, "DATABASE_URL": other.url}).event("backup.done")["path"])
+        sidecar = theirs.with_name(theirs.name + ".json")
+        sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "database": db.name}))
+
+        result = run_job("restore", theirs.name, "--yes", env=env)
+    finally:
+        drop_database(other)
+
+    assert (2, True) == (result.code, repr(other.name) in result.event("run.failed")["error"])

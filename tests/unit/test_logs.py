@@ -33,3 +33,18 @@ def test_the_termination_message_fits_kubernetes_limit_on_a_character_boundary()
 
 def test_a_short_termination_message_is_kept_whole() -> None:
     assert b"migrated (exit 0)\n" == termination_message("migrated (exit 0)")
+
+
+def test_an_error_from_the_tools_is_its_first_error_with_its_detail() -> None:
+    """psql/pg_restore output: the first ERROR and its DETAIL, not the `Command was:` line at the end."""
+    from job.backup import _first_error
+
+    stderr = ("psql:<stdin>:41: ERROR:  cannot drop table users because other objects depend on it\n"
+              "DETAIL:  constraint profiles_user_id_fkey on table profiles depends on table users\n"
+              "HINT:  Use DROP ... CASCADE to drop the dependent objects too.\n"
+              "psql:<stdin>:42: ERROR:  current transaction is aborted\n"
+              "Command was: ALTER TABLE ONLY public.profiles DROP CONSTRAINT profiles_user_id_fkey;\n")
+
+    assert ("psql:<stdin>:41: ERROR:  cannot drop table users because other objects depend on it "
+            "DETAIL:  constraint profiles_user_id_fkey on table profiles depends on table users "
+            "HINT:  Use DROP ... CASCADE to drop the dependent objects too.") == _first_error(stderr)
