@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import select
 import signal
+import time
 from typing import Any, Iterator
 
 import psycopg2
@@ -27,12 +28,15 @@ def _on_signal(signum: int, _frame: Any) -> None:
     first = not _received
     _received.append(signum)
     if first:
+        _signalled_at.append(time.monotonic())
+    if first:
         raise Interrupted(signum)
 
 
 def install_signal_handlers() -> None:
     """Make SIGTERM and SIGINT raise `Interrupted` once, wherever the job is, and make DB waits interruptible."""
     _received.clear()
+    _signalled_at.clear()
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     psycopg2.extensions.set_wait_callback(_wait)
@@ -43,25 +47,79 @@ def received_signal() -> int | None:
     return _received[0] if _received else None
 
 
+# How long the job still waits on the server once a signal arrived (the cancel request included):
+# whatever the network does, SIGTERM/SIGINT end the job within about this, well inside Kubernetes'
+# 30 s grace period.
+AFTER_SIGNAL = 2.0
+# When the connection being set up must be ready: psycopg2 connects asynchronously under a wait
+# callback, and libpq applies connect_timeout only to blocking connects, so the job applies it here.
+_connecting_until: list[float] = []
+_signalled_at: list[float] = []
+
+
+def _deadline() -> float | None:
+    deadlines = [*_connecting_until, *(t + AFTER_SIGNAL for t in _signalled_at)]
+    return min(deadlines) if deadlines else None
+
+
+def _select(conn: Any, reading: bool) -> None:
+    """Wait for the connection's socket, up to the deadline, if there is one."""
+    fd = [conn.fileno()]
+    deadline = _deadline()
+    if deadline is None:
+        select.select(fd if reading else [], [] if reading else fd, [])
+        return
+    remaining = deadline - time.monotonic()
+    if remaining <= 0 or not any(select.select(fd if reading else [], [] if reading else fd, [], remaining)):
+        if _signalled_at:
+            raise Interrupted(received_signal() or signal.SIGTERM)
+        raise psycopg2.OperationalError("timeout expired")  # as libpq says it: a transient failure
+
+
 def _wait(conn: Any) -> None:
-    """psycopg2 wait callback: wait in Python, and on a signal cancel the statement and keep waiting."""
+    """psycopg2 wait callback: wait in Python, and on a signal cancel the statement and keep waiting
+    (for the server's answer to the cancel, within AFTER_SIGNAL)."""
     while True:
         try:
             state = conn.poll()
             if state == psycopg2.extensions.POLL_OK:
                 return
-            if state == psycopg2.extensions.POLL_READ:
-                select.select([conn.fileno()], [], [])
-            elif state == psycopg2.extensions.POLL_WRITE:
-                select.select([], [conn.fileno()], [])
+            if state in (psycopg2.extensions.POLL_READ, psycopg2.extensions.POLL_WRITE):
+                _select(conn, reading=state == psycopg2.extensions.POLL_READ)
             else:
                 raise conn.OperationalError(f"bad state from poll: {state}")
         except Interrupted:
-            try:
-                conn.cancel()
-            except psycopg2.Error:
+            if not _signalled_at:
+                _signalled_at.append(time.monotonic())
+            if not _cancel(conn):
                 raise Interrupted(received_signal() or signal.SIGTERM) from None
             # the server now ends the statement with an error, which breaks this loop
+
+
+def _cancel(conn: Any) -> bool:
+    """Ask the server to cancel the running statement; False if it could not be asked in time.
+
+    Through a connection of our own calling pg_cancel_backend(), not psycopg2's cancel(): that one
+    opens its connection in C, holding the interpreter, and blocks as long as the network says
+    nothing; ours connects through this wait callback, so AFTER_SIGNAL bounds it."""
+    kwargs = getattr(conn, "connect_kwargs", None)
+    if not kwargs:
+        try:
+            conn.cancel()
+            return True
+        except psycopg2.Error:
+            return False
+    try:
+        canceller = psycopg2.connect(**kwargs)
+        try:
+            canceller.autocommit = True
+            with canceller.cursor() as cur:
+                cur.execute("SELECT pg_cancel_backend(%s)", (conn.server_pid or conn.get_backend_pid(),))
+        finally:
+            canceller.close()
+        return True
+    except (psycopg2.Error, Interrupted):
+        return False
 
 
 class Connection(psycopg2.extensions.connection):
@@ -70,13 +128,29 @@ class Connection(psycopg2.extensions.connection):
     pid libpq was given, to tell a pooler)."""
 
     server_pid: int | None = None
+    # how it was opened: a second connection asks the server to cancel its statement (_cancel)
+    connect_kwargs: dict[str, str] | None = None
 
 
 def connect(kwargs: dict[str, str]) -> Connection:
-    """Open an autocommit psycopg2 connection (no transaction stays open while we wait for anything)."""
-    conn = psycopg2.connect(**kwargs, connection_factory=Connection)
+    """Open an autocommit psycopg2 connection (no transaction stays open while we wait for anything),
+    within its connect_timeout."""
+    timeout = float(kwargs.get("connect_timeout") or 0)
+    _connecting_until[:] = [time.monotonic() + timeout] if timeout > 0 else []
+    try:
+        conn = psycopg2.connect(**kwargs, connection_factory=Connection)
+    finally:
+        _connecting_until.clear()
     conn.autocommit = True
+    conn.connect_kwargs = kwargs
     return conn
+
+
+def raise_if_signalled() -> None:
+    """After an error the job would pass over (a history write failing): if it was a signal's cancel,
+    the signal wins. No signal is ever swallowed."""
+    if _received:
+        raise Interrupted(_received[0])
 
 
 @contextlib.contextmanager

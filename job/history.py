@@ -76,7 +76,9 @@ class History:
                 cur.execute(sql.SQL(statement).format(table=self.table), params)
                 return cur.fetchone() if cur.description else None
         except psycopg2.Error as e:
+            db.raise_if_signalled()
             log.warning("history.unavailable", error=str(e).strip().splitlines()[0])
+            self.table = None  # for the rest of this run: one lock timeout, not one per revision
             return None
 
     @contextlib.contextmanager

@@ -154,6 +154,9 @@ def remember(conn: Any, table: str | None, found: Scripts, known: Known) -> str 
                  _seal(found, known)),
             )
     except psycopg2.Error as e:
+        from job import db
+
+        db.raise_if_signalled()
         return str(e).strip().splitlines()[0]
     return None
 

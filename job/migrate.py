@@ -510,6 +510,7 @@ class Stepper:
 
     def _one_at_a_time(self, planned: list[Any], context: Any) -> Iterator[Any]:
         for script_step, step in zip(planned, self.pending):
+            db.raise_if_signalled()  # a signal that landed between revisions: no next one
             if step != self.running:  # (a multidb env.py asks again for each of its databases)
                 if self.confirm_lock is not None:
                     self.confirm_lock()  # never run a revision on a lock the server has taken back

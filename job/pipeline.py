@@ -116,7 +116,8 @@ def other_databases(settings: Settings) -> Iterator[list[Other]]:
     with contextlib.ExitStack() as stack:
         others = []
         for section, database in settings.other_databases:
-            conn = wait_for_database(database.connect_kwargs(settings.application_name), settings.wait_timeout)
+            conn = wait_for_database(database.connect_kwargs(settings.application_name), settings.wait_timeout,
+                                     session_options(settings))
             stack.callback(conn.close)
             key = settings.lock_key if settings.lock_key is not None else lock_key_for(database_name(conn),
                                                                                      settings.version_table)
@@ -170,7 +171,8 @@ def version_table_of(settings: Settings, conn: Any, project: migrate.Project | N
 @contextlib.contextmanager
 def connected(settings: Settings) -> Iterator[Any]:
     """A connection once the database answers, closed at the end."""
-    conn = wait_for_database(settings.database.connect_kwargs(settings.application_name), settings.wait_timeout)
+    conn = wait_for_database(settings.database.connect_kwargs(settings.application_name), settings.wait_timeout,
+                             session_options(settings))
     try:
         yield conn
     finally:
@@ -228,13 +230,6 @@ def session_options(settings: Settings) -> dict[str, str]:
     }
 
 
-def set_session_timeouts(conn: Any, settings: Settings) -> None:
-    options = session_options(settings)
-    with conn.cursor() as cur:  # one round trip
-        cur.execute("SELECT " + ", ".join(["set_config(%s, %s, false)"] * len(options)),
-                    [part for item in options.items() for part in item])
-
-
 def nothing_to_back_up(settings: Settings, conn: Any) -> bool:
     from job import backup
 
@@ -290,7 +285,6 @@ def apply(settings: Settings, conn: Any, project: migrate.Project, steps: list[p
     (a revision's row inside its transaction, unless env.py migrates several databases)."""
     from job import migrate
 
-    set_session_timeouts(conn, settings)
     key = lock_key(settings, conn)
     migrate.apply(project, steps, target, direction, settings.lock_retries, record, version_table, rows_within,
                   confirm_lock=lambda: lock.confirm(conn, key))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import re
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import psycopg2
 
@@ -113,8 +113,10 @@ def _retry(attempt: Callable[[], Any], first: Exception, started: float, timeout
     return retrying(attempt)
 
 
-def wait_for_database(connect_kwargs: dict[str, str], timeout: float) -> Any:
-    """Return an autocommit connection once the database answers queries, retrying for `timeout` seconds."""
+def wait_for_database(connect_kwargs: dict[str, str], timeout: float, session: Mapping[str, str] = {}) -> Any:
+    """Return an autocommit connection once the database answers queries, retrying for `timeout`
+    seconds; `session` settings are set in its first round trip, so that every statement of the run
+    (the version read and the history writes included) runs under them."""
     started = time.monotonic()
 
     def attempt() -> Any:
@@ -123,7 +125,8 @@ def wait_for_database(connect_kwargs: dict[str, str], timeout: float) -> Any:
         kwargs = {**connect_kwargs, "connect_timeout": str(max(2, min(int(remaining) or 2, 5)))}
         conn = db.connect(kwargs)
         with conn.cursor() as cur:
-            cur.execute(SESSION_SQL)
+            cur.execute(SESSION_SQL + "".join(", set_config(%s, %s, false)" for _ in session),
+                        [part for item in session.items() for part in item])
             in_recovery, conn.server_pid = cur.fetchone()[:2]
         if in_recovery:
             conn.close()

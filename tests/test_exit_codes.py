@@ -165,3 +165,83 @@ def test_an_unencoded_password_never_shows(password: str, env: dict[str, str], t
     pieces = [piece for piece in re.split(r"[@%:/]", password) if len(piece) >= 3]
     assert (2, []) == (result.code, [piece for piece in pieces if piece in everything])
     assert "must be URL-encoded" in result.event("run.failed")["error"]
+
+
+def test_an_unresponsive_server_is_given_up_on_by_the_wait_timeout(db: Db, env: dict[str, str]) -> None:
+    """A server that accepts TCP and never answers: exit 3 by MIGRATE_WAIT_TIMEOUT (plus one connect timeout)."""
+    from tests.tcpproxy import Proxy
+
+    proxy = Proxy(5432)
+    proxy.black_hole()
+    try:
+        started = time.monotonic()
+        result = run_job("run", env={**env, "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{proxy.port}/{db.name}",
+                                     "MIGRATE_WAIT_TIMEOUT": "4"}, timeout=60)
+        took = time.monotonic() - started
+    finally:
+        proxy.close()
+
+    assert (3, True) == (result.code, took < 11), (took, result.stdout[-600:])
+    assert "timeout expired" in result.event("run.failed")["error"]
+
+
+def test_sigterm_ends_the_job_in_seconds_even_when_the_server_is_unreachable(db: Db, env: dict[str, str],
+                                                                            tmp_path: Path) -> None:
+    """Mid-revision, the network goes dark, then SIGTERM: the cancel request cannot reach the server, and
+    the job still exits 143 within a few seconds."""
+    from tests.conftest import scenario
+    from tests.tcpproxy import Proxy
+
+    proxy = Proxy(5432)
+    try:
+        slow = {**env, "ALEMBIC_CONFIG": scenario("slow"), "SCENARIO_SLEEP": "30",
+                "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{proxy.port}/{db.name}"}
+        out = tmp_path / "job.log"
+        proc = start_logged(slow, out)
+        wait_for_event(out, "migration.start")
+        time.sleep(0.3)
+        proxy.black_hole()
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        result = finish_logged(proc, out, timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        proxy.close()
+
+    assert (143, True) == (result.code, took < 5), (took, result.stdout[-600:])
+
+
+def test_a_locked_history_table_never_holds_up_the_run(db: Db, env: dict[str, str]) -> None:
+    """An operator's SHARE lock on the history table: the run warns once and migrates, within about one lock timeout."""
+    assert 0 == run_job("run", env={**env, "MIGRATE_TARGET": "0001"}).code
+    operator = db.connect(application_name="operator")
+    operator.autocommit = False
+    operator.cursor().execute("LOCK TABLE migrate_job_history IN SHARE MODE")
+    started = time.monotonic()
+
+    result = run_job("run", env={**env, "MIGRATE_STATEMENT_LOCK_TIMEOUT": "1"})
+    took = time.monotonic() - started
+    operator.rollback()
+    operator.close()
+
+    assert (0, ["0006"], 1) == (result.code, db.version(), len(result.events("history.unavailable")))
+    assert took < 10, took
+
+
+def test_sigterm_while_a_history_write_waits_is_not_swallowed(db: Db, env: dict[str, str], tmp_path: Path) -> None:
+    """A SIGTERM that cancels a waiting history write ends the run (143); no revision starts after it."""
+    db.holds_data()
+    assert 0 == run_job("run", env={**env, "MIGRATE_TARGET": "0001"}).code
+    operator = db.connect(application_name="operator")
+    operator.autocommit = False
+    operator.cursor().execute("LOCK TABLE migrate_job_history IN SHARE MODE")
+    out = tmp_path / "job.log"
+    proc = start_logged({**env, "MIGRATE_STATEMENT_LOCK_TIMEOUT": "30"}, out)
+    wait_for_event(out, "plan")  # the run row's write comes next, and waits on the lock
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    result = finish_logged(proc, out)
+    operator.rollback()
+    operator.close()
+
+    assert (143, [], ["0001"]) == (result.code, result.events("migration.start"), db.version())
