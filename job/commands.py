@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from job import history, lock, manifest, plan
+from job import db, history, lock, manifest, plan
 from job.config import Settings
 from job.errors import ConfigError, LintFindings
 from job.logs import log
@@ -36,6 +36,7 @@ def check(settings: Settings, block: bool = False) -> plan.Plan:
     scripts = manifest.scripts(settings.alembic)
     project = version_table = None
     with connected(settings) as conn, contextlib.ExitStack() as stack:
+        stack.enter_context(db.answered_by(deadline + 5))  # a dead network does not outlast the wait
         if block:
             # the migrating job NOTIFYs when it releases the lock; poll anyway every second
             with conn.cursor() as cur:

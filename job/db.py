@@ -57,8 +57,24 @@ _connecting_until: list[float] = []
 _signalled_at: list[float] = []
 
 
+# Waits that have a deadline of their own (the lock wait, check --wait): a statement of theirs
+# that the network leaves unanswered ends with them.
+_waiting_until: list[float] = []
+
+
+@contextlib.contextmanager
+def answered_by(deadline: float) -> Iterator[None]:
+    """Statements in the body get no answer later than `deadline` (monotonic): past it, a dead
+    network is a lost connection (psycopg2.OperationalError), not a wait without end."""
+    _waiting_until.append(deadline)
+    try:
+        yield
+    finally:
+        _waiting_until.remove(deadline)
+
+
 def _deadline() -> float | None:
-    deadlines = [*_connecting_until, *(t + AFTER_SIGNAL for t in _signalled_at)]
+    deadlines = [*_connecting_until, *_waiting_until, *(t + AFTER_SIGNAL for t in _signalled_at)]
     return min(deadlines) if deadlines else None
 
 
@@ -73,6 +89,8 @@ def _select(conn: Any, reading: bool) -> None:
     if remaining <= 0 or not any(select.select(fd if reading else [], [] if reading else fd, [], remaining)):
         if _signalled_at:
             raise Interrupted(received_signal() or signal.SIGTERM)
+        if _waiting_until and not _connecting_until:
+            raise psycopg2.OperationalError("no answer from the server within the wait's timeout (network down?)")
         raise psycopg2.OperationalError("timeout expired")  # as libpq says it: a transient failure
 
 

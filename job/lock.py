@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 
 import psycopg2
 
+from job import db
 from job.errors import ConfigError, LockLost, LockTimeout
 from job.logs import log
 
@@ -140,6 +141,20 @@ def _attempt(conn: Any, key: int, enough: Callable[[], bool] | None) -> str | No
 
 
 def acquire(
+    conn: Any,
+    key: int,
+    timeout: float,
+    while_waiting: Callable[[], None] | None = None,
+    enough: Callable[[], bool] | None = None,
+) -> tuple[str, float]:
+    """Take the lock within `timeout` seconds (see `_acquire`). Every statement of the wait is
+    answered by its end (plus a connect timeout's grace), or the connection counts as lost: a dead
+    network does not make the wait endless."""
+    with db.answered_by(time.monotonic() + timeout + 5):
+        return _acquire(conn, key, timeout, while_waiting, enough)
+
+
+def _acquire(
     conn: Any,
     key: int,
     timeout: float,

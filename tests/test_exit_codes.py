@@ -245,3 +245,30 @@ def test_sigterm_while_a_history_write_waits_is_not_swallowed(db: Db, env: dict[
     operator.close()
 
     assert (143, [], ["0001"]) == (result.code, result.events("migration.start"), db.version())
+
+
+@pytest.mark.parametrize("command", ["run", "check --wait"])
+def test_a_wait_ends_by_its_timeout_when_the_network_dies(command: str, db: Db, env: dict[str, str],
+                                                          tmp_path: Path) -> None:
+    """Waiting for the lock (or for migrations) when the network goes dark: the job ends by the wait's
+    timeout (plus a few seconds), exit 3, instead of waiting for the network to come back."""
+    from tests.conftest import hold_lock
+    from tests.tcpproxy import Proxy
+
+    holder, _ = hold_lock(db)
+    proxy = Proxy(5432)
+    try:
+        waiting = {**env, "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{proxy.port}/{db.name}",
+                   "MIGRATE_LOCK_TIMEOUT": "4", "MIGRATE_WAIT_TIMEOUT": "4"}
+        out = tmp_path / "job.log"
+        proc = start_logged(waiting, out, *command.split())
+        wait_for_event(out, "lock.waiting" if command == "run" else "check.waiting")
+        proxy.black_hole()
+        started = time.monotonic()
+        result = finish_logged(proc, out, timeout=60)
+        took = time.monotonic() - started
+    finally:
+        proxy.close()
+        holder.close()
+
+    assert (3, True) == (result.code, took < 12), (took, result.stdout[-600:])
