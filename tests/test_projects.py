@@ -89,6 +89,17 @@ def own_engine(project: Path) -> None:
             '        os.environ.get("APP_DATABASE_URL") or config.get_main_option("sqlalchemy.url"),\n')
 
 
+def own_async_engine(project: Path) -> None:
+    """The same, in the async template: an AsyncEngine from the app's own settings."""
+    env_py = project / "migrations" / "env.py"
+    replace(env_py, "from sqlalchemy.ext.asyncio import async_engine_from_config\n",
+            "import os\n\nfrom sqlalchemy.ext.asyncio import create_async_engine\n")
+    replace(env_py, '    connectable = async_engine_from_config(\n        config.get_section(config.config_ini_section, {}),\n'
+                    '        prefix="sqlalchemy.",\n',
+            '    connectable = create_async_engine(\n'
+            '        os.environ.get("APP_DATABASE_URL") or config.get_main_option("sqlalchemy.url"),\n')
+
+
 def imports_noisy_settings(project: Path) -> None:
     """env.py imports the app's settings module, which configures logging (and prints) on import."""
     replace(project / "migrations" / "env.py", "from alembic import context\n",
@@ -139,6 +150,12 @@ SHAPES = {
     "app-configures-logging": Shape("generic", "postgresql", imports_noisy_settings, "noisy_logging"),
 }
 OWN_ENGINE = Shape("generic", "postgresql", own_engine)
+# env.py building its own engine from the app's settings, in each driver
+OWN_ENGINES = {
+    "psycopg2": OWN_ENGINE,
+    "psycopg3": Shape("generic", "postgresql+psycopg", own_engine),
+    "asyncpg": Shape("async", "postgresql+asyncpg", own_async_engine),
+}
 
 
 def make_project(shape: Shape, where: Path) -> Path:
@@ -310,10 +327,14 @@ def test_a_changed_revision_file_is_not_answered_from_the_record(db: Db, env: di
     assert (0, ["b004"]) == (result.code, [e["revision"] for e in result.events("migration.done")])
 
 
-def test_env_py_on_another_database_is_refused(db: Db, reference_db: Db, env: dict[str, str], tmp_path: Path) -> None:
+@pytest.mark.parametrize("driver", OWN_ENGINES)
+def test_env_py_on_another_database_is_refused(driver: str, db: Db, reference_db: Db, env: dict[str, str],
+                                               tmp_path: Path) -> None:
     """An env.py whose own settings point elsewhere is refused (exit 2, both named) before anything changes."""
-    project = make_project(OWN_ENGINE, tmp_path)
-    job_env = {**env, "ALEMBIC_CONFIG": str(project / "alembic.ini"), "APP_DATABASE_URL": reference_db.url}
+    shape = OWN_ENGINES[driver]
+    project = make_project(shape, tmp_path)
+    job_env = {**env, "ALEMBIC_CONFIG": str(project / "alembic.ini"), "DATABASE_URL": url_for(db, shape.scheme),
+               "APP_DATABASE_URL": url_for(reference_db, shape.scheme)}
 
     result = run_job("run", env=job_env, cwd=project)
 
@@ -322,10 +343,14 @@ def test_env_py_on_another_database_is_refused(db: Db, reference_db: Db, env: di
     assert ([], [], []) == (db.version(), reference_db.version(), list(Path(env["MIGRATE_BACKUP_DIR"]).iterdir()))
 
 
-def test_env_py_with_its_own_engine_on_the_same_database_migrates(db: Db, env: dict[str, str], tmp_path: Path) -> None:
+@pytest.mark.parametrize("driver", OWN_ENGINES)
+def test_env_py_with_its_own_engine_on_the_same_database_migrates(driver: str, db: Db, env: dict[str, str],
+                                                                  tmp_path: Path) -> None:
     """An env.py that builds its engine from the app's settings works when they name the same database."""
-    project = make_project(OWN_ENGINE, tmp_path)
-    job_env = {**env, "ALEMBIC_CONFIG": str(project / "alembic.ini"), "APP_DATABASE_URL": db.url}
+    shape = OWN_ENGINES[driver]
+    project = make_project(shape, tmp_path)
+    job_env = {**env, "ALEMBIC_CONFIG": str(project / "alembic.ini"), "DATABASE_URL": url_for(db, shape.scheme),
+               "APP_DATABASE_URL": url_for(db, shape.scheme)}
 
     result = run_job("run", env=job_env, cwd=project)
 
