@@ -321,6 +321,9 @@ def backup() -> tuple[str, str, str]:
     conn.close()
     ini = ROOT / "alembic.ini"
     env = env_for(name, ini, MIGRATE_BACKUP_KEEP="1")
+    # a database the job manages, as users back up: migrated once (so the job knows its version table)
+    subprocess.run([BIN / "migrate-job", "run"], env={**env, "MIGRATE_BACKUP": "off"}, cwd=ROOT, check=True,
+                   capture_output=True)
     dump = WORK / "bare.dump"
     runs = max(3, RUNS // 3)
     job, bare = [], []

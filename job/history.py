@@ -116,13 +116,14 @@ class History:
         self._write(REVISION_ROW, self._revision_params(revision, direction, started, seconds, outcome, error))
 
     def revision_within(self, connection: Any, revision: str, direction: str, started: dt.datetime,
-                        seconds: float) -> bool:
+                        seconds: float, prelude: str = "") -> bool:
         """Record a revision applied inside its own transaction, on env.py's connection (any driver),
         so that the row commits with the version row, at no commit of its own. In a DO block whose
         EXCEPTION clause keeps a failed insert from aborting the revision's transaction (PostgreSQL
         runs it as a subtransaction: a savepoint without its two extra round trips; its WARNING goes
         to the server's log). Literal values, no parameters: every driver has its own style. False
-        when it was not tried."""
+        when it was not tried. `prelude` (PL/pgSQL statements) runs first, outside the insert's
+        subtransaction."""
         if self.table is None or not self._created:
             return False
         values = [self.run_id, revision, direction, started.isoformat(), repr(float(seconds)), self.host]
@@ -130,11 +131,11 @@ class History:
             return False
         run_id, revision, direction, started_at, seconds_text, host = (_literal(v) for v in values)
         statement = (
-            f"DO {DO_TAG} BEGIN INSERT INTO {self.table.as_string(self.conn)} (run_id, kind, revision, direction, "
+            f"DO {DO_TAG} BEGIN {prelude} BEGIN INSERT INTO {self.table.as_string(self.conn)} (run_id, kind, revision, direction, "
             f"started_at, finished_at, seconds, outcome, host) VALUES ({run_id}, 'revision', {revision}, {direction}, "
             f"{started_at}::timestamptz, {started_at}::timestamptz + make_interval(secs => {seconds_text}::float8), "
             f"{seconds_text}::float8, 'applied', {host}); EXCEPTION WHEN OTHERS THEN "
-            f"RAISE WARNING USING MESSAGE = 'migrate-job history: ' || SQLERRM; END {DO_TAG}"
+            f"RAISE WARNING USING MESSAGE = 'migrate-job history: ' || SQLERRM; END; END {DO_TAG}"
         )
         cursor = connection.connection.cursor()  # the DBAPI cursor: no parameter interpolation
         try:

@@ -568,11 +568,28 @@ class Stepper:
 
     def applied(self, ctx: Any, **_: Any) -> None:
         """Alembic's on_version_apply: the running revision's version row is written, its transaction
-        not yet committed. Its history row goes into that same transaction."""
-        if self.history is not None and self.running is not None and self.rows_within:
+        not yet committed. Its history row goes into that same transaction.
+
+        Every revision but the last commits without waiting for its WAL to reach disk
+        (`synchronous_commit` off for that transaction only): the last one's commit, synchronous,
+        flushes them all before the run reports success. Each commit is still atomic and seen by
+        everyone at once; only a server crash in the middle of the run could take back the newest
+        of them, and then the run fails too (its connection is lost) and the next one applies them
+        again. On a long history this saves most of the cost of one transaction per revision
+        (`make bench`: 300 revisions)."""
+        if self.running is None:
+            return
+        defer = "PERFORM set_config('synchronous_commit', 'off', true);" if self.running != self.pending[-1] else ""
+        if self.history is not None and self.rows_within:
             started, started_at = self._started
             self._recorded = self.history.revision_within(ctx.connection, self.running.revision, self.direction,
-                                                          started_at, time.monotonic() - started)
+                                                          started_at, time.monotonic() - started, prelude=defer)
+        if defer and not self._recorded:
+            cursor = ctx.connection.connection.cursor()  # the DBAPI cursor: literal SQL on every driver
+            try:
+                cursor.execute("SELECT set_config('synchronous_commit', 'off', true)")
+            finally:
+                cursor.close()
 
     def _committed(self) -> None:
         step, (started, started_at) = self.running, self._started
