@@ -34,6 +34,19 @@ LIMIT 1
 """
 
 SHARED, EXCLUSIVE = "shared", "exclusive"
+# Free connection slots below which a waiter gives its own back (see MakeRoom).
+ROOM = 3
+FREE_SLOTS_SQL = """
+SELECT current_setting('max_connections')::int - current_setting('superuser_reserved_connections')::int
+       - (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')
+"""
+
+
+class MakeRoom(Exception):
+    """Raised while waiting, holding nothing: the server is nearly out of connection slots, and the
+    holder needs some of its own (pg_dump's, env.py's engine). Fifty replicas waiting on a server
+    of twenty slots would otherwise keep the holder from ever backing up; so a waiter closes its
+    connection, waits a moment and starts over, its lock timeout still counted from its first try."""
 # Waiters report who holds the lock at the first miss and then this often.
 REPORT_EVERY = 10.0
 # Backoff between tries when no notification arrives: from the first to the cap, full jitter.
@@ -146,20 +159,25 @@ def acquire(
     timeout: float,
     while_waiting: Callable[[], None] | None = None,
     enough: Callable[[], bool] | None = None,
+    since: float | None = None,
+    make_room: bool = False,
 ) -> tuple[str, float]:
-    """Take the lock within `timeout` seconds (see `_acquire`). Every statement of the wait is
-    answered by its end (plus a connect timeout's grace), or the connection counts as lost: a dead
-    network does not make the wait endless."""
-    with db.answered_by(time.monotonic() + timeout + 5):
-        return _acquire(conn, key, timeout, while_waiting, enough)
+    """Take the lock within `timeout` seconds of `since` (see `_acquire`). Every statement of the
+    wait is answered by its end (plus a connect timeout's grace), or the connection counts as lost:
+    a dead network does not make the wait endless."""
+    since = time.monotonic() if since is None else since
+    with db.answered_by(since + timeout + 5):
+        return _acquire(conn, key, timeout, while_waiting, enough, since, make_room)
 
 
 def _acquire(
     conn: Any,
     key: int,
     timeout: float,
-    while_waiting: Callable[[], None] | None = None,
-    enough: Callable[[], bool] | None = None,
+    while_waiting: Callable[[], None] | None,
+    enough: Callable[[], bool] | None,
+    started: float,
+    make_room: bool,
 ) -> tuple[str, float]:
     """Take the lock within `timeout` seconds or raise LockTimeout; return the mode held and the seconds waited.
 
@@ -168,7 +186,6 @@ def _acquire(
     number of them can check at once; a session with work to do takes the exclusive lock, which
     excludes every reader. `while_waiting` runs once, after the first miss.
     """
-    started = time.monotonic()
     listening = False
     next_report, attempt = started, 0
     try:
@@ -192,6 +209,10 @@ def _acquire(
                     while_waiting()
             now = time.monotonic()
             waited = now - started
+            if make_room and free_slots(conn) < ROOM:
+                log.info("lock.making_room", key=key, waited=round(waited, 3),
+                         reason="the server is nearly out of connection slots: this waiter gives its own back")
+                raise MakeRoom()
             if now >= next_report:
                 log.info("lock.waiting", key=key, waited=round(waited, 3), holder=holder(conn, key))
                 next_report = now + REPORT_EVERY
@@ -207,6 +228,13 @@ def _acquire(
         if listening and not conn.closed:
             with conn.cursor() as cur:
                 cur.execute("UNLISTEN *")
+
+
+def free_slots(conn: Any) -> int:
+    """How many more clients the server admits (ordinary roles)."""
+    with conn.cursor() as cur:
+        cur.execute(FREE_SLOTS_SQL)
+        return int(cur.fetchone()[0])
 
 
 def confirm(conn: Any, key: int) -> None:
@@ -247,9 +275,11 @@ def advisory_lock(
     timeout: float,
     while_waiting: Callable[[], None] | None = None,
     enough: Callable[[], bool] | None = None,
+    since: float | None = None,
+    make_room: bool = False,
 ) -> Iterator[str]:
     """Hold the migration lock on `conn` for the body of the `with`; yields the mode held."""
-    mode, waited = acquire(conn, key, timeout, while_waiting, enough)
+    mode, waited = acquire(conn, key, timeout, while_waiting, enough, since, make_room)
     log.info("lock.acquired", key=key, mode=mode, waited=round(waited, 3))
     try:
         yield mode

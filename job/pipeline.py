@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
+import time
 
 import psycopg2
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
@@ -22,6 +24,16 @@ if TYPE_CHECKING:  # Alembic, SQLAlchemy and the backup code load only when ther
 
 def run(settings: Settings) -> str:
     """Migrate the database to the target under the lock; return the outcome ("migrated" or "up-to-date")."""
+    started = time.monotonic()
+    while True:
+        try:
+            return run_once(settings, started)
+        except lock.MakeRoom:  # waited holding nothing: start over in a moment, on a new connection
+            time.sleep(random.uniform(0.5, 2.0))
+
+
+def run_once(settings: Settings, started: float) -> str:
+    """One attempt at `run`, its lock timeout counted from `started`."""
     scripts = manifest.scripts(settings.alembic)
     with connected(settings) as conn, contextlib.ExitStack() as later:
         known = known_scripts(settings, conn, scripts)
@@ -43,7 +55,8 @@ def run(settings: Settings) -> str:
 
         # (with other databases, every run checks them all under their locks: no shared fast path)
         fast = known is not None and not settings.other_databases
-        with locked(settings, conn, while_waiting=prepare, enough=at_target if fast else None) as mode:
+        with locked(settings, conn, while_waiting=prepare, enough=at_target if fast else None, since=started,
+                    make_room=True) as mode:
             if mode == lock.SHARED:
                 log.info("plan", **at_head.as_dict())
                 return "up-to-date"
@@ -181,11 +194,13 @@ def connected(settings: Settings) -> Iterator[Any]:
 
 @contextlib.contextmanager
 def locked(settings: Settings, conn: Any, while_waiting: Callable[[], None] | None = None,
-           enough: Callable[[], bool] | None = None) -> Iterator[str]:
+           enough: Callable[[], bool] | None = None, since: float | None = None,
+           make_room: bool = False) -> Iterator[str]:
     """Hold the migration lock on `conn` (refusing a transaction-mode pooler first); yields its mode.
     Without `enough` it is always exclusive."""
     lock.ensure_own_session(conn, settings.database.connect_kwargs(settings.application_name))
-    with lock.advisory_lock(conn, lock_key(settings, conn), settings.lock_timeout, while_waiting, enough) as mode:
+    with lock.advisory_lock(conn, lock_key(settings, conn), settings.lock_timeout, while_waiting, enough,
+                            since, make_room) as mode:
         yield mode
 
 

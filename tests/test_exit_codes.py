@@ -272,3 +272,26 @@ def test_a_wait_ends_by_its_timeout_when_the_network_dies(command: str, db: Db, 
         holder.close()
 
     assert (3, True) == (result.code, took < 12), (took, result.stdout[-600:])
+
+
+def test_fifty_runs_on_twenty_connection_slots_all_migrate(tmp_path: Path, env: dict[str, str]) -> None:
+    """Fifty runs at once on max_connections=20, backup included: waiters give their slots back so the
+    holder's pg_dump gets one; every run exits 0 and the migrations ran once."""
+    cluster = Cluster(Path(tempfile.mkdtemp(prefix="migrate-job-full-")), max_connections=20)
+    cluster.start()
+    try:
+        cluster.psql("CREATE DATABASE full_server")
+        cluster.psql("CREATE TABLE legacy (id int)", database="full_server")  # something to back up
+        url = cluster.url("full_server", password="password")
+        runs = {**env, "DATABASE_URL": url, "MIGRATE_WAIT_TIMEOUT": "120", "MIGRATE_LOCK_TIMEOUT": "120"}
+        outs = [tmp_path / f"job{n}.log" for n in range(50)]
+        procs = [start_logged(runs, out) for out in outs]
+        results = [finish_logged(p, out, timeout=300) for p, out in zip(procs, outs)]
+        versions = cluster.psql("SELECT version_num FROM alembic_version", database="full_server").split()
+    finally:
+        cluster.destroy()
+
+    codes = [r.code for r in results]
+    assert {0: 50} == {code: codes.count(code) for code in set(codes)}, [
+        r.event("run.failed")["error"] for r in results if r.code][:3]
+    assert (1, ["0006"]) == (sum(len(r.events("backup.done")) for r in results), versions)
