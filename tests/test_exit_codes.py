@@ -295,3 +295,31 @@ def test_fifty_runs_on_twenty_connection_slots_all_migrate(tmp_path: Path, env: 
     assert {0: 50} == {code: codes.count(code) for code in set(codes)}, [
         r.event("run.failed")["error"] for r in results if r.code][:3]
     assert (1, ["0006"]) == (sum(len(r.events("backup.done")) for r in results), versions)
+
+
+def test_lock_timeout_zero_tries_the_lock_once(db: Db, env: dict[str, str]) -> None:
+    """MIGRATE_LOCK_TIMEOUT=0 with the lock held elsewhere: exit 4 at once."""
+    from tests.conftest import hold_lock
+
+    holder, _ = hold_lock(db)
+    started = time.monotonic()
+    result = run_job("run", env={**env, "MIGRATE_LOCK_TIMEOUT": "0"})
+    took = time.monotonic() - started
+    holder.close()
+
+    assert (4, True) == (result.code, took < 5), took
+
+
+def test_lock_timeout_zero_does_not_let_pg_dump_wait_forever(db: Db, env: dict[str, str]) -> None:
+    """pg_dump's --lock-wait-timeout=0 would wait forever; with MIGRATE_LOCK_TIMEOUT=0 a locked table fails the backup at once."""
+    db.holds_data()
+    app = db.connect(application_name="app")
+    app.autocommit = False
+    app.cursor().execute("LOCK TABLE legacy_notes IN ACCESS EXCLUSIVE MODE")
+    started = time.monotonic()
+    result = run_job("run", env={**env, "MIGRATE_LOCK_TIMEOUT": "0"}, timeout=60)
+    took = time.monotonic() - started
+    app.rollback()
+    app.close()
+
+    assert (5, [], True) == (result.code, db.version(), took < 10), (took, result.stdout[-400:])
