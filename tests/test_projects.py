@@ -327,14 +327,19 @@ def test_a_changed_revision_file_is_not_answered_from_the_record(db: Db, env: di
     assert (0, ["b004"]) == (result.code, [e["revision"] for e in result.events("migration.done")])
 
 
+def own_engine_project(driver: str, db: Db, app_db: Db, env: dict[str, str], where: Path) -> tuple[Path, dict[str, str]]:
+    """A project whose env.py builds its engine from APP_DATABASE_URL (`app_db`), in `driver`; DATABASE_URL is `db`."""
+    shape = OWN_ENGINES[driver]
+    project = make_project(shape, where)
+    return project, {**env, "ALEMBIC_CONFIG": str(project / "alembic.ini"), "DATABASE_URL": url_for(db, shape.scheme),
+                     "APP_DATABASE_URL": url_for(app_db, shape.scheme)}
+
+
 @pytest.mark.parametrize("driver", OWN_ENGINES)
 def test_env_py_on_another_database_is_refused(driver: str, db: Db, reference_db: Db, env: dict[str, str],
                                                tmp_path: Path) -> None:
     """An env.py whose own settings point elsewhere is refused (exit 2, both named) before anything changes."""
-    shape = OWN_ENGINES[driver]
-    project = make_project(shape, tmp_path)
-    job_env = {**env, "ALEMBIC_CONFIG": str(project / "alembic.ini"), "DATABASE_URL": url_for(db, shape.scheme),
-               "APP_DATABASE_URL": url_for(reference_db, shape.scheme)}
+    project, job_env = own_engine_project(driver, db, reference_db, env, tmp_path)
 
     result = run_job("run", env=job_env, cwd=project)
 
@@ -347,10 +352,7 @@ def test_env_py_on_another_database_is_refused(driver: str, db: Db, reference_db
 def test_env_py_with_its_own_engine_on_the_same_database_migrates(driver: str, db: Db, env: dict[str, str],
                                                                   tmp_path: Path) -> None:
     """An env.py that builds its engine from the app's settings works when they name the same database."""
-    shape = OWN_ENGINES[driver]
-    project = make_project(shape, tmp_path)
-    job_env = {**env, "ALEMBIC_CONFIG": str(project / "alembic.ini"), "DATABASE_URL": url_for(db, shape.scheme),
-               "APP_DATABASE_URL": url_for(db, shape.scheme)}
+    project, job_env = own_engine_project(driver, db, db, env, tmp_path)
 
     result = run_job("run", env=job_env, cwd=project)
 
