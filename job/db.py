@@ -185,6 +185,11 @@ def autocommit(conn: Any) -> Iterator[None]:
             conn.autocommit = False
 
 
+def literal(value: str) -> str:
+    """A SQL string literal, for statements run on any driver (each has its own parameter style)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
 # SQLSTATEs the job tells apart, whichever driver raised them
 QUERY_CANCELED = "57014"
 LOCK_NOT_AVAILABLE = "55P03"

@@ -48,10 +48,6 @@ REVISION_ROW = (
 DO_TAG = "$migrate_job_history$"
 
 
-def _literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 class History:
     """Writes to the history table on `conn`; a table name of None turns it off."""
 
@@ -129,7 +125,7 @@ class History:
         values = [self.run_id, revision, direction, started.isoformat(), repr(float(seconds)), self.host]
         if any(DO_TAG in value for value in values):
             return False
-        run_id, revision, direction, started_at, seconds_text, host = (_literal(v) for v in values)
+        run_id, revision, direction, started_at, seconds_text, host = (db.literal(v) for v in values)
         statement = (
             f"DO {DO_TAG} BEGIN {prelude} BEGIN INSERT INTO {self.table.as_string(self.conn)} (run_id, kind, revision, direction, "
             f"started_at, finished_at, seconds, outcome, host) VALUES ({run_id}, 'revision', {revision}, {direction}, "

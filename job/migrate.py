@@ -334,7 +334,7 @@ class _Sessions:
         try:
             cursor.execute(
                 f"SELECT pid, backend_start::text, {IDENTITY_COLUMNS}"
-                + "".join(f", set_config({_literal(k)}, {_literal(v)}, false)" for k, v in self.settings.items())
+                + "".join(f", set_config({db.literal(k)}, {db.literal(v)}, false)" for k, v in self.settings.items())
                 + " FROM pg_stat_activity WHERE pid = pg_backend_pid()")
             row = tuple(cursor.fetchone())
         finally:
@@ -378,11 +378,6 @@ class _Sessions:
 
 
 sessions = _Sessions()
-
-
-def _literal(value: str) -> str:
-    """A SQL string literal (no driver-specific parameter style: this runs on every driver)."""
-    return "'" + value.replace("'", "''") + "'"
 
 
 # Which database a session is on: its name, and the server (started once, at one instant).
@@ -483,7 +478,7 @@ class Stepper:
     """The `fn` env.py's MigrationContext pulls revisions from: one at a time, so that the job
     regains control between them. Alembic asks for the next revision only once the previous one's
     transaction has ended (`MigrationContext.run_migrations`); the job makes every env.py give each
-    revision a transaction of its own (`transaction_per_migration`, see `_Environment`), and checks
+    revision a transaction of its own (`transaction_per_migration`, see `_environment`), and checks
     that it did commit before reporting it done. An env.py that holds one transaction of its own
     around all of them gets one revision per run instead, committed when env.py ends it."""
 
