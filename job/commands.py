@@ -18,8 +18,8 @@ from job.config import Settings
 from job.errors import ConfigError, LintFindings
 from job.logs import log
 from job.pipeline import (
-    apply, connected, database_name, known_scripts, lock_key, locked, other_databases, project_of, succeeded,
-    take_backup, verify, version_table_of,
+    apply, connected, database_name, known_scripts, lock_key, locked, other_databases, own_tables, project_of,
+    succeeded, take_backup, verify, version_table_of,
 )
 from job.pipeline import history as history_of
 
@@ -152,10 +152,9 @@ def restore(settings: Settings, name: str, force: bool = False) -> tuple[list[st
             # a backup holds the database as it was before the migration it preceded: from_revision
             log.info("restore.start", path=str(path), before=before, backup_at=meta.get("from_revision"))
             record.backup_path = str(path)
-            own = [t for t in (settings.history_table, manifest.record_table(settings.history_table)) if t]
             backup.restore(settings.database, path, settings.application_name, os.environ,
                            lambda name: lock.cancel_lock_waits(conn, name, settings.lock_timeout),
-                           backup.clearing_sql(conn, own))
+                           backup.clearing_sql(conn, own_tables(settings)))
             after = list(plan.current_revisions(conn, version_table))
             log.info("restore.done", path=str(path), before=before, after=after)
             return before, after

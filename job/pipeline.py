@@ -7,9 +7,9 @@ import contextlib
 import os
 import random
 import time
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
 
 import psycopg2
-from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
 
 from job import db, lock, manifest, plan
 from job.config import Database, Settings, lock_key_for
@@ -78,13 +78,8 @@ def migrate_exclusively(settings: Settings, conn: Any, others: list[Other], scri
     project = project_of_run()
     version_table = project.locate()
     the_plan = plan.make(project, plan.current_revisions(conn, version_table), settings.target)
-    lagging = [o for o in others if plan.current_revisions(o.conn, version_table) != the_plan.current]
-    if lagging:
-        raise MigrationFailed(
-            f"the databases are at different revisions: {database_name(conn)} at {', '.join(the_plan.current) or 'base'}, "
-            + ", ".join(f"{o.section} ({database_name(o.conn)}) at "
-                        f"{', '.join(plan.current_revisions(o.conn, version_table)) or 'base'}" for o in lagging)
-            + ": restore the one that moved alone, or bring it to the same revision by hand")
+    refuse_out_of_step(conn, others, version_table, the_plan.current,
+                       "restore the one that moved alone, or bring it to the same revision by hand")
     remember(settings, conn, scripts, known, manifest.Known(the_plan.heads, version_table))
     log.info("plan", **the_plan.as_dict())
     project.refuse_unsafe_endings(list(the_plan.pending), "upgrade")
@@ -132,16 +127,33 @@ def other_databases(settings: Settings) -> Iterator[list[Other]]:
             conn = wait_for_database(database.connect_kwargs(settings.application_name), settings.wait_timeout,
                                      session_options(settings))
             stack.callback(conn.close)
-            key = settings.lock_key if settings.lock_key is not None else lock_key_for(database_name(conn),
-                                                                                     settings.version_table)
-            stack.enter_context(lock.advisory_lock(conn, key, settings.lock_timeout))
+            stack.enter_context(lock.advisory_lock(conn, lock_key(settings, conn), settings.lock_timeout))
             others.append(Other(section, database, conn))
         yield others
 
 
+def refuse_out_of_step(conn: Any, others: list[Other], version_table: plan.VersionTable, current: tuple[str, ...],
+                       advice: str) -> None:
+    """Raise MigrationFailed naming each other database that is not at `current` (DATABASE_URL's)."""
+    theirs = [(other, plan.current_revisions(other.conn, version_table)) for other in others]
+    apart = [(other, revisions) for other, revisions in theirs if revisions != current]
+    if apart:
+        raise MigrationFailed(
+            f"the databases are at different revisions: {database_name(conn)} at {', '.join(current) or 'base'}, "
+            + ", ".join(f"{o.section} ({database_name(o.conn)}) at {', '.join(r) or 'base'}" for o, r in apart)
+            + f": {advice}")
+
+
+def own_tables(settings: Settings) -> list[str]:
+    """The job's own tables in the database (history and what runs learned): never backed up or restored."""
+    return [t for t in (settings.history_table, manifest.record_table(settings.history_table)) if t]
+
+
 def needs_backup(settings: Settings, conn: Any, the_plan: plan.Plan) -> bool:
     """`auto` does not back up a database that holds nothing yet (a first deploy: nothing to restore)."""
-    if settings.backup == "auto" and not the_plan.current and nothing_to_back_up(settings, conn):
+    from job import backup
+
+    if settings.backup == "auto" and not the_plan.current and backup.nothing_to_back_up(conn, settings.history_table):
         log.info("backup.skipped", database=database_name(conn),
                  reason="the database holds nothing yet (a first deploy): nothing to restore")
         return False
@@ -245,12 +257,6 @@ def session_options(settings: Settings) -> dict[str, str]:
     }
 
 
-def nothing_to_back_up(settings: Settings, conn: Any) -> bool:
-    from job import backup
-
-    return backup.nothing_to_back_up(conn, settings.history_table)
-
-
 def take_backup(settings: Settings, conn: Any, from_revision: tuple[str, ...], to_revision: tuple[str, ...],
                 database: Database | None = None) -> backup.Backup:
     """A verified backup of this database (DATABASE_URL's unless `database` says which), labelled
@@ -268,7 +274,7 @@ def take_backup(settings: Settings, conn: Any, from_revision: tuple[str, ...], t
         settings.application_name,
         os.environ,
         lock_wait_timeout=settings.lock_timeout,
-        exclude_tables=[t for t in (settings.history_table, manifest.record_table(settings.history_table)) if t],
+        exclude_tables=own_tables(settings),
         set_key=backup.set_of(server_identity(conn), database_name(conn)),
         wait_timeout=settings.wait_timeout,
     )
@@ -311,11 +317,7 @@ def verify(settings: Settings, conn: Any, project: migrate.Project, version_tabl
     project.close()
     lock.confirm(conn, lock_key(settings, conn))
     current = plan.current_revisions(conn, version_table)
-    for other in others:
-        theirs = plan.current_revisions(other.conn, version_table)
-        if theirs != current:
-            raise MigrationFailed(f"after the {direction}, {other.section} ({database_name(other.conn)}) is at "
-                                  f"{', '.join(theirs) or 'base'} but {database_name(conn)} at {', '.join(current) or 'base'}")
+    refuse_out_of_step(conn, others, version_table, current, f"after the {direction}, run the job again")
     left = project.steps(current, target or settings.target, direction)
     if left:
         raise MigrationFailed(
