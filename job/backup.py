@@ -223,7 +223,7 @@ def verified(directory: Path, name: str) -> tuple[Path, dict[str, Any]]:
         raise RestoreFailed(f"no backup {str(path)!r} with a sidecar ({sidecar_of(path).name}) to check it against") from None
     except ValueError:
         raise RestoreFailed(f"the sidecar of {str(path)!r} is not valid JSON") from None
-    if not isinstance(meta, dict) or any(field not in meta for field in SIDECAR_FIELDS):
+    if not _ours(meta):
         raise RestoreFailed(f"the sidecar of {str(path)!r} is not one of ours (it lacks {', '.join(SIDECAR_FIELDS)})")
     try:
         _, digest = _sha256(path)
@@ -396,9 +396,12 @@ def _sidecar(path: Path) -> dict[str, Any] | None:
         meta = json.loads(path.read_text())
     except (OSError, ValueError, UnicodeDecodeError):
         return None
-    if not isinstance(meta, dict) or any(field not in meta for field in SIDECAR_FIELDS):
-        return None
-    return meta
+    return meta if _ours(meta) else None
+
+
+def _ours(meta: Any) -> bool:
+    """Whether a sidecar's content is one of ours: an object with every field we write and read."""
+    return isinstance(meta, dict) and all(field in meta for field in SIDECAR_FIELDS)
 
 
 def _newest_first(meta: dict[str, Any]) -> tuple[int, str]:

@@ -190,6 +190,16 @@ def literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def execute_literal(connection: Any, statement: str) -> None:
+    """Run literal SQL on a SQLAlchemy connection's DBAPI cursor: no driver interpolates anything
+    in it (a `%` stays a `%`), whichever driver env.py uses."""
+    cursor = connection.connection.cursor()
+    try:
+        cursor.execute(statement)
+    finally:
+        cursor.close()
+
+
 # SQLSTATEs the job tells apart, whichever driver raised them
 QUERY_CANCELED = "57014"
 LOCK_NOT_AVAILABLE = "55P03"

@@ -39,11 +39,6 @@ CREATE TABLE IF NOT EXISTS {table} (
 """
 
 
-REVISION_ROW = (
-    "INSERT INTO {table} (run_id, kind, revision, direction, started_at, finished_at, seconds, outcome, "
-    "error, host) VALUES (%(run_id)s, 'revision', %(revision)s, %(direction)s, %(started)s, "
-    "%(started)s + make_interval(secs => %(seconds)s), %(seconds)s, %(outcome)s, %(error)s, %(host)s)"
-)
 # the dollar-quote tag of the DO block that writes a revision's row inside its transaction
 DO_TAG = "$migrate_job_history$"
 
@@ -109,7 +104,13 @@ class History:
     def revision(self, revision: str, direction: str, started: dt.datetime, seconds: float, outcome: str,
                  error: str | None = None) -> None:
         """Record one revision applied (or failed, or interrupted), in a transaction of its own."""
-        self._write(REVISION_ROW, self._revision_params(revision, direction, started, seconds, outcome, error))
+        self._write(
+            "INSERT INTO {table} (run_id, kind, revision, direction, started_at, finished_at, seconds, outcome, "
+            "error, host) VALUES (%(run_id)s, 'revision', %(revision)s, %(direction)s, %(started)s, "
+            "%(started)s + make_interval(secs => %(seconds)s), %(seconds)s, %(outcome)s, %(error)s, %(host)s)",
+            {"run_id": self.run_id, "revision": revision, "direction": direction, "started": started,
+             "seconds": seconds, "outcome": outcome, "error": error and redactor.text(error), "host": self.host},
+        )
 
     def revision_within(self, connection: Any, revision: str, direction: str, started: dt.datetime,
                         seconds: float, prelude: str = "") -> bool:
@@ -133,17 +134,8 @@ class History:
             f"{seconds_text}::float8, 'applied', {host}); EXCEPTION WHEN OTHERS THEN "
             f"RAISE WARNING USING MESSAGE = 'migrate-job history: ' || SQLERRM; END; END {DO_TAG}"
         )
-        cursor = connection.connection.cursor()  # the DBAPI cursor: no parameter interpolation
-        try:
-            cursor.execute(statement)
-        finally:
-            cursor.close()
+        db.execute_literal(connection, statement)
         return True
-
-    def _revision_params(self, revision: str, direction: str, started: dt.datetime, seconds: float, outcome: str,
-                         error: str | None = None) -> dict[str, Any]:
-        return {"run_id": self.run_id, "revision": revision, "direction": direction, "started": started,
-                "seconds": seconds, "outcome": outcome, "error": error and redactor.text(error), "host": self.host}
 
 
 def recent(conn: Any, table: str | None, limit: int = 10) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ import os
 import random
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import alembic
@@ -81,6 +82,8 @@ class Project:
             ) from None
         self.raw_connection = raw_connection
         self._connection: Any = None
+        # (revision, upgrade or downgrade) -> how it ends its transaction, if it does
+        self._endings: dict[tuple[str, str], commits.Ending | None] = {}
 
     def connection(self) -> Any:
         """A SQLAlchemy connection over the raw psycopg2 connection (the one holding the lock)."""
@@ -201,19 +204,17 @@ class Project:
         ]
 
     def transaction_endings(self, steps: list[Step], direction: str) -> dict[str, commits.Ending]:
-        """The pending revisions that end their own transaction, and how (read from their source)."""
+        """The pending revisions that end their own transaction, and how (read from their source,
+        once per revision and direction: the refusal before the run and the run itself both ask)."""
         function = "upgrade" if direction == "upgrade" else "downgrade"
-        found = {}
         for step in steps:
-            path = self.script.get_revision(step.revision).path
-            try:
-                source = open(path, encoding="utf-8").read()
-            except (OSError, UnicodeDecodeError):
-                continue  # a sourceless (.pyc) revision: nothing to read
-            ending = commits.ending(source, step.revision, function)
-            if ending is not None:
-                found[step.revision] = ending
-        return found
+            if (step.revision, function) not in self._endings:
+                try:
+                    source = Path(self.script.get_revision(step.revision).path).read_text(encoding="utf-8")
+                except (OSError, UnicodeDecodeError):
+                    source = ""  # a sourceless (.pyc) revision: nothing to read
+                self._endings[step.revision, function] = commits.ending(source, step.revision, function) if source else None
+        return {s.revision: e for s in steps if (e := self._endings[s.revision, function])}
 
     def refuse_unsafe_endings(self, steps: list[Step], direction: str) -> None:
         """Refuse, before anything runs, a revision that ends its transaction in a way a re-run
@@ -580,11 +581,7 @@ class Stepper:
             self._recorded = self.history.revision_within(ctx.connection, self.running.revision, self.direction,
                                                           started_at, time.monotonic() - started, prelude=defer)
         if defer and not self._recorded:
-            cursor = ctx.connection.connection.cursor()  # the DBAPI cursor: literal SQL on every driver
-            try:
-                cursor.execute("SELECT set_config('synchronous_commit', 'off', true)")
-            finally:
-                cursor.close()
+            db.execute_literal(ctx.connection, "SELECT set_config('synchronous_commit', 'off', true)")
 
     def _committed(self) -> None:
         step, (started, started_at) = self.running, self._started
