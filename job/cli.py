@@ -52,6 +52,8 @@ def parser() -> argparse.ArgumentParser:
     flag("--backup", choices=("auto", "always", "off"), help="MIGRATE_BACKUP")
     flag("--backup-dir", help="MIGRATE_BACKUP_DIR")
     flag("--backup-keep", type=int, help="MIGRATE_BACKUP_KEEP")
+    flag("--allow-ahead", action=argparse.BooleanOptionalAction, default=None,
+         help="start on a database ahead of these scripts on their own line (MIGRATE_ALLOW_AHEAD, default true)")
     flag("--databases", help="a multidb env.py's alembic.ini sections: `section` or `section=URL` (MIGRATE_DATABASES)")
     flag("--log-format", choices=("json", "console"), help="MIGRATE_LOG_FORMAT")
     flag("--log-level", choices=("debug", "info", "warning", "error"), help="MIGRATE_LOG_LEVEL")
@@ -116,6 +118,7 @@ def cmd_plan(settings: config.Settings, args: argparse.Namespace) -> tuple[str, 
             f"target:  {the_plan.target} ({', '.join(the_plan.heads)})",
             f"pending: {len(the_plan.pending)}",
             *(f"  {s.revision}  {s.description}" for s in the_plan.pending),
+            *_ahead_text(the_plan.as_dict()["ahead"]),
         ]))
     return "planned", 0
 
@@ -193,6 +196,7 @@ def _status_text(report: dict[str, Any]) -> str:
         f"heads:    {', '.join(report['heads'])}",
         f"pending:  {report['pending_count'] if report['problem'] is None else 'unknown: ' + report['problem']}",
         *(f"  {p['revision']}  {p['description']}" for p in report["pending"] or []),
+        *_ahead_text(report["ahead"] or []),
         "lock:     " + ("free" if holder is None else
                         f"held by pid {holder['pid']} ({holder['application_name']}, {holder['client_addr']}, "
                         f"since {holder['since']})"),
@@ -204,6 +208,14 @@ def _status_text(report: dict[str, Any]) -> str:
           f"{(h['seconds'] or 0):.1f} s  {h['host']}  {h['revisions'] or ''}" for h in report["history"]),
     ]
     return "\n".join(lines)
+
+
+def _ahead_text(ahead: list[dict[str, str]]) -> list[str]:
+    """Lines saying the database is ahead of these scripts, and by what; none when it is not."""
+    if not ahead:
+        return []
+    return [f"ahead:   the database has {len(ahead)} revision(s) these scripts lack (newer code migrated it; "
+            "this code may run on it)", *(f"  {a['revision']}  {a['description']}" for a in ahead)]
 
 
 def _size(n: int) -> str:

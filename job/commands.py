@@ -18,8 +18,8 @@ from job.config import Settings
 from job.errors import ConfigError, LintFindings
 from job.logs import log
 from job.pipeline import (
-    apply, connected, database_name, known_scripts, lock_key, locked, other_databases, own_tables, project_of,
-    succeeded, take_backup, verify, version_table_of,
+    apply, connected, database_name, known_plan, known_scripts, lock_key, locked, other_databases, own_tables,
+    plan_for, project_of, succeeded, take_backup, verify, version_table_of,
 )
 from job.pipeline import history as history_of
 
@@ -43,17 +43,18 @@ def check(settings: Settings, block: bool = False) -> plan.Plan:
                 cur.execute(f"LISTEN {lock.channel(lock_key(settings, conn))}")
         while True:
             known = known_scripts(settings, conn, scripts)
-            the_plan = known and plan.known_at_target(
-                known.heads, plan.current_revisions(conn, known.version_table), settings.target)
+            the_plan = known and known_plan(settings, conn, known)
             if the_plan is None or settings.other_databases:
                 project = project or stack.enter_context(project_of(settings, conn))
                 version_table = version_table or project.locate()
-                the_plan = plan.make(project, plan.current_revisions(conn, version_table), settings.target)
+                the_plan = plan_for(settings, conn, project, version_table)
                 for section, current in others_current(settings, version_table):
                     if current != the_plan.current:  # a multidb env.py's other database lags: its plan
                         log.info("check.database", section=section, current=list(current))
-                        the_plan = plan.make(project, current, settings.target)
+                        the_plan = plan_for(settings, conn, project, version_table, current)
             if not block or not the_plan.pending or time.monotonic() >= deadline:
+                if the_plan.ahead:
+                    log.info("database.ahead", **the_plan.ahead_fields())
                 return the_plan
             log.info("check.waiting", current=list(the_plan.current), pending=len(the_plan.pending))
             lock.sleep_or_notified(conn, min(1.0, max(deadline - time.monotonic(), 0.0)))
@@ -71,8 +72,7 @@ def others_current(settings: Settings, version_table: plan.VersionTable) -> list
 def plan_of(settings: Settings, sql: bool = False) -> tuple[plan.Plan, str | None]:
     """The plan, and with `sql` the offline SQL the pending revisions would run; changes nothing."""
     with connected(settings) as conn, project_of(settings, conn) as project:
-        version_table = version_table_of(settings, conn, project)
-        the_plan = plan.make(project, plan.current_revisions(conn, version_table), settings.target)
+        the_plan = plan_for(settings, conn, project, version_table_of(settings, conn, project))
         return the_plan, project.offline_sql(the_plan.current, settings.target) if sql else None
 
 
@@ -88,11 +88,11 @@ def status(settings: Settings) -> dict[str, Any]:
         report: dict[str, Any] = {"database": name, "version_table": str(version_table), "current": list(current),
                                   "target": settings.target}
         try:
-            the_plan = plan.make(project, current, settings.target)
+            the_plan = plan_for(settings, conn, project, version_table, current)
             report.update(heads=list(the_plan.heads), pending_count=len(the_plan.pending),
-                          pending=the_plan.as_dict()["pending"], problem=None)
+                          pending=the_plan.as_dict()["pending"], ahead=the_plan.as_dict()["ahead"], problem=None)
         except Exception as e:  # still show everything else: this is what on-call reads
-            report.update(heads=list(project.heads()), pending_count=None, pending=None, problem=str(e))
+            report.update(heads=list(project.heads()), pending_count=None, pending=None, ahead=None, problem=str(e))
         holder = lock.holder(conn, key)
         report["lock"] = {"key": key, "held": holder is not None, "holder": holder}
         now = dt.datetime.now(dt.timezone.utc)
@@ -199,14 +199,18 @@ def lint(settings: Settings, everything: bool = False, allow: str | None = None)
         with project_of(settings, None) as project:
             steps = project.steps((), "heads")
             sql = [(s, project.step_sql(s.revision)) for s in steps]
+            graph = project.lineage()
         pg_version = "15"
     else:
         with connected(settings) as conn, project_of(settings, conn) as project:
-            current = plan.current_revisions(conn, version_table_of(settings, conn, project))
-            steps = plan.make(project, current, settings.target).pending
+            steps = plan_for(settings, conn, project, version_table_of(settings, conn, project)).pending
             sql = [(s, project.step_sql(s.revision)) for s in steps]
+            graph = project.lineage()
             pg_version = str(conn.server_version // 10000)
-    findings = linter.check(sql, allowed, pg_version)
+    findings, suggestions = linter.check(sql, allowed, pg_version, {r for r, rev in graph.items() if rev.breaking})
+    for suggestion in suggestions:
+        log.warning("lint.suggestion", revision=suggestion.revision, rule=suggestion.rule, message=suggestion.message,
+                    line=suggestion.line)
     for finding in findings:
         log.warning("lint.finding", revision=finding.revision, rule=finding.rule, message=finding.message,
                     line=finding.line)

@@ -249,8 +249,10 @@ class Settings(NamedTuple):
     lock_retries: int = 5
     # seconds any statement may run; 0 is no limit
     statement_timeout: float = 0.0
-    # run history table; None disables it
+    # run history table; None disables it (and the job's other tables: the heads record, the lineage)
     history_table: str | None = "migrate_job_history"
+    # older code may start on a database ahead of its scripts on their own line (job.lineage)
+    allow_ahead: bool = True
     # names our sessions in pg_stat_activity: the pod's hostname
     application_name: str = "migrate-job"
     # a multidb env.py: the alembic.ini sections it reads its engines' URLs from, and the database
@@ -339,6 +341,7 @@ def load(env: Mapping[str, str], flags: Mapping[str, object], need_database: boo
         lock_retries=int(_number(pick("lock_retries", "MIGRATE_LOCK_RETRIES"), "MIGRATE_LOCK_RETRIES", 5, integer=True)),
         statement_timeout=_number(pick("statement_timeout", "MIGRATE_STATEMENT_TIMEOUT"), "MIGRATE_STATEMENT_TIMEOUT", 0),
         history_table=None if history.lower() == "off" else _identifier(history, "MIGRATE_HISTORY_TABLE"),
+        allow_ahead=_boolean(pick("allow_ahead", "MIGRATE_ALLOW_AHEAD"), "MIGRATE_ALLOW_AHEAD", True),
         application_name=f"migrate-job/{socket.gethostname()}"[:63],
         sections=_sections(pick("databases", "MIGRATE_DATABASES"), database),
     )
@@ -401,6 +404,16 @@ def _number(value: str | None, name: str, default: float, minimum: float = 0, in
     if number < minimum:
         raise ConfigError(f"{name}={value!r} must be at least {minimum:g}")
     return number
+
+
+def _boolean(value: str | None, name: str, default: bool) -> bool:
+    if value is None:
+        return default
+    if value.lower() in ("true", "1", "yes", "on"):
+        return True
+    if value.lower() in ("false", "0", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={value!r} must be true or false")
 
 
 def _choice(value: str, name: str, choices: tuple[str, ...]) -> str:

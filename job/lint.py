@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Collection, NamedTuple
 
 from job.alembic_files import AlembicFiles
 from job.errors import ConfigError
@@ -21,6 +21,18 @@ JOB_ALLOWS = {
     "require-statement-timeout": "the job sets statement_timeout (MIGRATE_STATEMENT_TIMEOUT) when asked to",
     "prefer-robust-stmts": "each revision runs in its own transaction, so a failure leaves nothing half-done",
     "transaction-nesting": "the offline SQL wraps each revision in the transaction the job runs it in",
+}
+
+
+# Operations that break code still using what they change: the previous release's, during a rolling
+# update or after an app rollback. A revision with one of these should declare it (job.lineage).
+BREAKS_OLD_CODE = {
+    "ban-drop-column": "drops a column",
+    "ban-drop-table": "drops a table",
+    "renaming-column": "renames a column",
+    "renaming-table": "renames a table",
+    "changing-column-type": "changes a column's type",
+    "adding-required-field": "adds a NOT NULL column without a default (older code's inserts fail)",
 }
 
 
@@ -47,8 +59,11 @@ def squawk() -> str:
     return found
 
 
-def check(sql_by_step: list[tuple[Step, str]], allowed: set[str], pg_version: str) -> list[Finding]:
-    """Run squawk over each revision's SQL; keep the findings no allowance covers."""
+def check(sql_by_step: list[tuple[Step, str]], allowed: set[str], pg_version: str,
+          marked_breaking: Collection[str] = ()) -> tuple[list[Finding], list[Finding]]:
+    """Run squawk over each revision's SQL. Return the findings no allowance covers, and the
+    operations that break the previous release's code in revisions not marked `breaks_previous_release`
+    (suggestions, whether or not allowed: an allowance says the lock is acceptable, not that old code copes)."""
     with tempfile.TemporaryDirectory(prefix="migrate-job-lint-") as tmp:
         files = {}
         for index, (step, text) in enumerate(sql_by_step):
@@ -56,7 +71,7 @@ def check(sql_by_step: list[tuple[Step, str]], allowed: set[str], pg_version: st
             path.write_text(text)
             files[str(path)] = step
         if not files:
-            return []
+            return [], []
         result = subprocess.run(
             [squawk(), "--reporter", "json", f"--pg-version={pg_version}", *files],
             capture_output=True, text=True,
@@ -65,11 +80,17 @@ def check(sql_by_step: list[tuple[Step, str]], allowed: set[str], pg_version: st
         reported: list[dict[str, Any]] = json.loads(result.stdout or "[]")
     except ValueError:
         raise ConfigError(f"squawk failed: {(result.stderr or result.stdout).strip()[:500]}") from None
-    findings = []
+    findings, suggestions = [], []
     for item in reported:
         step = files[item["file"]]
         rule = item["rule_name"]
+        if rule in BREAKS_OLD_CODE and step.revision not in marked_breaking:
+            suggestions.append(Finding(
+                step.revision, rule,
+                f"this revision {BREAKS_OLD_CODE[rule]}: if the previous release still uses it, set "
+                "`breaks_previous_release = \"why\"` in the revision (older pods then stop rather than fail), "
+                "or ship it a release after the code stops using it", item["line"] + 1))
         if rule in allowed or f"{step.revision}:{rule}" in allowed:
             continue
         findings.append(Finding(step.revision, rule, item["message"], item["line"] + 1))
-    return findings
+    return findings, suggestions

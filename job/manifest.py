@@ -166,7 +166,9 @@ def _record_id(found: Scripts) -> str:
 
 
 def _seal(found: Scripts, known: Known) -> str:
-    payload = json.dumps([sorted(known.heads), known.version_table.name, known.version_table.schema])
+    # (the format's version first: a record of a job that did not record lineage is not used, so the
+    # first run after an upgrade loads Alembic once and records the lineage too)
+    payload = json.dumps(["v2", sorted(known.heads), known.version_table.name, known.version_table.schema])
     return hmac.new(found.fingerprint.encode(), payload.encode(), hashlib.sha256).hexdigest()
 
 

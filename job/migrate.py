@@ -32,7 +32,7 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import StaticPool
 
-from job import commits, db, logs, plan
+from job import commits, db, lineage, logs, plan
 from job.alembic_files import AlembicFiles
 from job.config import Database
 from job.errors import ConfigError, Interrupted, JobError, MigrationFailed, RevisionError
@@ -133,27 +133,52 @@ class Project:
 
     def validate(self, current: tuple[str, ...], target: str) -> None:
         """Refuse a database at an unknown revision, an ambiguous `head`, or a target the scripts lack."""
+        for revision in self.unknown(current):
+            raise RevisionError(
+                f"the database is at revision {revision!r}, which these migration scripts do not "
+                "know as a revision id: it was migrated by newer code, the scripts are missing a revision, "
+                "or the version table holds a name rather than an id"
+            )
+        self.validate_target(target)
+
+    def unknown(self, current: tuple[str, ...]) -> list[str]:
+        """The revisions the database is at that these scripts do not have (as ids)."""
+        found = []
         for revision in current:
             try:
-                found = self.script.get_revision(revision)
+                script = self.script.get_revision(revision)
             except Exception:
-                found = None
-            if found is None or found.revision != revision:  # `head`, a branch label, a partial id
-                raise RevisionError(
-                    f"the database is at revision {revision!r}, which these migration scripts do not "
-                    "know as a revision id: it was migrated by newer code, the scripts are missing a revision, "
-                    "or the version table holds a name rather than an id"
-                ) from None
+                script = None
+            if script is None or script.revision != revision:  # `head`, a branch label, a partial id
+                found.append(revision)
+        return found
+
+    def validate_target(self, target: str) -> None:
+        """Refuse an ambiguous `head`, or a target the scripts lack."""
         heads = self.heads()
         if target == "head" and len(heads) > 1:
             raise RevisionError(
                 f"the migration scripts have {len(heads)} heads ({', '.join(heads)}) and the target is "
                 "'head': merge them (alembic merge heads) or set MIGRATE_TARGET"
             )
+        self.targets(target)
+
+    def targets(self, target: str) -> tuple[str, ...]:
+        """The revision ids `target` stands for (`head`, `heads`, an id, a branch label; none for base)."""
         try:
-            self.script.get_revisions(target)
+            return tuple(s.revision for s in self.script.get_revisions(target) if s is not None)
         except Exception:
             raise ConfigError(f"MIGRATE_TARGET {target!r} is not a revision of these scripts") from None
+
+    def lineage(self) -> dict[str, lineage.Revision]:
+        """The scripts' revision graph as job.lineage records it: each revision, what must be applied
+        before it (parents and `depends_on`), its description, and whether it breaks the previous
+        release's code (its module's `breaks_previous_release`)."""
+        return {
+            s.revision: lineage.Revision(s.revision, tuple(s._all_down_revisions), s.doc or "",
+                                         _breaking(getattr(s.module, lineage.MARKER, None)))
+            for s in self.script.walk_revisions()
+        }
 
     def _revs(self, direction: str, target: str, current: tuple[str, ...]) -> list[Any]:
         # ScriptDirectory._upgrade_revs / _downgrade_revs are what alembic.command.upgrade and
@@ -271,6 +296,13 @@ class Project:
                 self.raw_connection.autocommit = True
         if self.raw_connection is not None and not self.raw_connection.closed:
             sessions.end_leftovers(self.raw_connection)
+
+
+def _breaking(marker: Any) -> str | None:
+    """A revision's `breaks_previous_release`: True, or the reason, means older code must stop."""
+    if not marker:
+        return None
+    return marker.strip() if isinstance(marker, str) and marker.strip() else f"marked {lineage.MARKER}"
 
 
 def _environment(config: Config, script: ScriptDirectory, on_version_apply: Callable[..., None] | None,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
 
 import psycopg2
 
-from job import db, lock, manifest, plan
+from job import db, lineage, lock, manifest, plan
 from job.config import Database, Settings, lock_key_for
 from job.errors import MigrationFailed
 from job.history import History
@@ -49,8 +49,7 @@ def run_once(settings: Settings, started: float) -> str:
         def at_target() -> bool:
             """Under the shared lock: does what is known of the scripts prove there is nothing to do?"""
             nonlocal at_head
-            at_head = plan.known_at_target(known.heads, plan.current_revisions(conn, known.version_table),
-                                           settings.target)
+            at_head = known_plan(settings, conn, known)
             return at_head is not None and settings.backup != "always"
 
         # (with other databases, every run checks them all under their locks: no shared fast path)
@@ -58,7 +57,7 @@ def run_once(settings: Settings, started: float) -> str:
         with locked(settings, conn, while_waiting=prepare, enough=at_target if fast else None, since=started,
                     make_room=True) as mode:
             if mode == lock.SHARED:
-                log.info("plan", **at_head.as_dict())
+                log_plan(at_head)
                 return "up-to-date"
             others = later.enter_context(other_databases(settings))
             return migrate_exclusively(settings, conn, others, scripts, known,
@@ -71,17 +70,19 @@ def migrate_exclusively(settings: Settings, conn: Any, others: list[Other], scri
     waited, and recorded what it learned of the scripts), back up, upgrade, verify."""
     known = known or known_scripts(settings, conn, scripts)
     if known is not None and not others:
-        at_head = plan.known_at_target(known.heads, plan.current_revisions(conn, known.version_table), settings.target)
+        at_head = known_plan(settings, conn, known)
         if at_head and settings.backup != "always":
-            log.info("plan", **at_head.as_dict())
+            log_plan(at_head)
             return "up-to-date"
     project = project_of_run()
     version_table = project.locate()
-    the_plan = plan.make(project, plan.current_revisions(conn, version_table), settings.target)
+    the_plan = plan_for(settings, conn, project, version_table)
     refuse_out_of_step(conn, others, version_table, the_plan.current,
                        "restore the one that moved alone, or bring it to the same revision by hand")
-    remember(settings, conn, scripts, known, manifest.Known(the_plan.heads, version_table))
-    log.info("plan", **the_plan.as_dict())
+    if not the_plan.ahead:  # (older code has nothing to add to what newer code recorded)
+        remember(settings, conn, scripts, known, manifest.Known(the_plan.heads, version_table))
+        record_lineage(settings, conn, project, version_table)
+    log_plan(the_plan)
     project.refuse_unsafe_endings(list(the_plan.pending), "upgrade")
     backing_up = settings.backup == "always" or (settings.backup == "auto" and bool(the_plan.pending))
     if not the_plan.pending and not backing_up:
@@ -146,7 +147,8 @@ def refuse_out_of_step(conn: Any, others: list[Other], version_table: plan.Versi
 
 def own_tables(settings: Settings) -> list[str]:
     """The job's own tables in the database (history and what runs learned): never backed up or restored."""
-    return [t for t in (settings.history_table, manifest.record_table(settings.history_table)) if t]
+    history_table = settings.history_table
+    return [t for t in (history_table, manifest.record_table(history_table), lineage.table_for(history_table)) if t]
 
 
 def needs_backup(settings: Settings, conn: Any, the_plan: plan.Plan) -> bool:
@@ -167,6 +169,45 @@ def known_scripts(settings: Settings, conn: Any, scripts: manifest.Scripts | Non
         return None
     return (manifest.from_database(conn, manifest.record_table(settings.history_table), scripts)
             or manifest.from_file(scripts, settings.version_table))
+
+
+def known_plan(settings: Settings, conn: Any, known: manifest.Known) -> plan.Plan | None:
+    """The plan when what is known of the scripts without Alembic settles it: the database is at the
+    target, or ahead of it on its own line (by the recorded lineage); else None."""
+    return plan.known_at_target(known.heads, plan.current_revisions(conn, known.version_table), settings.target,
+                                recorded_lineage(settings, conn, known.version_table), settings.allow_ahead)
+
+
+def plan_for(settings: Settings, conn: Any, project: migrate.Project, version_table: plan.VersionTable,
+             current: tuple[str, ...] | None = None) -> plan.Plan:
+    """The plan from `current` (what the database is at, read when not given), by Alembic; a database
+    at revisions the scripts lack is judged by its recorded lineage."""
+    if current is None:
+        current = plan.current_revisions(conn, version_table)
+    return plan.make(project, current, settings.target, recorded_lineage(settings, conn, version_table),
+                     settings.allow_ahead)
+
+
+def recorded_lineage(settings: Settings, conn: Any, version_table: plan.VersionTable) -> plan.Recorded:
+    table = lineage.table_for(settings.history_table)
+    return lambda: lineage.read(conn, table, str(version_table))
+
+
+def record_lineage(settings: Settings, conn: Any, project: migrate.Project, version_table: plan.VersionTable) -> None:
+    """Record the scripts' revision graph beside the version table before anything is applied, so
+    that older code meeting this database can tell where it stands (job.lineage)."""
+    with db.autocommit(conn):
+        problem = lineage.record(conn, lineage.table_for(settings.history_table), str(version_table),
+                                 project.lineage().values())
+    if problem:
+        log.warning("lineage.unrecorded", error=problem)
+
+
+def log_plan(the_plan: plan.Plan) -> None:
+    """`plan`, and `database.ahead` when older code finds the database ahead of its scripts."""
+    log.info("plan", **the_plan.as_dict())
+    if the_plan.ahead:
+        log.info("database.ahead", **the_plan.ahead_fields())
 
 
 def remember(settings: Settings, conn: Any, scripts: manifest.Scripts | None, known: manifest.Known | None,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Sequence
 
 from psycopg2 import sql
+
+from job import lineage
+from job.errors import RevisionError
 
 if TYPE_CHECKING:  # Alembic is imported only when there is work to do
     from job.migrate import Project
@@ -31,12 +34,14 @@ class Step(NamedTuple):
 
 
 class Plan(NamedTuple):
-    """Current revision(s), the target, and the revisions that would apply, in order."""
+    """Current revision(s), the target, and the revisions that would apply, in order; or, when the
+    database is ahead of these scripts on their own line, the revisions it has that they lack."""
 
     current: tuple[str, ...]
     target: str
     heads: tuple[str, ...]
     pending: Sequence[Step] = ()
+    ahead: Sequence[Step] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -44,7 +49,16 @@ class Plan(NamedTuple):
             "target": self.target,
             "heads": list(self.heads),
             "pending": [{"revision": s.revision, "description": s.description} for s in self.pending],
+            "ahead": [{"revision": s.revision, "description": s.description} for s in self.ahead],
         }
+
+    def ahead_fields(self) -> dict[str, Any]:
+        """What `database.ahead` logs."""
+        return {"current": list(self.current), "heads": list(self.heads), "ahead": [s.revision for s in self.ahead]}
+
+
+# the lineage recorded in the database, read only when the database is at a revision the scripts lack
+Recorded = Callable[[], "Mapping[str, lineage.Revision] | None"]
 
 
 def current_revisions(conn: Any, version_table: VersionTable) -> tuple[str, ...]:
@@ -59,16 +73,39 @@ def current_revisions(conn: Any, version_table: VersionTable) -> tuple[str, ...]
         return tuple(sorted(row[0] for row in cur.fetchall()))
 
 
-def known_at_target(heads: tuple[str, ...] | None, current: tuple[str, ...], target: str) -> Plan | None:
-    """The empty plan when the manifest's heads prove the database is at the target; None means ask Alembic."""
+def known_at_target(heads: tuple[str, ...] | None, current: tuple[str, ...], target: str,
+                    recorded: Recorded = lambda: None, allow_ahead: bool = True) -> Plan | None:
+    """The empty plan when the known heads prove the database is at the target, or (by the recorded
+    lineage) ahead of it on its own line; None means ask Alembic (which also words every refusal)."""
     if target not in ("head", "heads"):
         return None
-    if heads is None or (target == "head" and len(heads) != 1) or tuple(sorted(current)) != heads:
+    if heads is None or (target == "head" and len(heads) != 1):
         return None
-    return Plan(current=current, target=target, heads=heads)
+    if tuple(sorted(current)) == heads:
+        return Plan(current=current, target=target, heads=heads)
+    graph = recorded() if allow_ahead and set(current) - set(heads) else None
+    if not graph or not all(h in graph for h in heads):
+        return None
+    ours = {r: graph[r] for r in lineage.ancestry(heads, graph)}
+    if all(c in ours for c in current):
+        return None  # behind: work to do
+    try:
+        ahead = lineage.ahead_of(current, ours, heads, graph)
+    except RevisionError:
+        return None
+    return Plan(current=current, target=target, heads=heads, ahead=_steps(ahead))
 
 
-def make(project: Project, current: tuple[str, ...], target: str) -> Plan:
-    """Validate the database against the scripts and list the pending revisions."""
-    project.validate(current, target)
+def make(project: Project, current: tuple[str, ...], target: str, recorded: Recorded = lambda: None,
+         allow_ahead: bool = True) -> Plan:
+    """Validate the database against the scripts and list the pending revisions; a database ahead of
+    the scripts is judged by its recorded lineage (job.lineage)."""
+    project.validate_target(target)
+    if project.unknown(current):
+        ahead = lineage.ahead_of(current, project.lineage(), project.targets(target), recorded(), allow_ahead)
+        return Plan(current=current, target=target, heads=project.heads(), ahead=_steps(ahead))
     return Plan(current=current, target=target, heads=project.heads(), pending=project.steps(current, target))
+
+
+def _steps(revisions: Sequence[lineage.Revision]) -> tuple[Step, ...]:
+    return tuple(Step(r.revision, r.description) for r in revisions)

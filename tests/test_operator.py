@@ -190,7 +190,8 @@ def test_downgrade_to_base_and_back_up_with_data(db: Db, env: dict[str, str]) ->
     assert ["0006", "0005", "0004", "0003", "0002", "0001"] == [
         e["revision"] for e in down.events("migration.done") if e["direction"] == "downgrade"]
     assert [] == db.version()
-    assert {"alembic_version", "migrate_job_history", "migrate_job_history_heads"} == db.tables()
+    assert {"alembic_version", "migrate_job_history", "migrate_job_history_heads",
+            "migrate_job_history_lineage"} == db.tables()
     dump = down.event("backup.done")["path"]
     restored = create_database(db.admin_url, prefix="restored")
     try:

@@ -15,6 +15,10 @@ down_revision = "0005"
 branch_labels = None
 depends_on = None
 
+# The previous release reads first_name and last_name: its pods must stop rather than start on this
+# schema (see the README's "Rollbacks and rolling updates").
+breaks_previous_release = "drops users.first_name and users.last_name, which the previous release reads"
+
 
 def upgrade() -> None:
     op.add_column("users", sa.Column("full_name", sa.String(200), nullable=True))

@@ -96,6 +96,8 @@ imagePullSecrets:
   value: {{ .root.Values.migration.statementLockTimeout | quote }}
 - name: MIGRATE_LOCK_RETRIES
   value: {{ .root.Values.migration.lockRetries | quote }}
+- name: MIGRATE_ALLOW_AHEAD
+  value: {{ .root.Values.migration.allowAhead | quote }}
 - name: MIGRATE_LOG_FORMAT
   value: {{ .root.Values.migration.logFormat | quote }}
 - name: MIGRATE_LOG_LEVEL
