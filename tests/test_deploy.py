@@ -187,6 +187,119 @@ def test_every_pod_and_container_is_locked_down() -> None:
         assert one(docs, "ServiceAccount")["automountServiceAccountToken"] is False
 
 
+# Kubernetes Pod Security Standards, `restricted` profile (which includes `baseline`):
+# https://kubernetes.io/docs/concepts/security/pod-security-standards/
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret"}
+
+
+def restricted_violations(spec: dict[str, Any]) -> list[str]:
+    """What in a pod spec the `restricted` Pod Security profile would refuse (admission is not run here)."""
+    found = []
+    pod = spec.get("securityContext") or {}
+    for field in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(field):
+            found.append(f"{field} is set")
+    for volume in spec.get("volumes", []):
+        kinds_ = set(volume) - {"name"}
+        if not kinds_ <= RESTRICTED_VOLUMES:
+            found.append(f"volume {volume['name']} is of type {sorted(kinds_)}")
+    for container in spec.get("initContainers", []) + spec["containers"]:
+        sc = container.get("securityContext") or {}
+        name = container["name"]
+        if sc.get("privileged"):
+            found.append(f"{name}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{name}: allowPrivilegeEscalation is not false")
+        if not (sc.get("runAsNonRoot", pod.get("runAsNonRoot")) is True):
+            found.append(f"{name}: runAsNonRoot is not true")
+        if sc.get("runAsUser", pod.get("runAsUser")) == 0:
+            found.append(f"{name}: runs as uid 0")
+        seccomp = (sc.get("seccompProfile") or pod.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            found.append(f"{name}: seccompProfile is {seccomp!r}")
+        capabilities = sc.get("capabilities") or {}
+        if "ALL" not in capabilities.get("drop", []):
+            found.append(f"{name}: capabilities do not drop ALL")
+        if set(capabilities.get("add", [])) - {"NET_BIND_SERVICE"}:
+            found.append(f"{name}: adds capabilities {capabilities['add']}")
+        if any(port.get("hostPort") for port in container.get("ports", [])):
+            found.append(f"{name}: uses a hostPort")
+    return found
+
+
+def _ci_values() -> dict[str, dict[str, Any]]:
+    """The chart's chart-testing values files (ci/*-values.yaml), by name."""
+    return {path.name: yaml.safe_load(path.read_text()) for path in sorted((CHART / "ci").glob("*-values.yaml"))}
+
+
+def test_the_chart_has_ci_values_for_each_mode() -> None:
+    found = _ci_values()
+    modes = {(v.get("migration") or {}).get("mode", "hook") for v in found.values()}
+    assert modes == {"hook", "initContainer"} and any(v.get("useHelmHooks") is False for v in found.values())
+
+
+@pytest.mark.parametrize("name", sorted(_ci_values()))
+def test_ci_values_pass_helm_lint_strict_and_render_valid_restricted_pods(name: str) -> None:
+    """`helm lint --strict -f ci/<name>` as chart-testing runs it, with no other values: no warning or
+    error; every document valid Kubernetes; every pod within the `restricted` profile."""
+    values = _ci_values()[name]
+    report = helm_python.lint(CHART, values, strict=True, namespace="prod")
+    assert [] == report["errors"] and [] == [m for m in report["messages"] if m["severity"] >= 2]
+    docs = [doc for text in helm_python.Chart.load(CHART).render(values, name="blog", namespace="prod",
+                                                                 is_install=True).values()
+            for doc in yaml.safe_load_all(text) if doc]
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+    assert _pod_specs(docs)
+    for spec in _pod_specs(docs):
+        assert [] == restricted_violations(spec)
+
+
+def test_the_plain_manifests_pods_meet_the_restricted_profile() -> None:
+    specs = [doc["spec"]["template"]["spec"] for path in K8S.rglob("*.yaml") if path.name != "kustomization.yaml"
+             for doc in yaml.safe_load_all(path.read_text()) if doc and doc["kind"] in ("Job", "Deployment")]
+    assert len(specs) >= 3
+    for spec in specs:
+        assert [] == restricted_violations(spec)
+
+
+def test_the_restricted_check_finds_what_it_must() -> None:
+    spec = one(render(), "Job")["spec"]["template"]["spec"]
+    spec["hostNetwork"] = True
+    spec["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
+    spec["containers"][0]["securityContext"] = {"capabilities": {"add": ["SYS_ADMIN"]}}
+    spec["securityContext"]["seccompProfile"] = {"type": "Unconfined"}
+    found = " | ".join(restricted_violations(spec))
+    for what in ("hostNetwork", "hostPath", "allowPrivilegeEscalation", "SYS_ADMIN", "drop ALL", "Unconfined"):
+        assert what in found
+
+
+# --- scheduling --------------------------------------------------------------------------------
+
+def test_scheduling_falls_back_to_the_global_values() -> None:
+    """nodeSelector, affinity, tolerations, priorityClassName: each pod's own, else the global ones
+    (as the Airflow chart does); pod labels and annotations merged, the component's winning."""
+    values = _ci_values()["scheduling-values.yaml"]
+    docs = render(values)
+    job, app = one(docs, "Job")["spec"]["template"], one(docs, "Deployment")["spec"]["template"]
+    assert job["spec"]["nodeSelector"] == {"pool": "batch"} and app["spec"]["nodeSelector"] == {"pool": "services"}
+    assert job["spec"]["tolerations"][0]["value"] == "batch" and app["spec"]["tolerations"][0]["value"] == "services"
+    assert job["spec"]["affinity"] == app["spec"]["affinity"] == values["affinity"]
+    assert (job["spec"]["priorityClassName"], app["spec"]["priorityClassName"]) == ("migrations", "services")
+    assert job["metadata"]["annotations"] == {"example.org/team": "blog",
+                                              "cluster-autoscaler.kubernetes.io/safe-to-evict": "false"}
+    assert app["metadata"]["annotations"] == {"example.org/team": "blog"}
+    assert job["metadata"]["labels"]["team"] == app["metadata"]["labels"]["team"] == "blog"
+    overridden = render({**values, "podLabels": {"team": "blog"}, "app": {"podLabels": {"team": "web"}}})
+    assert one(overridden, "Deployment")["spec"]["template"]["metadata"]["labels"]["team"] == "web"
+
+
+def test_no_scheduling_values_render_no_scheduling_fields() -> None:
+    for spec in _pod_specs(render()):
+        assert not {"nodeSelector", "affinity", "tolerations", "priorityClassName"} & set(spec)
+
+
 def test_app_is_ready_only_at_head() -> None:
     """The app's readiness probe is /readyz (503 until the database is at head), its Service targets it."""
     docs = render()
@@ -249,6 +362,12 @@ def test_helm_lint_finds_no_error(name: str) -> None:
 
     assert [] == report["errors"]
     assert [] == [m for m in report["messages"] if m["severity"] >= 2]
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_every_pod_meets_the_restricted_pod_security_profile(name: str) -> None:
+    for spec in _pod_specs(render(VALUE_SETS[name])):
+        assert [] == restricted_violations(spec)
 
 
 def test_plain_manifests_are_valid_kubernetes() -> None:

@@ -227,3 +227,16 @@ def test_old_and_new_pods_start_together_in_a_rollout(db: Db, env: dict[str, str
     assert sum(len(r.events("migration.done")) for r in results) == 1
     assert db.version() == ["0005"]
     assert job(env, old, "check").code == 0
+
+
+def test_lint_suggests_the_marker_for_what_breaks_older_code(env: dict[str, str], tmp_path: Path) -> None:
+    """0006 drops two columns: unmarked, lint suggests the marker for each (whether or not the rule
+    is allowed, and without failing); marked, it does not."""
+    unmarked = job(env, release(tmp_path, "unmarked", "0006", unmark=True), "lint", "--all")
+    assert unmarked.code == 0, unmarked.stdout
+    suggestions = unmarked.events("lint.suggestion")
+    assert [(s["revision"], s["rule"]) for s in suggestions] == [("0006", "ban-drop-column")] * 2
+    assert "breaks_previous_release" in suggestions[0]["message"]
+
+    marked = job(env, release(tmp_path, "marked", "0006"), "lint", "--all")
+    assert marked.code == 0 and marked.events("lint.suggestion") == []

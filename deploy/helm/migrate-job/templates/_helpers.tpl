@@ -151,3 +151,39 @@ imagePullSecrets:
     claimName: {{ include "migrate-job.claimName" .root }}
 {{- end }}
 {{- end -}}
+
+{{/* Where a pod may run, and what it carries: the component's own values (migration.* or app.*),
+     else the global ones, as the Airflow chart does. Call with (dict "root" . "component" .Values.app). */}}
+{{- define "migrate-job.scheduling" -}}
+{{- $root := .root.Values -}}
+{{- with (default $root.nodeSelector .component.nodeSelector) }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with (default $root.affinity .component.affinity) }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with (default $root.tolerations .component.tolerations) }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with (default $root.priorityClassName .component.priorityClassName) }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- end -}}
+
+{{/* The pod template's annotations: the global ones, overridden by the component's */}}
+{{- define "migrate-job.podAnnotations" -}}
+{{- with (merge (deepCopy .component.podAnnotations) (deepCopy .root.Values.podAnnotations)) }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* The pod template's extra labels: the global ones, overridden by the component's */}}
+{{- define "migrate-job.podLabels" -}}
+{{- with (merge (deepCopy .component.podLabels) (deepCopy .root.Values.podLabels)) }}
+{{- toYaml . }}
+{{- end }}
+{{- end -}}
