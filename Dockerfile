@@ -3,6 +3,7 @@
 #
 #   docker build -t migrate-job .                                  # the job
 #   docker build --build-arg PG_MAJOR=16 -t migrate-job .           # pg_dump must be >= the server's major
+#   docker build --build-arg PG_CLIENT_SOURCE=debian -t migrate-job .   # Debian's archive only (pg_dump 15)
 #   docker build --target app -t blog .                            # the example FastAPI service
 #
 # Your own project on top of it:
@@ -37,22 +38,33 @@ RUN pip install --requirement requirements-app.txt
 # --- runtime-base: slim Python, PostgreSQL client tools, an unprivileged user ---------------
 FROM python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE} AS runtime-base
 ARG DEBIAN_RELEASE
+# Where pg_dump comes from. pgdg: the PostgreSQL project's apt repository, any major (PG_MAJOR).
+# debian: Debian's own archive only (for builds that reach nothing else: mirrors, air-gapped
+# registries), the release's major (15 on bookworm); PG_MAJOR is then not used.
+ARG PG_CLIENT_SOURCE=pgdg
 # pg_dump refuses to dump a server newer than itself: install the server's major version or newer
 ARG PG_MAJOR=18
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# postgresql-client-${PG_MAJOR} from the PostgreSQL project's own apt repository (PGDG). Its major
-# version is the pin that matters; PGDG drops old point releases, so exact versions would break builds.
+# PGDG's major version is the pin that matters; PGDG drops old point releases, so exact versions
+# would break builds (and Debian's point releases follow the release's security updates).
 # hadolint ignore=DL3008
-RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates curl gnupg \
- && install -d /usr/share/postgresql-common/pgdg \
- && curl -fsSL https://www.postgresql.org/media/keys/ACCC4CF8.asc \
-      | gpg --dearmor -o /usr/share/postgresql-common/pgdg/apt.postgresql.org.gpg \
- && echo "deb [signed-by=/usr/share/postgresql-common/pgdg/apt.postgresql.org.gpg] https://apt.postgresql.org/pub/repos/apt ${DEBIAN_RELEASE}-pgdg main" \
-      > /etc/apt/sources.list.d/pgdg.list \
- && apt-get update \
- && apt-get install -y --no-install-recommends "postgresql-client-${PG_MAJOR}" \
- && apt-get purge -y --auto-remove curl gnupg \
+RUN if [ "${PG_CLIENT_SOURCE}" = debian ]; then \
+      apt-get update \
+      && apt-get install -y --no-install-recommends postgresql-client; \
+    elif [ "${PG_CLIENT_SOURCE}" = pgdg ]; then \
+      apt-get update \
+      && apt-get install -y --no-install-recommends ca-certificates curl gnupg \
+      && install -d /usr/share/postgresql-common/pgdg \
+      && curl -fsSL https://www.postgresql.org/media/keys/ACCC4CF8.asc \
+           | gpg --dearmor -o /usr/share/postgresql-common/pgdg/apt.postgresql.org.gpg \
+      && echo "deb [signed-by=/usr/share/postgresql-common/pgdg/apt.postgresql.org.gpg] https://apt.postgresql.org/pub/repos/apt ${DEBIAN_RELEASE}-pgdg main" \
+           > /etc/apt/sources.list.d/pgdg.list \
+      && apt-get update \
+      && apt-get install -y --no-install-recommends "postgresql-client-${PG_MAJOR}" \
+      && apt-get purge -y --auto-remove curl gnupg; \
+    else \
+      echo "PG_CLIENT_SOURCE must be pgdg or debian, not '${PG_CLIENT_SOURCE}'" >&2; exit 1; \
+    fi \
  && rm -rf /var/lib/apt/lists/* \
  && pg_dump --version
 RUN groupadd --system --gid 10001 app \

@@ -11,18 +11,22 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 PG_MAJOR ?= 15
 
-.PHONY: system-deps install migrate test test-lowest lint lint-migrations plan revision db-up db-down bench chart clean
+.PHONY: system-deps install migrate test test-lowest lint lint-migrations plan revision db-up db-down bench chart image clean
 
 install: $(VENV)/.installed
 
 # PostgreSQL's server binaries (throwaway clusters), its client (pg_dump, pg_restore, psql),
-# PgBouncer and openssl (fault tests): installed with apt-get when missing and we may, named otherwise.
+# PgBouncer and openssl (fault tests), podman with runc, catatonit, mmdebstrap and slirp4netns (the
+# image tests): installed with apt-get when missing and we may, named otherwise.
 system-deps:
 	@missing=""; \
 	[ -x /usr/lib/postgresql/$(PG_MAJOR)/bin/initdb ] || missing="$$missing postgresql-$(PG_MAJOR)"; \
 	command -v pg_dump >/dev/null 2>&1 || missing="$$missing postgresql-client-$(PG_MAJOR)"; \
 	command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || missing="$$missing pgbouncer"; \
 	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
+	for tool in podman runc catatonit mmdebstrap slirp4netns; do \
+		command -v $$tool >/dev/null 2>&1 || [ -x /usr/bin/$$tool ] || [ -x /usr/libexec/podman/$$tool ] || missing="$$missing $$tool"; \
+	done; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 			echo "installing$$missing" >&2; \
@@ -31,13 +35,14 @@ system-deps:
 	fi
 
 # (quiet, and on stderr: `make chart` and `make plan` keep stdout for their output)
-$(VENV)/.installed: pyproject.toml requirements.txt
+$(VENV)/.installed: pyproject.toml requirements.txt requirements-app.txt
 	@echo "installing into $(VENV)" >&2
 	@$(PYTHON) -m venv $(VENV) >&2
 	@$(BIN)/pip install --quiet --upgrade pip >&2
 	@$(BIN)/pip install --quiet -e '.[app,test]' >&2
-	@# a local wheelhouse, so the test that builds the image's venv downloads nothing at test time
-	@$(BIN)/pip download --quiet --dest $(LOCAL)/wheels --requirement requirements.txt setuptools >&2
+	@# a local wheelhouse, so the tests that build the image download nothing from PyPI at test time
+	@$(BIN)/pip download --quiet --dest $(LOCAL)/wheels --requirement requirements.txt \
+		--requirement requirements-app.txt setuptools >&2
 	@touch $@
 
 # DATABASE_URL of the local throwaway cluster, started when DATABASE_URL is not set
@@ -70,6 +75,15 @@ $(LOWEST)/.installed: pyproject.toml requirements-lowest.txt
 # side-by-side measurements against bare Alembic and bare pg_dump (not a test: no pass/fail)
 bench: install
 	$(BIN)/python bench/bench.py
+
+# the job and app images, with podman or docker (whichever is there):
+# make image [TAG=0.1.0] [IMAGE_ARGS="--build-arg PG_CLIENT_SOURCE=debian"]
+ENGINE ?= $(shell command -v podman 2>/dev/null || command -v docker 2>/dev/null)
+TAG ?= 0.1.0
+image:
+	@test -n "$(ENGINE)" || { echo "neither podman nor docker is installed" >&2; exit 2; }
+	$(ENGINE) build $(IMAGE_ARGS) --tag migrate-job:$(TAG) .
+	$(ENGINE) build $(IMAGE_ARGS) --target app --tag migrate-job-blog:$(TAG) .
 
 # squawk over every revision's offline SQL: a pre-deploy gate that needs no database
 # the Helm chart rendered offline to stdout (make chart VALUES=my-values.yaml)

@@ -1,0 +1,404 @@
+"""The image and the pods, for real: the Dockerfile built with podman, its entrypoint run locked
+down, and the chart's and the plain manifests' pods played with `podman kube play` against the
+machine's PostgreSQL.
+
+Base images cannot be pulled here, so a stand-in for `python:3.11-slim-bookworm` is made from
+Debian's packages (mmdebstrap) inside the tests' own container storage (`.local/podman`), with pip
+pointed at the local wheelhouse (`make install` fills it) through the build's only mount. Both are
+kept there, with podman's layer cache, so that a second run fetches nothing. The Dockerfile itself
+is built as is, with Debian's PostgreSQL client (`PG_CLIENT_SOURCE=debian`).
+
+The pods reach the server on the host's loopback through slirp4netns (10.0.2.2). What the harness
+does that a cluster would: it resolves `secretKeyRef` to values (podman 4's `kube play` cannot read
+a Kubernetes Secret), plays a Job's and a Deployment's pod template as Pods (one per replica, all at
+once; `restartPolicy: Never`, or podman would restart finished init containers), drops the
+informational `containerPort`s (podman would publish each on the host) and mounts a file at
+`/dev/termination-log` as the kubelet does. Job backoff, hook ordering and Pod Security admission are
+not modelled: the render tests check those (tests/test_deploy.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import resource
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import helm_python
+import pytest
+import yaml
+
+from tests.conftest import ROOT, Db, Result
+
+pytestmark = [pytest.mark.image, pytest.mark.xdist_group("image")]
+
+STORE = ROOT / ".local" / "podman"
+WHEELS = ROOT / ".local" / "wheels"
+BASE = "docker.io/library/python:3.11-slim-bookworm"
+JOB_IMAGE, APP_IMAGE = "localhost/migrate-job:test", "localhost/migrate-job-blog:test"
+# the stand-in base: what the slim image gives the Dockerfile (a `python` with venv and pip)
+BASE_PACKAGES = "python3,python3-venv,python-is-python3,ca-certificates"
+NETWORK = "slirp4netns:allow_host_loopback=true"
+HOST = "10.0.2.2"  # the host's loopback, seen from a pod on slirp4netns
+CHART = ROOT / "deploy" / "helm" / "migrate-job"
+K8S = ROOT / "deploy" / "k8s"
+
+
+class Podman:
+    """podman on the tests' own storage and configuration."""
+
+    def __init__(self) -> None:
+        self.env = {**os.environ, "CONTAINERS_CONF": str(STORE / "containers.conf"),
+                    "CONTAINERS_STORAGE_CONF": str(STORE / "storage.conf")}
+
+    def __call__(self, *args: str, check: bool = True, timeout: float = 300, **kw: Any) -> subprocess.CompletedProcess:
+        done = subprocess.run(["podman", *args], env=self.env, capture_output=True, text=True, timeout=timeout, **kw)
+        if check and done.returncode != 0:
+            raise AssertionError(f"podman {' '.join(args[:3])} failed ({done.returncode}): {done.stderr[-2000:]}")
+        return done
+
+    def has_image(self, name: str) -> bool:
+        return self("image", "exists", name, check=False).returncode == 0
+
+
+def _configure() -> None:
+    STORE.mkdir(parents=True, exist_ok=True)
+    hard_nproc = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+    nproc = 4096 if hard_nproc == resource.RLIM_INFINITY else min(hard_nproc, 4096)
+    # podman's default ulimits exceed this machine's hard limits; runc, since crun refuses this cgroup
+    # setup; cgroupfs and file events, since no systemd runs
+    (STORE / "containers.conf").write_text(
+        "[containers]\n"
+        f'default_ulimits = ["nofile=1024:1024", "nproc={nproc}:{nproc}"]\n'
+        '[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n')
+    (STORE / "storage.conf").write_text(
+        f'[storage]\ndriver = "overlay"\ngraphroot = "{STORE / "graph"}"\nrunroot = "{STORE / "run"}"\n')
+
+
+def _cannot_run() -> str | None:
+    """Why podman cannot run here at all, if it cannot."""
+    if os.geteuid() != 0:
+        return "podman's kube play and slirp4netns need root here (CI runs as root)"
+    for tool in ("podman", "runc", "mmdebstrap", "slirp4netns"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (`make system-deps` installs it)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def podman() -> Podman:
+    reason = _cannot_run()
+    if reason:
+        pytest.skip(reason)
+    _configure()
+    return Podman()
+
+
+@pytest.fixture(scope="session")
+def images(podman: Podman) -> tuple[str, str]:
+    """The job and app images, built from the Dockerfile as is, once per run."""
+    if not podman.has_image(BASE):
+        tarball = STORE / "base-bookworm.tar"
+        if not tarball.exists():
+            partial = tarball.with_suffix(".partial")
+            subprocess.run(["mmdebstrap", "--quiet", "--variant=apt", "--format=tar", f"--include={BASE_PACKAGES}", "bookworm",
+                            str(partial), "http://deb.debian.org/debian"], check=True, capture_output=True,
+                           timeout=600)
+            partial.rename(tarball)
+        podman("import", "--change", 'CMD ["python3"]', "--change", "ENV LANG=C.UTF-8",
+               "--change", "ENV PIP_NO_INDEX=1", "--change", "ENV PIP_FIND_LINKS=/wheelhouse", str(tarball), BASE)
+    assert any(WHEELS.glob("fastapi-*.whl")), "run `make install` first: it fills .local/wheels"
+    for target, tag in (("job", JOB_IMAGE), ("app", APP_IMAGE)):
+        podman("build", "--network", "host", "--volume", f"{WHEELS}:/wheelhouse:ro",
+               "--build-arg", "PG_CLIENT_SOURCE=debian", "--target", target, "--tag", tag, str(ROOT), timeout=900)
+    return JOB_IMAGE, APP_IMAGE
+
+
+def in_pod(db: Db) -> str:
+    """The test database's URL as a pod sees it."""
+    return db.url.replace("127.0.0.1", HOST)
+
+
+def results(podman: Podman, container: str) -> Result:
+    state = json.loads(podman("inspect", container, "--format", "{{json .State}}").stdout)
+    logs = podman("logs", container)
+    return Result(state["ExitCode"], logs.stdout, logs.stderr)
+
+
+# --- the job image, locked down ---------------------------------------------------------------
+
+def run_image(podman: Podman, db: Db, backups: Path, *args: str) -> Result:
+    done = podman("run", "--rm", "--network", NETWORK, "--user", "10001:10001", "--read-only", "--cap-drop", "ALL",
+                  "--security-opt", "no-new-privileges", "--volume", f"{backups}:/backups",
+                  "--env", f"DATABASE_URL={in_pod(db)}", JOB_IMAGE, *args, check=False)
+    return Result(done.returncode, done.stdout, done.stderr)
+
+
+def test_the_job_image_runs_locked_down(podman: Podman, images: tuple[str, str], db: Db, tmp_path: Path) -> None:
+    """uid 10001, read-only root, every capability dropped: --help, run (a 0600 backup in the
+    mounted volume), run again (nothing to do), check."""
+    db.holds_data()
+    backups = tmp_path / "backups"
+    backups.mkdir(mode=0o700)
+    os.chown(backups, 10001, 10001)
+
+    helped = run_image(podman, db, backups, "--help")
+    assert helped.code == 0 and "usage: migrate-job" in helped.stdout
+
+    first = run_image(podman, db, backups, "run")
+    assert first.code == 0, first.stdout + first.stderr
+    assert [e["revision"] for e in first.events("migration.done")] == ["0001", "0002", "0003", "0004", "0005", "0006"]
+    dump = backups / Path(first.event("backup.done")["path"]).name
+    assert dump.stat().st_mode & 0o777 == 0o600 and dump.stat().st_uid == 10001
+
+    again = run_image(podman, db, backups, "run")
+    assert again.code == 0 and again.event("run.done")["outcome"] == "up-to-date"
+    assert run_image(podman, db, backups, "check").code == 0
+    assert db.version() == ["0006"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_app_image_is_ready_at_head(podman: Podman, images: tuple[str, str], db: Db, tmp_path: Path) -> None:
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    os.chown(backups, 10001, 10001)
+    assert run_image(podman, db, backups, "run").code == 0
+    port = _free_port()
+    name = f"blog-{uuid.uuid4().hex[:8]}"
+    podman("run", "--detach", "--name", name, "--network", NETWORK, "--publish", f"127.0.0.1:{port}:8000",
+           "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL", "--env", f"DATABASE_URL={in_pod(db)}", APP_IMAGE)
+    try:
+        assert _ready(f"http://127.0.0.1:{port}/readyz") == 200
+    finally:
+        podman("rm", "--force", name, check=False)
+
+
+def _ready(url: str, timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.status
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+# --- the chart's and the manifests' pods, played ------------------------------------------------
+
+class Cluster:
+    """Pods played from rendered documents, cleaned up afterwards."""
+
+    def __init__(self, podman: Podman, tmp_path: Path) -> None:
+        self.podman, self.tmp_path = podman, tmp_path
+        self.run = uuid.uuid4().hex[:6]
+        self.pods: list[str] = []
+        self.volumes: list[str] = []
+        self.termination: dict[str, Path] = {}
+
+    def pods_of(self, docs: list[dict[str, Any]], kind: str, replicas: int = 1) -> list[dict[str, Any]]:
+        """The pod template of the `kind` document, as Pods (one per replica), Secrets resolved."""
+        secrets = {d["metadata"]["name"]: {**{k: base64.b64decode(v).decode() for k, v in (d.get("data") or {}).items()},
+                                           **(d.get("stringData") or {})}
+                   for d in docs if d["kind"] == "Secret"}
+        (owner,) = [d for d in docs if d["kind"] == kind]
+        pods = []
+        for index in range(replicas):
+            template = json.loads(json.dumps(owner["spec"]["template"]))
+            spec = template["spec"]
+            spec["restartPolicy"] = "Never"
+            name = f"{owner['metadata']['name']}-{self.run}-{index}"
+            for container in spec.get("initContainers", []) + spec["containers"]:
+                # informational in Kubernetes; podman would publish it on the host, once per replica
+                container.pop("ports", None)
+                for item in container.get("env", []):
+                    ref = (item.get("valueFrom") or {}).get("secretKeyRef")
+                    if ref:
+                        item.pop("valueFrom")
+                        item["value"] = secrets[ref["name"]][ref["key"]]
+                # the kubelet's terminationMessagePath: a file of the host's, bind-mounted
+                log = self.tmp_path / f"{name}-{container['name']}.termination-log"
+                log.touch(mode=0o666)
+                log.chmod(0o666)
+                self.termination[f"{name}-{container['name']}"] = log
+                spec.setdefault("volumes", []).append(
+                    {"name": f"termination-{container['name']}", "hostPath": {"path": str(log), "type": "File"}})
+                container.setdefault("volumeMounts", []).append(
+                    {"name": f"termination-{container['name']}", "mountPath": "/dev/termination-log"})
+            for volume in spec.get("volumes", []):
+                claim = volume.get("persistentVolumeClaim")
+                if claim:  # a volume of this test's own
+                    claim["claimName"] = f"{claim['claimName']}-{self.run}"
+                    self.volumes.append(claim["claimName"])
+            pods.append({"apiVersion": "v1", "kind": "Pod",
+                         "metadata": {"name": name, "labels": template["metadata"]["labels"]}, "spec": spec})
+        return pods
+
+    def play(self, pods: list[dict[str, Any]]) -> None:
+        """Start the pods at once (each `kube play` runs its init containers before returning)."""
+        procs = []
+        for pod in pods:
+            path = self.tmp_path / f"{pod['metadata']['name']}.yaml"
+            path.write_text(yaml.safe_dump(pod))
+            self.pods.append(pod["metadata"]["name"])
+            procs.append(subprocess.Popen(["podman", "kube", "play", "--network", NETWORK, str(path)],
+                                          env=self.podman.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True))
+        for proc in procs:
+            out, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, f"podman kube play failed: {err[-2000:]}"
+
+    def finished(self, container: str, timeout: float = 120) -> Result:
+        """The container's exit code and logs once it has exited. An init container has run by the time
+        `kube play` returns, and podman has removed it: its exit code is its termination message's."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.podman("container", "exists", container, check=False).returncode != 0:
+                message = self.outcome(container)
+                found = re.search(r"\(exit (\d+)\)", message)
+                assert found, f"{container} is gone and left no termination message"
+                return Result(int(found.group(1)), "", message)
+            state = json.loads(self.podman("inspect", container, "--format", "{{json .State}}").stdout)
+            if state["Status"] in ("exited", "stopped") or time.monotonic() > deadline:
+                return results(self.podman, container)
+            time.sleep(0.3)
+
+    def outcome(self, container: str) -> str:
+        """The container's termination message (podman keeps no logs of a pod's init containers)."""
+        return self.termination[container].read_text().strip()
+
+    def ready(self, container: str) -> int:
+        """/readyz from inside the app container, as the kubelet's readiness probe asks it."""
+        probe = "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8000/readyz', timeout=5).status)"
+        deadline = time.monotonic() + 60
+        while True:
+            done = self.podman("exec", container, "python", "-c", probe, check=False)
+            if done.returncode == 0 or time.monotonic() > deadline:
+                return int(done.stdout.strip() or 0)
+            time.sleep(0.5)
+
+    def close(self) -> None:
+        for pod in self.pods:
+            self.podman("pod", "rm", "--force", "--time", "0", pod, check=False)
+        for volume in self.volumes:
+            self.podman("volume", "rm", "--force", volume, check=False)
+
+
+@pytest.fixture
+def cluster(podman: Podman, images: tuple[str, str], tmp_path: Path) -> Iterator[Cluster]:
+    played = Cluster(podman, tmp_path)
+    yield played
+    played.close()
+
+
+def chart(db: Db, **values: Any) -> list[dict[str, Any]]:
+    merged = {"database": {"url": in_pod(db)},
+              "image": {"repository": JOB_IMAGE.split(":")[0], "tag": "test", "pullPolicy": "Never"},
+              "app": {"replicas": 3, "image": {"repository": APP_IMAGE.split(":")[0], "tag": "test",
+                                               "pullPolicy": "Never"}}}
+    for key, value in values.items():
+        merged[key] = {**merged.get(key, {}), **value}
+    rendered = helm_python.Chart.load(CHART).render(merged, name="blog", namespace="default", is_install=True)
+    return [doc for text in rendered.values() for doc in yaml.safe_load_all(text) if doc]
+
+
+def manifests(overlay: str, db: Db) -> list[dict[str, Any]]:
+    """An overlay's resources as `kustomize build` lists them, with the test's images and a Secret."""
+    docs = []
+
+    def collect(directory: Path) -> None:
+        for resource in yaml.safe_load((directory / "kustomization.yaml").read_text())["resources"]:
+            path = (directory / resource).resolve()
+            if path.is_dir():
+                collect(path)
+            else:
+                docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+
+    collect(K8S / "overlays" / overlay)
+    for doc in docs:
+        for container in (doc.get("spec", {}).get("template", {}).get("spec", {}).get("initContainers", [])
+                          + doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])):
+            container["image"] = APP_IMAGE if container["name"] == "app" else JOB_IMAGE
+    docs.append({"kind": "Secret", "metadata": {"name": "blog-database"}, "stringData": {"DATABASE_URL": in_pod(db)}})
+    return docs
+
+
+def migrations(result: Result) -> list[str]:
+    return [e["revision"] for e in result.events("migration.done")]
+
+
+def test_hook_mode_the_job_migrates_then_three_app_pods_start(cluster: Cluster, db: Db) -> None:
+    docs = chart(db)
+    (job_pod,) = cluster.pods_of(docs, "Job")
+    cluster.play([job_pod])
+    migrated = cluster.finished(f"{job_pod['metadata']['name']}-migrate")
+    assert migrated.code == 0, migrated.stdout[-3000:]
+    assert len(migrations(migrated)) == 6
+    assert cluster.termination[f"{job_pod['metadata']['name']}-migrate"].read_text() == "migrated (exit 0)\n"
+
+    app_pods = cluster.pods_of(docs, "Deployment", replicas=3)
+    cluster.play(app_pods)
+    for pod in app_pods:
+        waiter = f"{pod['metadata']['name']}-wait-for-migrations"
+        assert (cluster.finished(waiter).code, cluster.outcome(waiter)) == (0, "at-target (exit 0)")
+        assert cluster.ready(f"{pod['metadata']['name']}-app") == 200
+    assert db.version() == ["0006"]
+
+
+@pytest.mark.parametrize("source", ["chart", "manifests"])
+def test_init_container_mode_three_replicas_one_migration(cluster: Cluster, db: Db, source: str) -> None:
+    if source == "chart":
+        docs = chart(db, migration={"mode": "initContainer"},
+                     backups={"persistence": {"accessModes": ["ReadWriteMany"], "create": True}})
+    else:
+        docs = manifests("init-container", db)
+    db.holds_data()
+    pods = cluster.pods_of(docs, "Deployment", replicas=3)
+    cluster.play(pods)
+    runners = [f"{pod['metadata']['name']}-migrate" for pod in pods]
+    assert [cluster.finished(r).code for r in runners] == [0, 0, 0], [cluster.outcome(r) for r in runners]
+    assert sorted(cluster.outcome(r) for r in runners) == ["migrated (exit 0)"] + ["up-to-date (exit 0)"] * 2
+    assert db.query("SELECT count(*), count(backup_path) FROM migrate_job_history "
+                    "WHERE kind = 'run' AND outcome = 'migrated'") == [(1, 1)]
+    assert db.version() == ["0006"]
+    for pod in pods:
+        assert cluster.ready(f"{pod['metadata']['name']}-app") == 200
+
+
+def test_manifests_job_overlay_migrates_and_the_app_waits(cluster: Cluster, db: Db) -> None:
+    docs = manifests("job", db)
+    (job_pod,) = cluster.pods_of(docs, "Job")
+    cluster.play([job_pod])
+    assert len(migrations(cluster.finished(f"{job_pod['metadata']['name']}-migrate"))) == 6
+    (app_pod,) = cluster.pods_of(docs, "Deployment")
+    cluster.play([app_pod])
+    waiter = f"{app_pod['metadata']['name']}-wait-for-migrations"
+    assert (cluster.finished(waiter).code, cluster.outcome(waiter)) == (0, "at-target (exit 0)")
+    assert cluster.ready(f"{app_pod['metadata']['name']}-app") == 200
+
+
+def test_a_failing_revision_shows_exit_6_and_the_termination_message(cluster: Cluster, db: Db) -> None:
+    """A table in the way of 0001: the Job's pod exits 6, and its termination message says why."""
+    db.query("CREATE TABLE users (id int)")
+    (job_pod,) = cluster.pods_of(chart(db), "Job")
+    cluster.play([job_pod])
+    container = f"{job_pod['metadata']['name']}-migrate"
+    failed = cluster.finished(container)
+    assert failed.code == 6
+    message = cluster.outcome(container)
+    assert message.startswith("failed (exit 6): revision 0001") and 'relation "users" already exists' in message
