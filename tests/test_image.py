@@ -244,13 +244,18 @@ class Cluster:
                 claim = volume.get("persistentVolumeClaim")
                 if claim:  # a volume of this test's own
                     claim["claimName"] = f"{claim['claimName']}-{self.run}"
-                    self.volumes.append(claim["claimName"])
+                    if claim["claimName"] not in self.volumes:
+                        self.volumes.append(claim["claimName"])
             pods.append({"apiVersion": "v1", "kind": "Pod",
                          "metadata": {"name": name, "labels": template["metadata"]["labels"]}, "spec": spec})
         return pods
 
     def play(self, pods: list[dict[str, Any]]) -> None:
-        """Start the pods at once (each `kube play` runs its init containers before returning)."""
+        """Start the pods at once (each `kube play` runs its init containers before returning). The
+        claims exist first, as in a cluster: pods starting together would race to create them."""
+        for volume in self.volumes:
+            if self.podman("volume", "exists", volume, check=False).returncode != 0:
+                self.podman("volume", "create", volume)
         procs = []
         for pod in pods:
             path = self.tmp_path / f"{pod['metadata']['name']}.yaml"
