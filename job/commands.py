@@ -18,8 +18,8 @@ from job.config import Settings
 from job.errors import ConfigError, LintFindings
 from job.logs import log
 from job.pipeline import (
-    apply, connected, database_name, known_plan, known_scripts, lock_key, locked, other_databases, own_tables,
-    plan_for, project_of, succeeded, take_backup, verify, version_table_of,
+    apply, connected, database_name, known_plan, known_scripts, lock_key, locked, log_ahead, other_databases,
+    own_tables, plan_for, project_of, succeeded, take_backup, verify, version_table_of,
 )
 from job.pipeline import history as history_of
 
@@ -53,8 +53,7 @@ def check(settings: Settings, block: bool = False) -> plan.Plan:
                         log.info("check.database", section=section, current=list(current))
                         the_plan = plan_for(settings, conn, project, version_table, current)
             if not block or not the_plan.pending or time.monotonic() >= deadline:
-                if the_plan.ahead:
-                    log.info("database.ahead", **the_plan.ahead_fields())
+                log_ahead(the_plan)
                 return the_plan
             log.info("check.waiting", current=list(the_plan.current), pending=len(the_plan.pending))
             lock.sleep_or_notified(conn, min(1.0, max(deadline - time.monotonic(), 0.0)))
@@ -88,9 +87,9 @@ def status(settings: Settings) -> dict[str, Any]:
         report: dict[str, Any] = {"database": name, "version_table": str(version_table), "current": list(current),
                                   "target": settings.target}
         try:
-            the_plan = plan_for(settings, conn, project, version_table, current)
-            report.update(heads=list(the_plan.heads), pending_count=len(the_plan.pending),
-                          pending=the_plan.as_dict()["pending"], ahead=the_plan.as_dict()["ahead"], problem=None)
+            planned = plan_for(settings, conn, project, version_table, current).as_dict()
+            report.update(heads=planned["heads"], pending_count=len(planned["pending"]), pending=planned["pending"],
+                          ahead=planned["ahead"], problem=None)
         except Exception as e:  # still show everything else: this is what on-call reads
             report.update(heads=list(project.heads()), pending_count=None, pending=None, ahead=None, problem=str(e))
         holder = lock.holder(conn, key)

@@ -185,6 +185,13 @@ def autocommit(conn: Any) -> Iterator[None]:
             conn.autocommit = False
 
 
+def table_exists(cur: Any, table: Any) -> bool:
+    """Whether `table` (a psycopg2.sql Identifier) exists, asked of the catalog: reading a missing
+    table and catching the failure would log an ERROR in the server's log."""
+    cur.execute("SELECT to_regclass(%s) IS NOT NULL", (table.as_string(cur.connection),))
+    return bool(cur.fetchone()[0])
+
+
 def literal(value: str) -> str:
     """A SQL string literal, for statements run on any driver (each has its own parameter style)."""
     return "'" + value.replace("'", "''") + "'"

@@ -143,8 +143,7 @@ def recent(conn: Any, table: str | None, limit: int = 10) -> list[dict[str, Any]
     if table is None:
         return []
     with conn.cursor() as cur:
-        cur.execute("SELECT to_regclass(%s)", (sql.Identifier(table).as_string(conn),))
-        if cur.fetchone()[0] is None:
+        if not db.table_exists(cur, sql.Identifier(table)):
             return []
         cur.execute(
             sql.SQL(

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Mapping, NamedTuple
 import psycopg2
 from psycopg2 import sql
 
+from job import db
 from job.errors import RevisionError
 
 # the module-level name a revision sets (True, or the reason) when old code must not run on its schema
@@ -74,8 +75,6 @@ def record(conn: Any, table: str | None, version_table: str, revisions: Iterable
             cur.execute(sql.SQL(RECORD_SQL).format(table=sql.Identifier(table)),
                         {"version_table": version_table, "revisions": payload})
     except psycopg2.Error as e:
-        from job import db
-
         db.raise_if_signalled()
         return str(e).strip().splitlines()[0]
     return None
@@ -86,8 +85,7 @@ def read(conn: Any, table: str | None, version_table: str) -> dict[str, Revision
     if table is None:
         return None
     with conn.cursor() as cur:
-        cur.execute("SELECT to_regclass(%s)", (sql.Identifier(table).as_string(conn),))
-        if cur.fetchone()[0] is None:
+        if not db.table_exists(cur, sql.Identifier(table)):
             return None
         cur.execute(sql.SQL("SELECT revision, down_revisions, description, breaking FROM {} WHERE version_table = %s")
                     .format(sql.Identifier(table)), (version_table,))

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import psycopg2
 from psycopg2 import sql
 
+from job import db
 from job.alembic_files import AlembicFiles
 from job.plan import VersionTable
 
@@ -119,8 +120,7 @@ def from_database(conn: Any, table: str | None, found: Scripts) -> Known | None:
     if table is None:
         return None
     with conn.cursor() as cur:
-        cur.execute("SELECT to_regclass(%s)", (sql.Identifier(table).as_string(conn),))
-        if cur.fetchone()[0] is None:
+        if not db.table_exists(cur, sql.Identifier(table)):
             return None
         cur.execute(
             sql.SQL("SELECT heads, version_table, version_table_schema, seal FROM {} WHERE scripts = %s")
@@ -154,8 +154,6 @@ def remember(conn: Any, table: str | None, found: Scripts, known: Known) -> str 
                  _seal(found, known)),
             )
     except psycopg2.Error as e:
-        from job import db
-
         db.raise_if_signalled()
         return str(e).strip().splitlines()[0]
     return None

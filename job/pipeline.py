@@ -204,8 +204,12 @@ def record_lineage(settings: Settings, conn: Any, project: migrate.Project, vers
 
 
 def log_plan(the_plan: plan.Plan) -> None:
-    """`plan`, and `database.ahead` when older code finds the database ahead of its scripts."""
     log.info("plan", **the_plan.as_dict())
+    log_ahead(the_plan)
+
+
+def log_ahead(the_plan: plan.Plan) -> None:
+    """`database.ahead`, when older code finds the database ahead of its scripts."""
     if the_plan.ahead:
         log.info("database.ahead", **the_plan.ahead_fields())
 

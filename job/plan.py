@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Sequence
 
 from psycopg2 import sql
 
-from job import lineage
+from job import db, lineage
 from job.errors import RevisionError
 
 if TYPE_CHECKING:  # Alembic is imported only when there is work to do
@@ -62,12 +62,10 @@ Recorded = Callable[[], "Mapping[str, lineage.Revision] | None"]
 
 
 def current_revisions(conn: Any, version_table: VersionTable) -> tuple[str, ...]:
-    """Read the version table with the bare driver; an absent table is an empty (base) database.
-    (Looked up first rather than read and caught: a failed read would be an ERROR in the server's log.)"""
+    """Read the version table with the bare driver; an absent table is an empty (base) database."""
     table = version_table.identifier()
     with conn.cursor() as cur:
-        cur.execute("SELECT to_regclass(%s)", (table.as_string(conn),))
-        if cur.fetchone()[0] is None:
+        if not db.table_exists(cur, table):
             return ()
         cur.execute(sql.SQL("SELECT version_num FROM {}").format(table))
         return tuple(sorted(row[0] for row in cur.fetchall()))
