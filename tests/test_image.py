@@ -327,8 +327,8 @@ def manifests(overlay: str, db: Db) -> list[dict[str, Any]]:
     docs = []
 
     def collect(directory: Path) -> None:
-        for resource in yaml.safe_load((directory / "kustomization.yaml").read_text())["resources"]:
-            path = (directory / resource).resolve()
+        for listed in yaml.safe_load((directory / "kustomization.yaml").read_text())["resources"]:
+            path = (directory / listed).resolve()
             if path.is_dir():
                 collect(path)
             else:
@@ -336,8 +336,8 @@ def manifests(overlay: str, db: Db) -> list[dict[str, Any]]:
 
     collect(K8S / "overlays" / overlay)
     for doc in docs:
-        for container in (doc.get("spec", {}).get("template", {}).get("spec", {}).get("initContainers", [])
-                          + doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])):
+        pod = doc.get("spec", {}).get("template", {}).get("spec", {})
+        for container in pod.get("initContainers", []) + pod.get("containers", []):
             container["image"] = APP_IMAGE if container["name"] == "app" else JOB_IMAGE
     docs.append({"kind": "Secret", "metadata": {"name": "blog-database"}, "stringData": {"DATABASE_URL": in_pod(db)}})
     return docs
