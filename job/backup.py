@@ -1,33 +1,40 @@
-"""Backups with pg_dump: argument lists, the password in the environment, atomic and verified.
+"""Backups with pg_dump: argument lists, the password in the environment, verified before
+anything migrates, pruned by one rule; kept in a store: a directory (job.directory) or an
+S3-compatible bucket (job.bucket), which both promise that a backup's name holds a complete
+archive or nothing.
 
-pg_dump writes a private temporary file; we hash it (from the page cache), fsync and rename it,
-then check it with `pg_restore --list` before anything migrates. Streaming the dump through us
-instead would have our hashing compete with pg_dump's compression for the CPU.
+A store offers: str() (where it is), path_of(name), locate(what an operator typed), ready(),
+names(), read/write/delete/size(name), chunks(name) (a stream of its bytes),
+remove_partials(matches) and dump(name, pg_dump argv, env, spawn, pg_restore) -> archive.Read.
+A backup is its archive and a JSON sidecar beside it (the archive's name + ".json"), written
+only once the archive is complete and verified.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime as dt
+import functools
 import hashlib
 import json
-import os
 import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
-from job.config import Database
-from job.errors import BackupFailed, RestoreFailed
+from job import archive
+from job.archive import first_error
+from job.config import S3_SCHEME, Database, parse_s3
+from job.errors import BackupFailed, DumpExited, RestoreFailed
 from job.logs import log
 
-CHUNK = 1 << 20  # bytes read at a time when hashing
-PARTIAL = ".partial"
+CHUNK = 1 << 20  # bytes passed at a time between the archive and pg_restore
+SIDECAR = ".json"
 
 
 class Backup(NamedTuple):
@@ -93,15 +100,7 @@ def server_too_new(stderr: str, server_version_num: int) -> BackupFailed | None:
 def _detail(stderr: str) -> str:
     """The text of the first DETAIL line, else the first error."""
     found = re.search(r"(?im)detail:\s*(.*)$", stderr)
-    return found.group(1).strip() if found else _first_error(stderr)
-
-
-def dumped_by(listing: str) -> str:
-    """The pg_dump version an archive records, from `pg_restore --list` (e.g. '15.20 (Debian 15.20-0+deb12u1)')."""
-    match = re.search(r"^;\s*Dumped by pg_dump version: (.+)$", listing, re.MULTILINE)
-    if not match:
-        raise BackupFailed("pg_restore --list shows no pg_dump version: the backup is not a pg_dump archive")
-    return match.group(1).strip()
+    return found.group(1).strip() if found else first_error(stderr)
 
 
 def tool(name: str) -> str:
@@ -137,9 +136,28 @@ def file_name(moment: dt.datetime, database: str, set_key: str, from_revision: l
 NAME = re.compile(r"^\d{8}T\d{6}\.\d{6}Z_[A-Za-z0-9_.-]+\.dump$")
 
 
+def store_for(location: str, env: Mapping[str, str], addressing: str = "auto") -> Any:
+    """The store MIGRATE_BACKUP_DIR names (config checked it): `s3://bucket/prefix`, else a
+    directory. One per location in a run, so a bucket's client is made once."""
+    key = (location, addressing)
+    if key not in _stores:
+        if location.startswith(S3_SCHEME):
+            from job.bucket import Bucket
+
+            _stores[key] = Bucket(parse_s3(location), env, addressing)
+        else:
+            from job.directory import Directory
+
+            _stores[key] = Directory(Path(location))
+    return _stores[key]
+
+
+_stores: dict[tuple[str, str], Any] = {}
+
+
 def take(
+    store: Any,
     database: Database,
-    directory: Path,
     database_name: str,
     server_version: int,
     from_revision: list[str],
@@ -152,18 +170,14 @@ def take(
     set_key: str = "",
     wait_timeout: float = 0,
 ) -> Backup:
-    """Dump the database into `directory`, verify it, write the sidecar, prune the set (`prune`)."""
+    """Dump the database into the store, verify it, write the sidecar, prune the set (`prune`)."""
     pg_dump, pg_restore = tool("pg_dump"), tool("pg_restore")
-    if not directory.is_dir():
-        raise BackupFailed(
-            f"backup directory {str(directory)!r} does not exist: mount a volume there, "
-            "set MIGRATE_BACKUP_DIR, or set MIGRATE_BACKUP=off"
-        )
-    remove_partials(directory, set_key)
+    store.ready()
+    remove_leftovers(store, set_key)
     moment = dt.datetime.now(dt.timezone.utc)
-    final = directory / file_name(moment, database_name, set_key, from_revision, to_revision)
-    sequence = 1 + max((b.get("sequence") or 0 for b in listing(directory, database_name, set_key)), default=0)
-    log.info("backup.start", path=str(final), database=database_name)
+    name = file_name(moment, database_name, set_key, from_revision, to_revision)
+    sequence = 1 + max((b.get("sequence") or 0 for b in listing(store, database_name, set_key)), default=0)
+    log.info("backup.start", path=store.path_of(name), database=database_name)
     started = time.monotonic()
     child = child_env(database, env)
     argv = [
@@ -178,65 +192,83 @@ def take(
         *(f"--exclude-table={name}" for table in exclude_tables for name in (table, f"{table}_id_seq")),
         f"--dbname={database.conninfo_without_password(application_name)}",
     ]
-    size, digest, version = _dump_atomically(argv, [pg_restore, "--list"], child, final, server_version, wait_timeout)
+    dumped = _dump(store, name, argv, child, pg_restore, server_version, wait_timeout)
     try:
         backup = Backup(
-            path=str(final),
+            path=store.path_of(name),
             database=database_name,
             from_revision=from_revision,
             to_revision=to_revision,
             created_at=moment.isoformat(),
-            bytes=size,
-            sha256=digest,
+            bytes=dumped.size,
+            sha256=dumped.sha256,
             seconds=round(time.monotonic() - started, 3),
-            pg_dump_version=version,
+            pg_dump_version=archive.dumped_by(dumped.listing),
             server_version=server_version,
             set=set_key,
             sequence=sequence,
         )
-        _write_atomically(sidecar_of(final), (json.dumps(backup._asdict(), indent=2) + "\n").encode())
+        store.write(name + SIDECAR, _json(backup._asdict()))
     except BaseException:
-        final.unlink(missing_ok=True)
+        with contextlib.suppress(BackupFailed):
+            store.delete(name)
         raise
     log.info("backup.done", path=backup.path, bytes=backup.bytes, seconds=backup.seconds, sha256=backup.sha256)
-    prune(directory, database_name, set_key, keep)
+    prune(store, database_name, set_key, keep)
     return backup
 
 
-def mark_succeeded(path: str) -> None:
+def _dump(store: Any, name: str, argv: list[str], env: dict[str, str], pg_restore: str, server_version: int,
+          wait_timeout: float) -> archive.Read:
+    """pg_dump into the store; while the server has no connection slot for it, try again within
+    MIGRATE_WAIT_TIMEOUT."""
+    deadline = time.monotonic() + wait_timeout
+    while True:
+        try:
+            return store.dump(name, argv, env, _spawn, pg_restore)
+        except DumpExited as e:
+            if e.returncode < 0:
+                killer = signal.Signals(-e.returncode).name
+                raise BackupFailed(f"pg_dump was killed by {killer}" + (
+                    " (the file size limit)" if killer == "SIGXFSZ" else "")) from None
+            if not _server_full(e.stderr) or time.monotonic() >= deadline:
+                raise server_too_new(e.stderr, server_version) or BackupFailed(
+                    f"pg_dump failed: {first_error(e.stderr)}") from None
+            log.info("backup.retry", error=first_error(e.stderr))
+            time.sleep(min(1.0, max(deadline - time.monotonic(), 0)))
+
+
+def mark_succeeded(store: Any, path: str) -> None:
     """Note in its sidecar that the migration this backup preceded succeeded (see `prune`)."""
-    sidecar = sidecar_of(Path(path))
+    name = path.rsplit("/", 1)[-1] + SIDECAR
     try:
-        meta = json.loads(sidecar.read_text())
-        _write_atomically(sidecar, (json.dumps({**meta, "succeeded": True}, indent=2) + "\n").encode())
+        meta = json.loads(store.read(name) or b"")
+        store.write(name, _json({**meta, "succeeded": True}))
     except (OSError, ValueError, BackupFailed) as e:
         log.warning("backup.unmarked", path=path, error=str(e))
 
 
-def verified(directory: Path, name: str) -> tuple[Path, dict[str, Any]]:
-    """The backup `name` (an absolute path, or a name in `directory`: never the working
-    directory's) and its sidecar, its sha256 checked."""
-    path = Path(name) if Path(name).is_absolute() else directory / name
-    try:
-        meta = json.loads(sidecar_of(path).read_text())
-    except FileNotFoundError:
-        raise RestoreFailed(f"no backup {str(path)!r} with a sidecar ({sidecar_of(path).name}) to check it against") from None
-    except ValueError:
-        raise RestoreFailed(f"the sidecar of {str(path)!r} is not valid JSON") from None
-    if not _ours(meta):
-        raise RestoreFailed(f"the sidecar of {str(path)!r} is not one of ours (it lacks {', '.join(SIDECAR_FIELDS)})")
-    try:
-        _, digest = _sha256(path)
-    except OSError as e:
-        raise RestoreFailed(f"cannot read backup {str(path)!r}: {e.strerror}") from None
-    if digest != meta.get("sha256"):
-        raise RestoreFailed(
-            f"backup {str(path)!r} does not match its sidecar's sha256: it is damaged or was changed; not restoring"
-        )
-    return path, meta
+def verified(store: Any, given: str) -> tuple[Any, str, dict[str, Any]]:
+    """The store and name of the backup an operator names (`store.locate`), and its sidecar: one of
+    ours, its size that of the archive. Its sha256 is checked as `restore` reads it."""
+    store, name = store.locate(given)
+    path = store.path_of(name)
+    content = store.read(name + SIDECAR)
+    if content is None:
+        raise RestoreFailed(f"no backup {path!r} with a sidecar ({name}{SIDECAR}) to check it against")
+    meta = _parsed(content)
+    if meta is None:
+        raise RestoreFailed(f"the sidecar of {path!r} is not one of ours: not JSON with {', '.join(SIDECAR_FIELDS)}")
+    size = store.size(name)
+    if size is None:
+        raise RestoreFailed(f"no backup {path!r}: its sidecar is there, the archive is not")
+    if size != meta.get("bytes", size):
+        raise RestoreFailed(f"backup {path!r} holds {size} bytes, its sidecar says {meta['bytes']}: "
+                            "it is damaged or was changed; not restoring")
+    return store, name, meta
 
 
-def restore(database: Database, path: Path, application_name: str, env: Mapping[str, str],
+def restore(database: Database, store: Any, name: str, sha256: str, application_name: str, env: Mapping[str, str],
             cancel_lock_waits: Callable[[str], int], clearing: str) -> None:
     """Bring the database back to exactly the state the backup holds, in one transaction: all of
     it, or no change at all.
@@ -245,7 +277,11 @@ def restore(database: Database, path: Path, application_name: str, env: Mapping[
     table, a type, a foreign key onto a restored table, an extension) would stay or block the
     drops. So psql runs, in a single transaction, `clearing` (drops everything the database holds
     besides the job's own tables: `clearing_sql`) and then the archive's script as pg_restore
-    writes it, streamed (a dump may be larger than memory).
+    writes it, streamed (a dump may be larger than memory, or in a bucket).
+
+    The archive streams from the store into pg_restore and is hashed on the way; psql ends its
+    transaction (at the end of its input) only once the whole archive matched `sha256`: a damaged
+    backup changes nothing.
 
     Dropping takes exclusive locks, and every application query would queue behind a restore
     waiting for one. The archive's script sets lock_timeout to 0 itself, so while it runs
@@ -253,31 +289,64 @@ def restore(database: Database, path: Path, application_name: str, env: Mapping[
     that has waited too long; the transaction then undoes everything.
     """
     pg_restore, psql = tool("pg_restore"), tool("psql")
-    name = f"{application_name}/restore"[:63]
+    session = f"{application_name}/restore"[:63]
     child = child_env(database, env)
-    script = subprocess.Popen([pg_restore, "--clean", "--if-exists", "--file=-", str(path)], env=child,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_dies_with_job)
-    runner = subprocess.Popen(
+    # (stderr in files: a NOTICE per dropped object could fill a pipe nobody reads yet)
+    script_errors, psql_errors = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    script = _spawn([pg_restore, "--clean", "--if-exists", "--file=-"], env=child, stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE, stderr=script_errors)
+    runner = _spawn(
         [psql, "--no-psqlrc", "--quiet", "--single-transaction", "--set=ON_ERROR_STOP=1", "--file=-",
-         f"--dbname={database.conninfo_without_password(name)}"],
-        env=child, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        preexec_fn=_dies_with_job)
-    errors: list[bytes] = []
+         f"--dbname={database.conninfo_without_password(session)}"],
+        env=child, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=psql_errors)
+    read: dict[str, Any] = {}  # what pump found: the archive's sha256, or why it could not read it
+    unread = ""  # why pg_restore could not read the archive, if it could not
+    done = threading.Event()  # the restore is over: stop reading the archive
+
+    def pump() -> None:
+        """The archive from the store into pg_restore, hashed; read to its end even if pg_restore
+        stops (its stderr says why), so that damage is named as such."""
+        digest, writing = hashlib.sha256(), True
+        try:
+            with store.chunks(name) as chunks:
+                for chunk in chunks:
+                    if done.is_set():
+                        return
+                    digest.update(chunk)
+                    if writing:
+                        try:
+                            script.stdin.write(chunk)
+                        except BrokenPipeError:
+                            writing = False
+            read["sha256"] = digest.hexdigest()
+        except Exception as e:
+            read["error"] = str(e)
+        finally:
+            with contextlib.suppress(BrokenPipeError):
+                script.stdin.close()
 
     def feed() -> None:
-        """Write `clearing`, then the archive's script, into psql."""
+        """Write `clearing`, then the archive's script, into psql; end its input (which commits)
+        only once pg_restore read the whole archive and it matched its sha256."""
+        nonlocal unread
         try:
             runner.stdin.write(clearing.encode() + b"\n")
             while chunk := script.stdout.read(CHUNK):
                 runner.stdin.write(chunk)
+            source.join()
+            if script.wait() != 0:
+                script_errors.seek(0)
+                unread = first_error(script_errors.read().decode(errors="replace"))
+            if unread or read.get("sha256") != sha256:
+                runner.kill()  # psql never saw the end of its input: the transaction rolls back
+                return
+            runner.stdin.close()
         except BrokenPipeError:
             pass  # psql stopped at an error: its stderr says which
-        finally:
-            with contextlib.suppress(BrokenPipeError):
-                runner.stdin.close()
-        errors.append(script.stderr.read())
 
+    source = threading.Thread(target=pump, daemon=True)
     feeder = threading.Thread(target=feed, daemon=True)
+    source.start()
     feeder.start()
     cancelled = 0
     try:
@@ -286,28 +355,38 @@ def restore(database: Database, path: Path, application_name: str, env: Mapping[
                 runner.wait(timeout=0.2)
                 break
             except subprocess.TimeoutExpired:
-                cancelled += cancel_lock_waits(name)
+                cancelled += cancel_lock_waits(session)
     except BaseException:
         runner.kill()
-        script.kill()
         runner.wait()
         raise
     finally:
+        done.set()
+        script.kill()
         feeder.join(timeout=5)
+        source.join(timeout=5)
         script.wait()
-    stderr = runner.stderr.read().decode(errors="replace")
+        script_errors.close()
+    path = store.path_of(name)
+    if "error" in read:
+        raise RestoreFailed(f"cannot read backup {path!r}, the database is unchanged: {read['error']}")
+    if read.get("sha256") not in (None, sha256):
+        raise RestoreFailed(f"backup {path!r} does not match its sidecar's sha256: it is damaged or was changed; "
+                            "the database is unchanged")
+    if unread:
+        raise RestoreFailed(f"pg_restore could not read the backup, the database is unchanged: {unread}")
     if runner.returncode != 0:
         why = " (it waited longer than MIGRATE_LOCK_TIMEOUT for a table lock)" if cancelled else ""
-        raise RestoreFailed(f"the restore failed, the database is unchanged{why}: {_first_error(stderr)}")
-    if script.returncode != 0:
-        raise RestoreFailed(f"pg_restore could not read the backup: {_first_error(b''.join(errors).decode(errors='replace'))}")
+        with psql_errors:
+            psql_errors.seek(0)
+            stderr = psql_errors.read().decode(errors="replace")
+        raise RestoreFailed(f"the restore failed, the database is unchanged{why}: {first_error(stderr)}")
 
 
-def archive_database(path: Path) -> str | None:
+def archive_database(store: Any, name: str) -> str | None:
     """The database the archive itself says it was dumped from (its table of contents' header)."""
-    result = subprocess.run([tool("pg_restore"), "--list", str(path)], capture_output=True, text=True, errors="replace")
-    found = re.search(r"(?m)^;\s+dbname: (.*)$", result.stdout)
-    return found.group(1).strip() if found else None
+    with store.chunks(name) as chunks:
+        return archive.dumped_from(archive.read(chunks, tool("pg_restore"), {}, whole=False).listing)
 
 
 # Everything of the database's own, as DROP statements: schemas other than public (with what is in
@@ -361,47 +440,42 @@ def clearing_sql(conn: Any, kept_tables: list[str]) -> str:
         return "\n".join(row[0] for row in cur.fetchall())
 
 
-def sidecar_of(path: Path) -> Path:
-    return path.with_name(path.name + ".json")
-
-
-def listing(directory: Path, database_name: str | None = None, set_key: str | None = None) -> list[dict[str, Any]]:
-    """Sidecars of the backups in `directory` (optionally of one database, and of one set),
-    newest first. Anything else there (other files, directories, sidecars that are not ours) is
-    passed over with a warning: a backup directory is input like any other."""
+def listing(store: Any, database_name: str | None = None, set_key: str | None = None) -> list[dict[str, Any]]:
+    """Sidecars of the backups in the store (optionally of one database, and of one set), newest
+    first. Anything else there (other files, sidecars that are not ours) is passed over with a
+    warning: a backup store is input like any other."""
     found = []
-    for side in directory.glob("*.dump.json"):
-        dump = side.with_name(side.name[: -len(".json")])
-        meta = _sidecar(side) if NAME.match(dump.name) else None
+    names = set(store.names())
+    for side in sorted(n for n in names if n.endswith(".dump" + SIDECAR)):
+        dump = side[: -len(SIDECAR)]
+        meta = _parsed(store.read(side) or b"") if NAME.match(dump) else None
         if meta is None:
-            if side not in _ignored:  # once per run, however often the directory is read
-                _ignored.add(side)
-                log.warning("backup.ignored", path=str(side), reason="not a backup sidecar of ours")
+            if (str(store), side) not in _ignored:  # once per run, however often the store is read
+                _ignored.add((str(store), side))
+                log.warning("backup.ignored", path=store.path_of(side), reason="not a backup sidecar of ours")
             continue
         if database_name is not None and meta["database"] != database_name:
             continue
         if set_key is not None and meta.get("set", set_key) != set_key:  # (older sidecars have no set)
             continue
-        found.append({**meta, "path": str(dump)})  # the path is where it is, not what the sidecar says
+        found.append({**meta, "path": store.path_of(dump)})  # the path is where it is, not what the sidecar says
     return sorted(found, key=_newest_first)
 
 
-_ignored: set[Path] = set()
+_ignored: set[tuple[str, str]] = set()
 
 
-def _sidecar(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
+def _parsed(content: bytes) -> dict[str, Any] | None:
+    """A sidecar's content, if it is one of ours: a JSON object with every field we write and read."""
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
+        meta = json.loads(content)
+    except (ValueError, UnicodeDecodeError):
         return None
-    return meta if _ours(meta) else None
+    return meta if isinstance(meta, dict) and all(field in meta for field in SIDECAR_FIELDS) else None
 
 
-def _ours(meta: Any) -> bool:
-    """Whether a sidecar's content is one of ours: an object with every field we write and read."""
-    return isinstance(meta, dict) and all(field in meta for field in SIDECAR_FIELDS)
+def _json(meta: dict[str, Any]) -> bytes:
+    return (json.dumps(meta, indent=2) + "\n").encode()
 
 
 def _newest_first(meta: dict[str, Any]) -> tuple[int, str]:
@@ -416,13 +490,14 @@ def _descending(text: str) -> str:
     return "".join(chr(0x10FFFF - ord(c)) for c in text)
 
 
-def prune(directory: Path, database_name: str, set_key: str, keep: int) -> None:
+def prune(store: Any, database_name: str, set_key: str, keep: int) -> None:
     """Delete the backups of this set that are no longer a way back. Newest first, kept are: the
     newest (just taken); the newest backup of each migration (the same from and to revisions: a
     retry replaces its own earlier backup) until `keep` are kept; and, whatever `keep` says, the
     first backup taken since the last migration that succeeded: the way back from a migration
-    that keeps failing. Only files of this set, found in `directory` by name, are deleted."""
-    backups = listing(directory, database_name, set_key)
+    that keeps failing. Only backups of this set, found in the store by name, are deleted: the
+    sidecar first, so that a backup listed is never half gone."""
+    backups = listing(store, database_name, set_key)
     if not backups:
         return
     since_success = []
@@ -443,128 +518,43 @@ def prune(directory: Path, database_name: str, set_key: str, keep: int) -> None:
     kept.update(regular)
     for meta in backups:
         if meta["path"] not in kept:
-            path = directory / Path(meta["path"]).name
-            path.unlink(missing_ok=True)
-            sidecar_of(path).unlink(missing_ok=True)
-            log.info("backup.pruned", path=str(path))
+            name = meta["path"].rsplit("/", 1)[-1]
+            store.delete(name + SIDECAR)
+            store.delete(name)
+            log.info("backup.pruned", path=store.path_of(name))
 
 
-def remove_partials(directory: Path, set_key: str) -> None:
-    """A partial file of this set is a dead run's leftover: under the lock no other job writes one.
-    Another set's (another database on the same volume) may be being written right now."""
-    for leftover in directory.glob(f".*_{set_key}_*{PARTIAL}" if set_key else f".*{PARTIAL}"):
-        if leftover.is_file():
-            leftover.unlink(missing_ok=True)
-            log.warning("backup.partial_removed", path=str(leftover))
+def remove_leftovers(store: Any, set_key: str) -> None:
+    """What a dead run of this set left: partial files or unfinished uploads, and archives whose
+    sidecar was never written. Under the lock no other job writes one of this set; another set's
+    (another database in the same store) may be being written right now."""
+    def ours(name: str) -> bool:
+        return f"_{set_key}_" in name if set_key else True
+
+    store.remove_partials(ours)
+    names = set(store.names())
+    for name in sorted(names):
+        if NAME.match(name) and ours(name) and name + SIDECAR not in names:
+            store.delete(name)
+            log.warning("backup.partial_removed", path=store.path_of(name))
 
 
 def _dies_with_job() -> None:
     """In the child, before exec: die when the job dies (Linux's PR_SET_PDEATHSIG). A SIGKILLed job
     must not leave its pg_dump holding share locks on every table, or its pg_restore running."""
     try:
+        import ctypes
+
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass  # not Linux: nothing to ask for
 
 
+# every pg_dump, pg_restore and psql the job starts
+_spawn = functools.partial(subprocess.Popen, preexec_fn=_dies_with_job)
+
+
 def _server_full(stderr: str) -> bool:
     lowered = stderr.lower()
     return "too many clients" in lowered or "remaining connection slots are reserved" in lowered
-
-
-def _dump_atomically(argv: list[str], list_argv: list[str], env: dict[str, str], final: Path,
-                     server_version: int, wait_timeout: float = 0) -> tuple[int, str, str]:
-    """pg_dump into a private temporary file that becomes `final` only once complete and readable
-    by `pg_restore --list`; return its size, sha256 and the pg_dump version it records."""
-    with _atomically(final) as partial:
-        deadline = time.monotonic() + wait_timeout
-        while True:
-            result = subprocess.run([*argv, f"--file={partial}"], env=env, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, text=True, errors="replace", preexec_fn=_dies_with_job)
-            if result.returncode == 0 or not _server_full(result.stderr) or time.monotonic() >= deadline:
-                break
-            # the server has no connection slot for pg_dump right now: wait within MIGRATE_WAIT_TIMEOUT
-            log.info("backup.retry", error=_first_error(result.stderr))
-            time.sleep(min(1.0, max(deadline - time.monotonic(), 0)))
-        if result.returncode < 0:
-            name = signal.Signals(-result.returncode).name
-            raise BackupFailed(f"pg_dump was killed by {name}" + (
-                " (the file size limit)" if name == "SIGXFSZ" else ""))
-        if result.returncode != 0:
-            raise server_too_new(result.stderr, server_version) or BackupFailed(
-                f"pg_dump failed: {_first_error(result.stderr)}")
-        # pg_restore reads the archive's table of contents while we hash the file
-        listing = subprocess.Popen([*list_argv, str(partial)], env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True, errors="replace", preexec_fn=_dies_with_job)
-        try:
-            size, digest = _sha256(partial)
-        finally:
-            out, err = listing.communicate()
-        if listing.returncode != 0:
-            raise BackupFailed(f"pg_restore --list cannot read the backup: {_first_error(err)}")
-        return size, digest, dumped_by(out)
-
-
-def _write_atomically(path: Path, content: bytes) -> None:
-    with _atomically(path) as partial:
-        partial.write_bytes(content)
-
-
-@contextlib.contextmanager
-def _atomically(final: Path) -> Iterator[Path]:
-    """A temporary file beside `final`, created 0600 before anything writes to it (so no byte is ever
-    readable by others); when the body succeeds it is fsynced and renamed over `final`, the directory
-    fsynced; whatever happens, no temporary file is left."""
-    partial = final.with_name(f".{final.name}{PARTIAL}")
-    try:
-        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    except OSError as e:
-        raise BackupFailed(f"cannot write to backup directory {str(final.parent)!r}: {e.strerror}") from None
-    try:
-        yield partial
-        fd = os.open(partial, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(partial, final)
-        _fsync_dir(final.parent)
-    except OSError as e:
-        raise BackupFailed(f"cannot write {str(final)!r}: {e.strerror}") from None
-    finally:
-        partial.unlink(missing_ok=True)
-
-
-def _sha256(path: Path) -> tuple[int, str]:
-    """Size and sha256 of a file, read in chunks (a dump may be larger than memory)."""
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _first_error(stderr: str) -> str:
-    """What went wrong, from pg_dump/pg_restore/psql output: the first error line with the DETAIL
-    and HINT lines that follow it (its cause), not the last line (often `Command was: ...`)."""
-    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
-    first = next((i for i, line in enumerate(lines) if "error:" in line.lower() or "fatal:" in line.lower()), None)
-    if first is None:
-        return lines[-1] if lines else "no error output"
-    cause = [lines[first]]
-    for line in lines[first + 1:]:
-        if "detail:" in line.lower() or "hint:" in line.lower():
-            cause.append(line)
-        elif cause:
-            break
-    return " ".join(cause)

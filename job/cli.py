@@ -50,7 +50,8 @@ def parser() -> argparse.ArgumentParser:
     flag("--lock-timeout", type=float, help="seconds to wait for the lock (MIGRATE_LOCK_TIMEOUT)")
     flag("--lock-key", help="advisory lock key (MIGRATE_LOCK_KEY)")
     flag("--backup", choices=("auto", "always", "off"), help="MIGRATE_BACKUP")
-    flag("--backup-dir", help="MIGRATE_BACKUP_DIR")
+    flag("--backup-dir", help="a directory, or s3://bucket/prefix (MIGRATE_BACKUP_DIR)")
+    flag("--s3-addressing", choices=("auto", "path", "virtual"), help="MIGRATE_S3_ADDRESSING")
     flag("--backup-keep", type=int, help="MIGRATE_BACKUP_KEEP")
     flag("--allow-ahead", action=argparse.BooleanOptionalAction, default=None,
          help="start on a database ahead of these scripts on their own line (MIGRATE_ALLOW_AHEAD, default true)")

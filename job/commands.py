@@ -15,11 +15,11 @@ from typing import Any
 
 from job import db, history, lock, manifest, plan
 from job.config import Settings
-from job.errors import ConfigError, LintFindings
+from job.errors import BackupFailed, ConfigError, LintFindings
 from job.logs import log
 from job.pipeline import (
     apply, connected, database_name, known_plan, known_scripts, lock_key, locked, log_ahead, other_databases,
-    own_tables, plan_for, project_of, succeeded, take_backup, verify, version_table_of,
+    own_tables, plan_for, project_of, succeeded, backup_store, take_backup, verify, version_table_of,
 )
 from job.pipeline import history as history_of
 
@@ -95,11 +95,17 @@ def status(settings: Settings) -> dict[str, Any]:
         holder = lock.holder(conn, key)
         report["lock"] = {"key": key, "held": holder is not None, "holder": holder}
         now = dt.datetime.now(dt.timezone.utc)
+        try:
+            store = backup_store(settings)
+            store.ready()
+            newest = backup.listing(store, name)[:5]
+        except BackupFailed as e:  # still show everything else
+            newest, report["backups_problem"] = [], str(e)
         report["backups"] = [
             {"path": b["path"], "from": b["from_revision"], "to": b["to_revision"], "bytes": b["bytes"],
              "created_at": b["created_at"],
              "age_seconds": round((now - dt.datetime.fromisoformat(b["created_at"])).total_seconds())}
-            for b in (backup.listing(settings.backup_dir, name)[:5] if settings.backup_dir.is_dir() else [])
+            for b in newest
         ]
         report["history"] = history.recent(conn, settings.history_table)
         report["databases"] = [{"section": section, "current": list(current)}
@@ -118,44 +124,45 @@ def backup_now(settings: Settings) -> str:
                 theirs = plan.current_revisions(other.conn, version_table)
                 taken.append(take_backup(settings, other.conn, theirs, theirs, other.database).path)
             record.backup_path = take_backup(settings, conn, current, current).path
-            succeeded([*taken, record.backup_path])  # no migration follows that could fail
+            succeeded(settings, [*taken, record.backup_path])  # no migration follows that could fail
             return record.backup_path
 
 
 def backups(settings: Settings) -> list[dict[str, Any]]:
-    """The backups in the backup directory, newest first, with their sidecars."""
+    """The backups in the backup directory or bucket, newest first, with their sidecars."""
     from job import backup
 
-    if not settings.backup_dir.is_dir():
-        raise ConfigError(f"backup directory {str(settings.backup_dir)!r} does not exist (MIGRATE_BACKUP_DIR)")
-    return backup.listing(settings.backup_dir)
+    store = backup_store(settings)
+    store.ready()
+    return backup.listing(store)
 
 
 def restore(settings: Settings, name: str, force: bool = False) -> tuple[list[str], list[str]]:
     """Check the backup against its sidecar, then restore it under the lock; return revisions before and after."""
     from job import backup
 
-    path, meta = backup.verified(settings.backup_dir, name)
+    store, name, meta = backup.verified(backup_store(settings), name)
+    path = store.path_of(name)
     with connected(settings) as conn:
         database = database_name(conn)
-        dumped_from = backup.archive_database(path)  # the archive's own word, not only the sidecar's
+        dumped_from = backup.archive_database(store, name)  # the archive's own word, not only the sidecar's
         for claimed in (meta.get("database"), dumped_from):
             if claimed != database and not force:
                 raise ConfigError(
-                    f"backup {path.name} is of database {claimed!r}, not {database!r}: "
+                    f"backup {name} is of database {claimed!r}, not {database!r}: "
                     "add --force to restore it here anyway"
                 )
         with locked(settings, conn), history_of(settings, conn).run("restore") as record:
             version_table = version_table_of(settings, conn)
             before = list(plan.current_revisions(conn, version_table))
             # a backup holds the database as it was before the migration it preceded: from_revision
-            log.info("restore.start", path=str(path), before=before, backup_at=meta.get("from_revision"))
-            record.backup_path = str(path)
-            backup.restore(settings.database, path, settings.application_name, os.environ,
+            log.info("restore.start", path=path, before=before, backup_at=meta.get("from_revision"))
+            record.backup_path = path
+            backup.restore(settings.database, store, name, meta["sha256"], settings.application_name, os.environ,
                            lambda name: lock.cancel_lock_waits(conn, name, settings.lock_timeout),
                            backup.clearing_sql(conn, own_tables(settings)))
             after = list(plan.current_revisions(conn, version_table))
-            log.info("restore.done", path=str(path), before=before, after=after)
+            log.info("restore.done", path=path, before=before, after=after)
             return before, after
 
 
@@ -184,7 +191,7 @@ def downgrade(settings: Settings, target: str) -> str:
                 taken.append(record.backup_path)
             apply(settings, conn, project, steps, absolute, "downgrade", record, version_table, rows_within=not others)
             verify(settings, conn, project, version_table, "downgrade", absolute, others=others)
-            succeeded(taken)
+            succeeded(settings, taken)
             record.outcome = "downgraded"
             return "downgraded"
 

@@ -239,8 +239,10 @@ class Settings(NamedTuple):
     lock_key: int | None = None
     # auto (only when something is pending), always, off
     backup: str = "auto"
-    # where backups are written
-    backup_dir: Path = Path("/backups")
+    # where backups are kept: a directory, or s3://bucket/prefix (job.bucket)
+    backup_dir: str = "/backups"
+    # how the bucket is addressed: auto, path (most S3-compatible servers), virtual (bucket.host)
+    s3_addressing: str = "auto"
     # newest backups kept per database
     backup_keep: int = 5
     # seconds a DDL statement may wait for a table lock before its revision is retried
@@ -259,11 +261,14 @@ class Settings(NamedTuple):
     # each names (DATABASE_URL's, or another); the job fills them in, locks and backs up each
     sections: tuple[tuple[str, Database], ...] = ()
 
+    # the object storage credentials in the environment (AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN)
+    cloud_secrets: tuple[str, ...] = ()
+
     @property
     def secrets(self) -> tuple[str, ...]:
         """Strings that must never be printed."""
         databases = [self.database, *(database for _, database in self.sections)]
-        return tuple(d.password for d in databases if d.password)
+        return tuple(d.password for d in databases if d.password) + self.cloud_secrets
 
     @property
     def other_databases(self) -> tuple[tuple[str, Database], ...]:
@@ -333,7 +338,9 @@ def load(env: Mapping[str, str], flags: Mapping[str, object], need_database: boo
         lock_timeout=_number(pick("lock_timeout", "MIGRATE_LOCK_TIMEOUT"), "MIGRATE_LOCK_TIMEOUT", 300),
         lock_key=parse_lock_key(lock_key) if lock_key is not None else None,
         backup=_choice(pick("backup", "MIGRATE_BACKUP") or "auto", "MIGRATE_BACKUP", ("auto", "always", "off")),
-        backup_dir=Path(pick("backup_dir", "MIGRATE_BACKUP_DIR") or "/backups"),
+        backup_dir=_backup_location(pick("backup_dir", "MIGRATE_BACKUP_DIR") or "/backups"),
+        s3_addressing=_choice(pick("s3_addressing", "MIGRATE_S3_ADDRESSING") or "auto", "MIGRATE_S3_ADDRESSING",
+                              ("auto", "path", "virtual")),
         backup_keep=int(_number(pick("backup_keep", "MIGRATE_BACKUP_KEEP"), "MIGRATE_BACKUP_KEEP", 5, minimum=1, integer=True)),
         statement_lock_timeout=_number(
             pick("statement_lock_timeout", "MIGRATE_STATEMENT_LOCK_TIMEOUT"), "MIGRATE_STATEMENT_LOCK_TIMEOUT", 5
@@ -344,7 +351,51 @@ def load(env: Mapping[str, str], flags: Mapping[str, object], need_database: boo
         allow_ahead=_boolean(pick("allow_ahead", "MIGRATE_ALLOW_AHEAD"), "MIGRATE_ALLOW_AHEAD", True),
         application_name=f"migrate-job/{socket.gethostname()}"[:63],
         sections=_sections(pick("databases", "MIGRATE_DATABASES"), database),
+        cloud_secrets=tuple(env[v] for v in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN") if env.get(v)),
     )
+
+
+S3_SCHEME = "s3://"
+
+
+class S3Location(NamedTuple):
+    """Where in object storage: a bucket, and a prefix inside it ('' or ending in '/')."""
+
+    bucket: str
+    prefix: str
+
+    def __str__(self) -> str:
+        return f"{S3_SCHEME}{self.bucket}/{self.prefix}"
+
+    def key(self, name: str) -> str:
+        return self.prefix + name
+
+
+def parse_s3(url: str) -> S3Location:
+    """`s3://bucket` or `s3://bucket/prefix`; credentials never belong in it."""
+    rest = url[len(S3_SCHEME):]
+    bucket, _, prefix = rest.partition("/")
+    if "@" in bucket or ":" in bucket:
+        raise ConfigError(
+            "MIGRATE_BACKUP_DIR: an s3:// location holds no credentials or port: give s3://bucket/prefix, and "
+            "credentials through the AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a web identity, an "
+            "instance profile), the endpoint as AWS_ENDPOINT_URL"
+        )
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+        raise ConfigError(f"MIGRATE_BACKUP_DIR: {bucket!r} is not a bucket name (3 to 63 lowercase letters, "
+                          "digits, dots and hyphens): give s3://bucket/prefix")
+    if any(c in prefix for c in "?#\\") or "//" in prefix or any(p in (".", "..") for p in prefix.split("/")):
+        raise ConfigError(f"MIGRATE_BACKUP_DIR: the prefix {prefix!r} must be plain path segments: s3://bucket/a/b")
+    return S3Location(bucket, prefix.strip("/") + "/" if prefix.strip("/") else "")
+
+
+def _backup_location(value: str) -> str:
+    """A directory, or an S3 location checked now, before anything runs."""
+    if value.lower().startswith(S3_SCHEME):
+        return str(parse_s3(S3_SCHEME + value[len(S3_SCHEME):]))
+    if "://" in value:
+        raise ConfigError(f"MIGRATE_BACKUP_DIR={redact_url(value)!r}: give a directory or s3://bucket/prefix")
+    return value
 
 
 def _sections(value: str | None, database: Database) -> tuple[tuple[str, Database], ...]:

@@ -76,3 +76,11 @@ class Interrupted(BaseException):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+class DumpExited(Exception):
+    """pg_dump exited non-zero (job.backup decides what that means: a retry, or BackupFailed)."""
+
+    def __init__(self, returncode: int, stderr: str) -> None:
+        super().__init__(f"pg_dump exited {returncode}")
+        self.returncode, self.stderr = returncode, stderr

@@ -241,6 +241,9 @@ def reclaim() -> None:
     # SQLAlchemy echoes every statement at INFO: only in debug.
     logging.getLogger("sqlalchemy").setLevel(logging.DEBUG if debug else logging.WARNING)
     logging.getLogger("alembic").setLevel(level)
+    # The AWS SDK's debug lines carry request headers (a session token among them): never shown
+    for name in ("boto3", "botocore", "s3transfer", "urllib3"):
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
     # Alembic announces each of its plugins at INFO: only in debug
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.DEBUG if debug else logging.WARNING)
 

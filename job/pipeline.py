@@ -99,13 +99,13 @@ def migrate_exclusively(settings: Settings, conn: Any, others: list[Other], scri
                 record.backup_path = take_backup(settings, conn, the_plan.current, to).path
                 backups_taken.append(record.backup_path)
         if not the_plan.pending:
-            succeeded(backups_taken)
+            succeeded(settings, backups_taken)
             record.outcome = "up-to-date"
             return "up-to-date"
         apply(settings, conn, project, the_plan.pending, settings.target, "upgrade", record, version_table,
               rows_within=not others)
         verify(settings, conn, project, version_table, others=others)
-        succeeded(backups_taken)
+        succeeded(settings, backups_taken)
         record.outcome = "migrated"
         return "migrated"
 
@@ -309,8 +309,8 @@ def take_backup(settings: Settings, conn: Any, from_revision: tuple[str, ...], t
     from job import backup
 
     return backup.take(
+        backup_store(settings),
         database or settings.database,
-        settings.backup_dir,
         database_name(conn),
         conn.server_version,
         list(from_revision),
@@ -325,12 +325,19 @@ def take_backup(settings: Settings, conn: Any, from_revision: tuple[str, ...], t
     )
 
 
-def succeeded(paths: list[str]) -> None:
+def backup_store(settings: Settings) -> Any:
+    """Where backups are kept (MIGRATE_BACKUP_DIR): a directory or a bucket (job.backup)."""
+    from job import backup
+
+    return backup.store_for(settings.backup_dir, os.environ, settings.s3_addressing)
+
+
+def succeeded(settings: Settings, paths: list[str]) -> None:
     """The migration these backups preceded succeeded: retention may now let them go in turn."""
     from job import backup
 
     for path in paths:
-        backup.mark_succeeded(path)
+        backup.mark_succeeded(backup_store(settings), path)
 
 
 def server_identity(conn: Any) -> str:

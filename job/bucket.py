@@ -1,0 +1,382 @@
+"""Backups in an S3-compatible bucket (MIGRATE_BACKUP_DIR=s3://bucket/prefix).
+
+pg_dump writes to a pipe; we cut its output into parts, hash it on the way and send each part
+(with its own SHA-256, which the server checks) to a multipart upload while pg_dump goes on. An
+object appears under its name only when the upload completes, so an interrupted backup leaves
+nothing there: we abort the upload, and a bucket lifecycle rule (README) clears what a SIGKILL
+leaves. Once complete, the stored size and checksum are compared with what was sent and the
+stored archive's table of contents is read back before anything migrates.
+
+Credentials come from the standard AWS chain (environment, web identity, container and instance
+profiles, config files): never from the URL. The endpoint is AWS_ENDPOINT_URL, the region
+AWS_REGION (or AWS_DEFAULT_REGION); MIGRATE_S3_ADDRESSING picks path-style or virtual-hosted
+addressing. boto3 loads only here, when a command touches the bucket.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import queue
+import subprocess
+import tempfile
+import threading
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
+
+from job import archive
+from job.config import S3_SCHEME as SCHEME, S3Location as Location
+from job.errors import BackupFailed, ConfigError, DumpExited
+from job.logs import log
+
+# S3 takes at most 10,000 parts, each but the last at least 5 MiB. Two parts are in memory at a
+# time (one filling, one sending): 8 MiB parts keep the job under 100 MiB; past 5,000 parts (39 GiB)
+# they grow to 16 MiB, which lets one backup reach 117 GiB.
+PART = 8 << 20
+MAX_PARTS = 10_000
+CHUNK = 1 << 20
+
+
+def part_size(number: int) -> int:
+    """The size of part `number` (from 1): see PART."""
+    return PART if number <= MAX_PARTS // 2 else 2 * PART
+
+
+class Bucket:
+    """A backup store in a bucket: the operations job.backup needs, each one a request or two."""
+
+    def __init__(self, location: Location, env: Mapping[str, str], addressing: str = "auto") -> None:
+        self.location = location
+        self._env = env
+        self._addressing = addressing
+        self._client: Any = None
+
+    def __str__(self) -> str:
+        return str(self.location)
+
+    def path_of(self, name: str) -> str:
+        return str(self.location) + name
+
+    def locate(self, given: str) -> tuple[Bucket, str]:
+        """The store and name of the backup an operator names: a name, or the path `backup --list` shows."""
+        if given.startswith(SCHEME):
+            if not given.startswith(str(self.location)):
+                raise BackupFailed(f"backup {given!r} is not in {self.location} (MIGRATE_BACKUP_DIR)")
+            given = given[len(str(self.location)):]
+        if not given or "/" in given:
+            raise BackupFailed(f"no backup {given!r} in {self.location}: give a name that `backup --list` shows")
+        return self, given
+
+    # --- what job.backup asks of a store --------------------------------------------------------
+
+    def ready(self) -> None:
+        """The bucket exists and we may list it (one request: a missing bucket or a refusal shows here)."""
+        self._call("list_objects_v2", Bucket=self.location.bucket, Prefix=self.location.prefix, MaxKeys=1)
+
+    def names(self) -> list[str]:
+        """The objects directly under the prefix."""
+        found = []
+        pages = self._paginate("list_objects_v2", Bucket=self.location.bucket, Prefix=self.location.prefix,
+                               Delimiter="/")
+        for page in pages:
+            found.extend(item["Key"][len(self.location.prefix):] for item in page.get("Contents", ()))
+        return found
+
+    def read(self, name: str) -> bytes | None:
+        try:
+            response = self._call("get_object", Bucket=self.location.bucket, Key=self.location.key(name))
+        except _Missing:
+            return None
+        with contextlib.closing(response["Body"]) as body:
+            return body.read()
+
+    def write(self, name: str, content: bytes) -> None:
+        """One PUT: S3 shows the whole object or none of it."""
+        self._call("put_object", Bucket=self.location.bucket, Key=self.location.key(name), Body=content,
+                   ContentType="application/json", ChecksumSHA256=_b64(hashlib.sha256(content).digest()))
+
+    def delete(self, name: str) -> None:
+        self._call("delete_object", Bucket=self.location.bucket, Key=self.location.key(name))
+
+    def size(self, name: str) -> int | None:
+        try:
+            return int(self._call("head_object", Bucket=self.location.bucket, Key=self.location.key(name))["ContentLength"])
+        except _Missing:
+            return None
+
+    @contextlib.contextmanager
+    def chunks(self, name: str) -> Iterator[Iterator[bytes]]:
+        """The object's bytes, streamed."""
+        try:
+            response = self._call("get_object", Bucket=self.location.bucket, Key=self.location.key(name))
+        except _Missing:
+            raise BackupFailed(f"no backup {self.path_of(name)!r}") from None
+        with contextlib.closing(response["Body"]) as body:
+            yield self._guarded(body.iter_chunks(CHUNK))
+
+    def remove_partials(self, matches: Callable[[str], bool]) -> None:
+        """Abort the unfinished uploads of backups `matches` accepts: a dead run's (under the lock no
+        other job writes one of them). Where listing uploads is not allowed, the lifecycle rule clears them."""
+        try:
+            pages = list(self._paginate("list_multipart_uploads", Bucket=self.location.bucket,
+                                        Prefix=self.location.prefix))
+        except BackupFailed as e:
+            log.warning("backup.partials_unchecked", location=str(self.location), error=str(e))
+            return
+        for page in pages:
+            for upload in page.get("Uploads", ()):
+                name = upload["Key"][len(self.location.prefix):]
+                if "/" not in name and matches(name):
+                    self._abort(upload["Key"], upload["UploadId"])
+                    log.warning("backup.partial_removed", path=self.path_of(name))
+
+    def dump(self, name: str, argv: list[str], env: Mapping[str, str], spawn: Callable[..., subprocess.Popen],
+             pg_restore: str) -> archive.Read:
+        """Stream pg_dump's output (`argv` writes to stdout) into the object `name`, then check the
+        stored object (`_check_stored`). pg_dump failing raises DumpExited, nothing left behind."""
+        with tempfile.TemporaryFile() as stderr:
+            dumper = spawn(argv, env=env, stdout=subprocess.PIPE, stderr=stderr)
+            try:
+                # boto3 loads and the upload starts while pg_dump connects and reads the catalog
+                upload = Upload(self, self.location.key(name))
+                try:
+                    sent = upload.send(dumper.stdout)
+                    returncode = dumper.wait()
+                    if returncode != 0:
+                        stderr.seek(0)
+                        raise DumpExited(returncode, stderr.read().decode(errors="replace"))
+                    upload.complete()
+                except BaseException:
+                    upload.abort()
+                    raise
+            finally:
+                if dumper.poll() is None:
+                    dumper.kill()
+                dumper.wait()
+                dumper.stdout.close()
+        try:
+            return self._check_stored(name, sent, pg_restore, env)
+        except BaseException:
+            with contextlib.suppress(BackupFailed):
+                self.delete(name)
+            raise
+
+    # --- the client --------------------------------------------------------------------------------
+
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = _client(self._env, self._addressing)
+        return self._client
+
+    def _call(self, operation: str, **params: Any) -> Any:
+        with self._errors(operation):
+            return getattr(self.client(), operation)(**params)
+
+    def _paginate(self, operation: str, **params: Any) -> Iterator[Any]:
+        with self._errors(operation):
+            yield from self.client().get_paginator(operation).paginate(**params)
+
+    def _guarded(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        with self._errors("get_object"):
+            yield from chunks
+
+    def _abort(self, key: str, upload_id: str) -> None:
+        with contextlib.suppress(_Missing):
+            self._call("abort_multipart_upload", Bucket=self.location.bucket, Key=key, UploadId=upload_id)
+
+    @contextlib.contextmanager
+    def _errors(self, operation: str) -> Iterator[None]:
+        """botocore's exceptions as ours, each saying what to check."""
+        try:
+            yield
+        except Exception as e:
+            endpoint = self._client.meta.endpoint_url if self._client is not None else "the endpoint"
+            raise _translated(e, operation, self.location, endpoint) from None
+
+    def _check_stored(self, name: str, sent: Sent, pg_restore: str, env: Mapping[str, str]) -> archive.Read:
+        """The stored object is what we sent: its size, and its SHA-256 (the server's composite of the
+        parts' checksums where it keeps one; otherwise read back and hashed); and pg_restore reads
+        its table of contents from the bucket."""
+        try:
+            head = self._call("head_object", Bucket=self.location.bucket, Key=self.location.key(name),
+                              ChecksumMode="ENABLED")
+        except _Missing:
+            raise BackupFailed(f"the backup {self.path_of(name)!r} is not in the bucket after its upload completed") from None
+        if int(head["ContentLength"]) != sent.size:
+            raise BackupFailed(f"the stored backup {self.path_of(name)!r} holds {head['ContentLength']} bytes, "
+                               f"{sent.size} were sent")
+        stored = head.get("ChecksumSHA256")
+        with self.chunks(name) as chunks:
+            read = archive.read(chunks, pg_restore, env, whole=not stored)
+        if (stored.split("-")[0] if stored else read.sha256) != (sent.composite if stored else sent.sha256):
+            raise BackupFailed(f"the stored backup {self.path_of(name)!r} does not match the sha256 of what was sent")
+        return archive.Read(sent.size, sent.sha256, read.listing)
+
+
+class Sent(NamedTuple):
+    """What went into an upload: its size, sha256, and the composite checksum S3 keeps of the parts'."""
+
+    size: int
+    sha256: str
+    composite: str
+
+
+class Upload:
+    """One multipart upload: parts read from a stream and sent by a second thread while the next
+    part fills, so pg_dump never waits on the network for more than a part's time."""
+
+    def __init__(self, bucket: Bucket, key: str) -> None:
+        self.bucket, self.key = bucket, key
+        created = bucket._call("create_multipart_upload", Bucket=bucket.location.bucket, Key=key,
+                               ChecksumAlgorithm="SHA256", ContentType="application/octet-stream")
+        self.upload_id: str = created["UploadId"]
+        self.parts: list[dict[str, Any]] = []
+        self._failure: list[BaseException] = []
+        self._stop = threading.Event()
+        # two part buffers, one filling while the other is sent: memory stays at two parts whatever
+        # the dump's size, and pg_dump waits (its pipe full) only while both are taken
+        self._buffers = threading.Semaphore(2)
+        self._queue: queue.Queue[tuple[int, bytes, str] | None] = queue.Queue()
+        self._sender = threading.Thread(target=self._send_parts, name="upload", daemon=True)
+        self._sender.start()
+
+    def send(self, stream: Any) -> Sent:
+        """Read `stream` to its end into parts, and wait until the last one is stored."""
+        digest, part_hashes, size, number = hashlib.sha256(), [], 0, 0
+        while True:
+            number += 1
+            self._wait(self._buffers.acquire)
+            part = _read_full(stream, part_size(number))
+            if not part:
+                self._buffers.release()
+                break
+            if number > MAX_PARTS:
+                raise BackupFailed(f"the dump is larger than one S3 upload of {MAX_PARTS} parts holds "
+                                   f"({size} bytes so far)")
+            digest.update(part)
+            part_hash = hashlib.sha256(part).digest()
+            part_hashes.append(part_hash)
+            size += len(part)
+            self._queue.put((number, part, _b64(part_hash)))
+            if len(part) < part_size(number):
+                break
+        self._queue.put(None)
+        self._wait(lambda timeout: (self._sender.join(timeout), not self._sender.is_alive())[1])
+        self._raise_failure()
+        composite = _b64(hashlib.sha256(b"".join(part_hashes)).digest())
+        return Sent(size, digest.hexdigest(), composite)
+
+    def complete(self) -> None:
+        self.bucket._call("complete_multipart_upload", Bucket=self.bucket.location.bucket, Key=self.key,
+                          UploadId=self.upload_id, MultipartUpload={"Parts": self.parts})
+
+    def abort(self) -> None:
+        """Stop sending and abort the upload, so that no part stays stored. A part in flight may
+        still land after the abort: S3 asks to abort again once it has."""
+        self._stop.set()
+        self._queue.put(None)
+        try:
+            self.bucket._abort(self.key, self.upload_id)
+            self._sender.join(timeout=10)
+            self.bucket._abort(self.key, self.upload_id)
+        except BackupFailed as e:
+            log.warning("backup.upload_not_aborted", key=self.key, error=str(e),
+                        hint="the bucket's lifecycle rule (AbortIncompleteMultipartUpload) removes it")
+
+    def _wait(self, attempt: Callable[[float], bool]) -> None:
+        """Wait for `attempt` to succeed, waking up now and then to notice that the sender failed."""
+        while not attempt(0.2):
+            self._raise_failure()
+
+    def _raise_failure(self) -> None:
+        if self._failure:
+            raise self._failure[0]
+
+    def _send_parts(self) -> None:
+        try:
+            while (item := self._queue.get()) is not None and not self._stop.is_set():
+                number, part, checksum = item
+                sent = self.bucket._call(
+                    "upload_part", Bucket=self.bucket.location.bucket, Key=self.key, UploadId=self.upload_id,
+                    PartNumber=number, Body=part, ChecksumSHA256=checksum)
+                self.parts.append({"PartNumber": number, "ETag": sent["ETag"], "ChecksumSHA256": checksum})
+                del item, part
+                self._buffers.release()
+        except BaseException as e:  # the reader raises it on its next part
+            self._failure.append(e)
+
+
+class _Missing(Exception):
+    """The object (or upload) is not there."""
+
+
+def _read_full(stream: Any, size: int) -> bytearray:
+    """Up to `size` bytes, read into one buffer (no copies of a part): fewer only at the end of the stream."""
+    buffer = bytearray(size)
+    filled = 0
+    with memoryview(buffer) as view:
+        while filled < size:
+            count = stream.readinto(view[filled:])
+            if not count:
+                break
+            filled += count
+    del buffer[filled:]
+    return buffer
+
+
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode()
+
+
+def _client(env: Mapping[str, str], addressing: str) -> Any:
+    """An S3 client from the standard AWS chain, with timeouts a job can live with."""
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError:
+        raise ConfigError("backups in s3:// need boto3: install migrate-job[s3] (the image has it)") from None
+    retries = None if env.get("AWS_MAX_ATTEMPTS") or env.get("AWS_RETRY_MODE") else {"mode": "standard",
+                                                                                        "max_attempts": 3}
+    config = Config(
+        connect_timeout=5,
+        read_timeout=60,
+        retries=retries,
+        s3={"addressing_style": addressing},
+        user_agent_extra="migrate-job",
+        # a few connections: one per part in flight, one for the rest
+        max_pool_connections=4,
+    )
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
+    return boto3.session.Session(region_name=region).client("s3", config=config)
+
+
+def _translated(error: Exception, operation: str, location: Location, endpoint: str) -> Exception:
+    """What went wrong talking to the bucket, as one line that says what to check. Never the
+    credentials: botocore's messages carry none, and nor do ours."""
+    try:
+        from botocore import exceptions as boto
+    except ImportError:
+        return error
+    if isinstance(error, boto.NoCredentialsError):
+        return BackupFailed(f"no AWS credentials for {location}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                            "or give the pod a web identity (IRSA, Workload Identity) or an instance profile")
+    if isinstance(error, boto.ClientError):
+        code = str(error.response.get("Error", {}).get("Code", ""))
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        message = error.response.get("Error", {}).get("Message") or code
+        if code in ("NoSuchKey", "NoSuchUpload", "404") and operation != "list_objects_v2":
+            return _Missing(code)
+        if code == "NoSuchBucket" or (status == 404 and operation == "list_objects_v2"):
+            return BackupFailed(f"bucket {location.bucket!r} does not exist at {endpoint} "
+                                f"(MIGRATE_BACKUP_DIR={location}, AWS_ENDPOINT_URL)")
+        if status == 403 or code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return BackupFailed(f"{location} refused {operation} ({code}: {message}): the credentials need "
+                                "s3:ListBucket, s3:GetObject, s3:PutObject, s3:DeleteObject, "
+                                "s3:AbortMultipartUpload and s3:ListBucketMultipartUploads on it")
+        return BackupFailed(f"{operation} on {location} failed: {code} {message}".strip())
+    if isinstance(error, (boto.EndpointConnectionError, boto.ConnectTimeoutError, boto.ConnectionClosedError,
+                          boto.ReadTimeoutError, boto.ResponseStreamingError)):
+        return BackupFailed(f"the S3 endpoint did not answer {operation} for {location}: {error}")
+    if isinstance(error, boto.BotoCoreError):
+        return BackupFailed(f"{operation} on {location} failed: {error}")
+    return error
