@@ -22,39 +22,61 @@ class Read(NamedTuple):
     listing: str
 
 
+class Lister:
+    """`pg_restore --list` reading an archive's bytes as they are handed to it: it reads the
+    header and the table of contents, and then needs no more."""
+
+    def __init__(self, pg_restore: str, env: Mapping[str, str]) -> None:
+        self._stderr = tempfile.TemporaryFile()
+        self._process = subprocess.Popen([pg_restore, "--list"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=self._stderr, env=dict(env))
+        self._output: list[bytes] = []
+        self._reader = threading.Thread(target=lambda: self._output.append(self._process.stdout.read()), daemon=True)
+        self._reader.start()
+        self.wanting = True
+        self._result: str | BackupFailed | None = None
+
+    def feed(self, chunk: bytes | bytearray) -> None:
+        if self.wanting:
+            try:
+                self._process.stdin.write(chunk)
+            except BrokenPipeError:
+                self.wanting = False
+            self.wanting = self.wanting and self._process.poll() is None
+
+    def listing(self) -> str:
+        """The table of contents (once pg_restore has ended: its input closes); BackupFailed if
+        pg_restore could not read it."""
+        if self._result is None:
+            with contextlib.suppress(BrokenPipeError):
+                self._process.stdin.close()
+            self._process.wait()
+            self._reader.join()
+            with self._stderr:
+                self._stderr.seek(0)
+                self._result = (b"".join(self._output).decode(errors="replace") if self._process.returncode == 0
+                                else BackupFailed("pg_restore --list cannot read the backup: "
+                                                  + first_error(self._stderr.read().decode(errors="replace"))))
+        if isinstance(self._result, BackupFailed):
+            raise self._result
+        return self._result
+
+
 def read(chunks: Iterable[bytes], pg_restore: str, env: Mapping[str, str], whole: bool = True) -> Read:
     """Feed the archive's bytes to `pg_restore --list` and hash them; with `whole` False, stop
-    reading once pg_restore has the table of contents (it reads no further). A table of contents
-    pg_restore cannot read raises BackupFailed."""
-    with tempfile.TemporaryFile() as stderr:
-        lister = subprocess.Popen([pg_restore, "--list"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=stderr, env=dict(env))
-        listing: list[bytes] = []
-        reader = threading.Thread(target=lambda: listing.append(lister.stdout.read()), daemon=True)
-        reader.start()
-        digest, size, listening = hashlib.sha256(), 0, True
-        try:
-            for chunk in chunks:
-                digest.update(chunk)
-                size += len(chunk)
-                if listening:
-                    try:
-                        lister.stdin.write(chunk)
-                    except BrokenPipeError:
-                        listening = False
-                    listening = listening and lister.poll() is None
-                if not listening and not whole:
-                    break
-        finally:
-            with contextlib.suppress(BrokenPipeError):
-                lister.stdin.close()
-            lister.wait()
-            reader.join()
-        if lister.returncode != 0:
-            stderr.seek(0)
-            raise BackupFailed(f"pg_restore --list cannot read the backup: {first_error(stderr.read().decode(errors='replace'))}")
-    text = b"".join(listing).decode(errors="replace")
-    return Read(size, digest.hexdigest(), text) if whole else Read(None, None, text)
+    reading once pg_restore has the table of contents."""
+    lister = Lister(pg_restore, env)
+    digest, size = hashlib.sha256(), 0
+    try:
+        for chunk in chunks:
+            digest.update(chunk)
+            size += len(chunk)
+            lister.feed(chunk)
+            if not lister.wanting and not whole:
+                break
+    finally:
+        listing = lister.listing()
+    return Read(size, digest.hexdigest(), listing) if whole else Read(None, None, listing)
 
 
 def dumped_by(listing: str) -> str:

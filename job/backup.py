@@ -3,9 +3,10 @@ anything migrates, pruned by one rule; kept in a store: a directory (job.directo
 S3-compatible bucket (job.bucket), which both promise that a backup's name holds a complete
 archive or nothing.
 
-A store offers: str() (where it is), path_of(name), locate(what an operator typed), ready(),
-names(), read/write/delete/size(name), chunks(name) (a stream of its bytes),
-remove_partials(matches) and dump(name, pg_dump argv, env, spawn, pg_restore) -> archive.Read.
+A store offers: str() (where it is), path_of(name), locate(what an operator typed), ready() (what
+can be checked before a request), names(), read/write/delete/size(name), chunks(name) (a stream
+of its bytes), remove_partials(matches) and dump(name, pg_dump argv, env, spawn, pg_restore,
+prepare) -> archive.Read.
 A backup is its archive and a JSON sidecar beside it (the archive's name + ".json"), written
 only once the archive is complete and verified.
 """
@@ -173,10 +174,8 @@ def take(
     """Dump the database into the store, verify it, write the sidecar, prune the set (`prune`)."""
     pg_dump, pg_restore = tool("pg_dump"), tool("pg_restore")
     store.ready()
-    remove_leftovers(store, set_key)
     moment = dt.datetime.now(dt.timezone.utc)
     name = file_name(moment, database_name, set_key, from_revision, to_revision)
-    sequence = 1 + max((b.get("sequence") or 0 for b in listing(store, database_name, set_key)), default=0)
     log.info("backup.start", path=store.path_of(name), database=database_name)
     started = time.monotonic()
     child = child_env(database, env)
@@ -192,8 +191,10 @@ def take(
         *(f"--exclude-table={name}" for table in exclude_tables for name in (table, f"{table}_id_seq")),
         f"--dbname={database.conninfo_without_password(application_name)}",
     ]
-    dumped = _dump(store, name, argv, child, pg_restore, server_version, wait_timeout)
+    dumped = _dump(store, name, argv, child, pg_restore, server_version, wait_timeout,
+                   prepare=lambda: remove_leftovers(store, set_key, name))
     try:
+        sequence = 1 + max((b.get("sequence") or 0 for b in listing(store, database_name, set_key)), default=0)
         backup = Backup(
             path=store.path_of(name),
             database=database_name,
@@ -219,13 +220,13 @@ def take(
 
 
 def _dump(store: Any, name: str, argv: list[str], env: dict[str, str], pg_restore: str, server_version: int,
-          wait_timeout: float) -> archive.Read:
-    """pg_dump into the store; while the server has no connection slot for it, try again within
-    MIGRATE_WAIT_TIMEOUT."""
+          wait_timeout: float, prepare: Callable[[], None]) -> archive.Read:
+    """pg_dump into the store (which calls `prepare` before the first byte is written); while the
+    server has no connection slot for it, try again within MIGRATE_WAIT_TIMEOUT."""
     deadline = time.monotonic() + wait_timeout
     while True:
         try:
-            return store.dump(name, argv, env, _spawn, pg_restore)
+            return store.dump(name, argv, env, _spawn, pg_restore, prepare)
         except DumpExited as e:
             if e.returncode < 0:
                 killer = signal.Signals(-e.returncode).name
@@ -524,12 +525,12 @@ def prune(store: Any, database_name: str, set_key: str, keep: int) -> None:
             log.info("backup.pruned", path=store.path_of(name))
 
 
-def remove_leftovers(store: Any, set_key: str) -> None:
+def remove_leftovers(store: Any, set_key: str, writing: str) -> None:
     """What a dead run of this set left: partial files or unfinished uploads, and archives whose
-    sidecar was never written. Under the lock no other job writes one of this set; another set's
-    (another database in the same store) may be being written right now."""
+    sidecar was never written. Under the lock no other job writes one of this set, but for this
+    run (`writing`); another set's (another database in the same store) may be being written."""
     def ours(name: str) -> bool:
-        return f"_{set_key}_" in name if set_key else True
+        return name != writing and (f"_{set_key}_" in name if set_key else True)
 
     store.remove_partials(ours)
     names = set(store.names())

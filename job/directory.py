@@ -86,9 +86,10 @@ class Directory:
                 log.warning("backup.partial_removed", path=str(leftover))
 
     def dump(self, name: str, argv: list[str], env: Mapping[str, str], spawn: Callable[..., subprocess.Popen],
-             pg_restore: str) -> archive.Read:
+             pg_restore: str, prepare: Callable[[], None]) -> archive.Read:
         """pg_dump into a private temporary file that becomes `name` only once complete and readable
-        by `pg_restore --list`."""
+        by `pg_restore --list`. `prepare` first: it frees the space a dead run's partial file holds."""
+        prepare()
         final = self.path / name
         with _atomically(final) as partial, tempfile.TemporaryFile() as stderr:
             returncode = spawn([*argv, f"--file={partial}"], env=env, stdout=subprocess.DEVNULL, stderr=stderr).wait()
