@@ -39,7 +39,7 @@ $(VENV)/.installed: pyproject.toml requirements.txt requirements-app.txt
 	@echo "installing into $(VENV)" >&2
 	@$(PYTHON) -m venv $(VENV) >&2
 	@$(BIN)/pip install --quiet --upgrade pip >&2
-	@$(BIN)/pip install --quiet -e '.[app,test]' >&2
+	@$(BIN)/pip install --quiet -e '.[app,s3,test]' >&2
 	@# a local wheelhouse, so the tests that build the image download nothing from PyPI at test time
 	@$(BIN)/pip download --quiet --dest $(LOCAL)/wheels --requirement requirements.txt \
 		--requirement requirements-app.txt setuptools >&2

@@ -169,6 +169,36 @@ def test_backups_off_mounts_nothing() -> None:
     assert "off" == env_of(job["containers"][0])["MIGRATE_BACKUP"]
 
 
+def test_backups_in_a_bucket_need_no_claim_with_three_replicas_in_init_container_mode() -> None:
+    """backups.s3.bucket: no claim, no backups volume, whatever the replicas; the job is told the
+    bucket, endpoint, region and addressing, and takes its keys from the Secret."""
+    values = _ci_values()["s3-values.yaml"]
+    docs = render(values)
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    env = env_of(pod["initContainers"][0])
+
+    assert 3 == one(docs, "Deployment")["spec"]["replicas"]
+    assert "PersistentVolumeClaim" not in kinds(docs)
+    assert ["tmp"] == [v["name"] for v in pod["volumes"]]
+    assert [] == [m for c in pod["initContainers"] for m in c["volumeMounts"] if m["name"] == "backups"]
+    assert ("s3://blog-backups/production/blog", "https://minio.storage.svc:9000", "eu-west-1", "path") == (
+        env["MIGRATE_BACKUP_DIR"], env["AWS_ENDPOINT_URL"], env["AWS_REGION"], env["MIGRATE_S3_ADDRESSING"])
+    assert {"secretKeyRef": {"name": "blog-backups-s3", "key": "AWS_SECRET_ACCESS_KEY"}} == env["AWS_SECRET_ACCESS_KEY"]
+
+
+def test_backups_in_a_bucket_without_keys_use_the_service_accounts_identity() -> None:
+    """With no credentials Secret, no AWS key is set: the annotated service account's web identity is used."""
+    docs = render({"backups": {"s3": {"bucket": "blog-backups"}},
+                   "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/r"}}})
+    job = one(docs, "Job")["spec"]["template"]["spec"]
+    env = env_of(job["containers"][0])
+
+    assert "s3://blog-backups/" == env["MIGRATE_BACKUP_DIR"]
+    assert not any(k.startswith("AWS_") for k in env)
+    assert "arn:aws:iam::1:role/r" == annotations(one(docs, "ServiceAccount"))["eks.amazonaws.com/role-arn"]
+    assert "PersistentVolumeClaim" not in kinds(docs)
+
+
 # --- security --------------------------------------------------------------------------------
 
 def test_every_pod_and_container_is_locked_down() -> None:

@@ -45,9 +45,17 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- if .Values.database.existingSecret -}}{{ .Values.database.existingSecretKey }}{{- else -}}DATABASE_URL{{- end -}}
 {{- end -}}
 
-{{/* Are backups on, and on which claim */}}
+{{/* Are backups on, and in a bucket or on which claim */}}
 {{- define "migrate-job.backupsOn" -}}
 {{- if ne .Values.backups.mode "off" -}}true{{- end -}}
+{{- end -}}
+
+{{- define "migrate-job.backupsInBucket" -}}
+{{- if and (include "migrate-job.backupsOn" .) .Values.backups.s3.bucket -}}true{{- end -}}
+{{- end -}}
+
+{{- define "migrate-job.backupsOnClaim" -}}
+{{- if and (include "migrate-job.backupsOn" .) (not .Values.backups.s3.bucket) -}}true{{- end -}}
 {{- end -}}
 
 {{- define "migrate-job.claimName" -}}
@@ -59,11 +67,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- if and (not .Values.database.existingSecret) (not .Values.database.url) -}}
 {{- fail "database: set database.existingSecret (a Secret holding DATABASE_URL; recommended) or database.url" -}}
 {{- end -}}
-{{- if and (include "migrate-job.backupsOn" .) (not .Values.backups.persistence.existingClaim) (not .Values.backups.persistence.create) -}}
-{{- fail "backups: they need a PersistentVolumeClaim (backups.persistence.existingClaim, or backups.persistence.create: true); an emptyDir would lose them with the pod. Or set backups.mode: off" -}}
+{{- if and (include "migrate-job.backupsOnClaim" .) (not .Values.backups.persistence.existingClaim) (not .Values.backups.persistence.create) -}}
+{{- fail "backups: they need a bucket (backups.s3.bucket) or a PersistentVolumeClaim (backups.persistence.existingClaim, or backups.persistence.create: true); an emptyDir would lose them with the pod. Or set backups.mode: off" -}}
 {{- end -}}
-{{- if and (eq .Values.migration.mode "initContainer") (include "migrate-job.backupsOn" .) (not .Values.backups.persistence.existingClaim) (gt (int .Values.app.replicas) 1) (not (has "ReadWriteMany" .Values.backups.persistence.accessModes)) -}}
-{{- fail "backups: in initContainer mode every app pod mounts the backup claim; with more than one replica it must be ReadWriteMany (backups.persistence.accessModes), an existingClaim that is, or backups.mode: off" -}}
+{{- if and (eq .Values.migration.mode "initContainer") (include "migrate-job.backupsOnClaim" .) (not .Values.backups.persistence.existingClaim) (gt (int .Values.app.replicas) 1) (not (has "ReadWriteMany" .Values.backups.persistence.accessModes)) -}}
+{{- fail "backups: in initContainer mode every app pod mounts the backup claim; with more than one replica it must be ReadWriteMany (backups.persistence.accessModes), an existingClaim that is; or keep backups in a bucket (backups.s3.bucket), or set backups.mode: off" -}}
 {{- end -}}
 {{- end -}}
 
@@ -106,9 +114,39 @@ imagePullSecrets:
 - name: MIGRATE_BACKUP
   value: {{ .root.Values.backups.mode | quote }}
 {{- end }}
-{{- if and .withBackups (include "migrate-job.backupsOn" .root) }}
+{{- if and .withBackups (include "migrate-job.backupsOnClaim" .root) }}
 - name: MIGRATE_BACKUP_DIR
   value: /backups
+{{- end }}
+{{- if and .withBackups (include "migrate-job.backupsInBucket" .root) }}
+{{- with .root.Values.backups.s3 }}
+- name: MIGRATE_BACKUP_DIR
+  value: {{ printf "s3://%s/%s" .bucket (trimAll "/" .prefix) | quote }}
+- name: MIGRATE_S3_ADDRESSING
+  value: {{ .addressing | quote }}
+{{- with .endpoint }}
+- name: AWS_ENDPOINT_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- with .region }}
+- name: AWS_REGION
+  value: {{ . | quote }}
+{{- end }}
+{{- if .credentials.existingSecret }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ .credentials.existingSecret }}
+      key: {{ .credentials.accessKeyIdKey }}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ .credentials.existingSecret }}
+      key: {{ .credentials.secretAccessKeyKey }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if and .withBackups (include "migrate-job.backupsOn" .root) }}
 - name: MIGRATE_BACKUP_KEEP
   value: {{ .root.Values.backups.keep | quote }}
 {{- end }}
@@ -135,7 +173,7 @@ imagePullSecrets:
   volumeMounts:
     - name: tmp
       mountPath: /tmp
-    {{- if and .withBackups (include "migrate-job.backupsOn" .root) }}
+    {{- if and .withBackups (include "migrate-job.backupsOnClaim" .root) }}
     - name: backups
       mountPath: /backups
     {{- end }}
@@ -145,7 +183,7 @@ imagePullSecrets:
 - name: tmp
   emptyDir:
     sizeLimit: 64Mi
-{{- if and .withBackups (include "migrate-job.backupsOn" .root) }}
+{{- if and .withBackups (include "migrate-job.backupsOnClaim" .root) }}
 - name: backups
   persistentVolumeClaim:
     claimName: {{ include "migrate-job.claimName" .root }}
