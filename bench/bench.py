@@ -48,7 +48,7 @@ def image_venv() -> None:
 def main() -> int:
     print(f"migrate-job benchmark: {RUNS} runs per side, {os.cpu_count()} cores, {sys.version.split()[0]}")
     image_venv()
-    rows = [*at_head(), revisions_flat(), long_history(), *replicas(), handoff(), backup()]
+    rows = [*at_head(), revisions_flat(), long_history(), *replicas(), handoff(), *backup()]
     print()
     print(f"{'work':58} {'measured':>28} {'target':>14}")
     for name, measured, target in rows:
@@ -305,8 +305,11 @@ def handoff() -> tuple[str, str, str]:
     return ("lock hand-off: release to next holder", f"{statistics.median(gaps)*1000:.1f} ms median", "<=250 ms")
 
 
-def backup() -> tuple[str, str, str]:
-    """migrate-job backup vs bare pg_dump -Fc on a database of at least BACKUP_MB."""
+def backup() -> list[tuple[str, str, str]]:
+    """migrate-job backup, to a directory and to a bucket (moto's server on loopback), vs bare
+    pg_dump -Fc to a file, on a database of at least BACKUP_MB; and the job's peak memory."""
+    from tests.s3server import Server
+
     name = new_database()
     rows = BACKUP_MB * 1024 * 1024 // 140
     conn = psycopg2.connect(url_of(name))
@@ -324,15 +327,28 @@ def backup() -> tuple[str, str, str]:
     # a database the job manages, as users back up: migrated once (so the job knows its version table)
     subprocess.run([BIN / "migrate-job", "run"], env={**env, "MIGRATE_BACKUP": "off"}, cwd=ROOT, check=True,
                    capture_output=True)
+    server = Server()
+    server.client().create_bucket(Bucket="bench")
+    to_bucket = {**env, **server.env(), "MIGRATE_BACKUP_DIR": "s3://bench/backups"}
     dump = WORK / "bare.dump"
     runs = max(3, RUNS // 3)
-    job, bare = [], []
-    for _ in range(runs):
-        job.append(timed([str(BIN / "migrate-job"), "backup"], env, ROOT))
-        bare.append(timed(["pg_dump", "--format=custom", f"--dbname={url_of(name)}", "-f", str(dump)], env, ROOT))
+    job, bucket, bare = [], [], []
+    try:
+        for _ in range(runs):
+            job.append(timed([str(BIN / "migrate-job"), "backup"], env, ROOT))
+            bucket.append(timed([str(BIN / "migrate-job"), "backup"], to_bucket, ROOT))
+            bare.append(timed(["pg_dump", "--format=custom", f"--dbname={url_of(name)}", "-f", str(dump)], env, ROOT))
+    finally:
+        server.stop()
     admin(f'DROP DATABASE "{name}" WITH (FORCE)')
-    print(f"backup of {size / 2**20:.0f} MiB: migrate-job {med(job):.2f} s, pg_dump {med(bare):.2f} s ({runs} runs each)")
-    return (f"backup vs pg_dump -Fc ({size / 2**20:.0f} MiB database)", f"{med(job)/med(bare):.2f}x", "<=1.1x")
+    print(f"backup of {size / 2**20:.0f} MiB: migrate-job to a directory {med(job):.2f} s, to a bucket "
+          f"{med(bucket):.2f} s ({max(r for _, r in bucket) / 1024:.1f} MiB peak), pg_dump {med(bare):.2f} s "
+          f"({runs} runs each)")
+    return [
+        (f"backup vs pg_dump -Fc ({size / 2**20:.0f} MiB database)", f"{med(job)/med(bare):.2f}x", "<=1.1x"),
+        ("  the same to a bucket (S3 server on loopback)", f"{med(bucket)/med(bare):.2f}x", "<=1.15x"),
+        ("  the job's peak memory backing up to the bucket", f"{max(r for _, r in bucket) / 1024:.1f} MiB", "<100 MiB"),
+    ]
 
 
 if __name__ == "__main__":

@@ -24,8 +24,14 @@ class Proxy:
         self.black_holed.set()
 
     def close(self) -> None:
+        """Drop every connection and stop listening, as an endpoint that went away (shut down
+        first: closing a socket another thread is reading does not end the connection)."""
         self.closed.set()
         for s in [self.listener, *self.sockets]:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             try:
                 s.close()
             except OSError:

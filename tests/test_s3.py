@@ -13,7 +13,8 @@ from typing import Any, Iterator
 import pytest
 
 from tests.conftest import Db, finish, run_job, start_job
-from tests.s3server import SECRET_KEY, Relay, Server
+from tests.s3server import SECRET_KEY, Server
+from tests.tcpproxy import Proxy
 
 # every test of this file on one worker: they share one server
 pytestmark = pytest.mark.xdist_group("s3")
@@ -218,10 +219,10 @@ def test_a_connection_dropped_mid_upload_exits_5_and_the_next_run_clears_it(db: 
     older = run_job("backup", env=s3_env)
     assert 0 == older.code
     before = objects(server, bucket)
-    relay = Relay(server.port)
-    proc = start_job("run", env={**s3_env, "AWS_ENDPOINT_URL": relay.url})
+    relay = Proxy(server.port)
+    proc = start_job("run", env={**s3_env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{relay.port}"})
     upload_started(server, bucket, proc)
-    relay.cut()
+    relay.close()
     result = finish(proc)
 
     assert 5 == result.code, result.stdout
