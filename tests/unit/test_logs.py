@@ -37,7 +37,7 @@ def test_a_short_termination_message_is_kept_whole() -> None:
 
 def test_an_error_from_the_tools_is_its_first_error_with_its_detail() -> None:
     """psql/pg_restore output: the first ERROR and its DETAIL, not the `Command was:` line at the end."""
-    from job.backup import _first_error
+    from job.archive import first_error
 
     stderr = ("psql:<stdin>:41: ERROR:  cannot drop table users because other objects depend on it\n"
               "DETAIL:  constraint profiles_user_id_fkey on table profiles depends on table users\n"
@@ -47,4 +47,4 @@ def test_an_error_from_the_tools_is_its_first_error_with_its_detail() -> None:
 
     assert ("psql:<stdin>:41: ERROR:  cannot drop table users because other objects depend on it "
             "DETAIL:  constraint profiles_user_id_fkey on table profiles depends on table users "
-            "HINT:  Use DROP ... CASCADE to drop the dependent objects too.") == _first_error(stderr)
+            "HINT:  Use DROP ... CASCADE to drop the dependent objects too.") == first_error(stderr)
