@@ -18,6 +18,7 @@ import datetime as dt
 import functools
 import hashlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -28,10 +29,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
 
-from job import archive
+from job import archive, db
 from job.archive import first_error
-from job.config import S3_SCHEME, Database, parse_s3
+from job.config import S3_SCHEME, Database, Settings, parse_s3
 from job.errors import BackupFailed, DumpExited, RestoreFailed
+from job.history import own_tables
 from job.logs import log
 
 CHUNK = 1 << 20  # bytes passed at a time between the archive and pg_restore
@@ -559,3 +561,62 @@ _spawn = functools.partial(subprocess.Popen, preexec_fn=_dies_with_job)
 def _server_full(stderr: str) -> bool:
     lowered = stderr.lower()
     return "too many clients" in lowered or "remaining connection slots are reserved" in lowered
+
+
+# --- what the commands that back up share -----------------------------------------------------
+
+def store(settings: Settings) -> Any:
+    """Where backups are kept (MIGRATE_BACKUP_DIR): a directory or a bucket."""
+    return store_for(settings.backup_dir, os.environ, settings.s3_addressing)
+
+
+def needs_backup(settings: Settings, conn: Any, current: tuple[str, ...]) -> bool:
+    """`auto` does not back up a database that holds nothing yet (a first deploy: nothing to restore)."""
+    if settings.backup == "auto" and not current and nothing_to_back_up(conn, settings.history_table):
+        log.info("backup.skipped", database=db.database_name(conn),
+                 reason="the database holds nothing yet (a first deploy): nothing to restore")
+        return False
+    return True
+
+
+def take_backup(settings: Settings, conn: Any, from_revision: tuple[str, ...], to_revision: tuple[str, ...],
+                database: Database | None = None) -> Backup:
+    """A verified backup of this database (DATABASE_URL's unless `database` says which), labelled
+    with the revisions it goes from and to."""
+    return take(
+        store(settings),
+        database or settings.database,
+        db.database_name(conn),
+        conn.server_version,
+        list(from_revision),
+        list(to_revision),
+        settings.backup_keep,
+        settings.application_name,
+        os.environ,
+        lock_wait_timeout=settings.lock_timeout,
+        exclude_tables=own_tables(settings.history_table),
+        set_key=set_of(db.server_identity(conn), db.database_name(conn)),
+        wait_timeout=settings.wait_timeout,
+    )
+
+
+def succeeded(settings: Settings, paths: list[str]) -> None:
+    """The migration these backups preceded succeeded: retention may now let them go in turn."""
+    for path in paths:
+        mark_succeeded(store(settings), path)
+
+
+def before_migrating(settings: Settings, conn: Any, others: list[Any], the_plan: Any, record: Any) -> list[str]:
+    """Back up every database the run migrates (MIGRATE_BACKUP), before the first change to any of
+    them, labelled from where they are to where the plan takes them; return the paths."""
+    if settings.backup == "off" or (settings.backup == "auto" and not the_plan.pending):
+        return []
+    to = the_plan.heads if the_plan.pending else the_plan.current
+    taken = []
+    for other in others:
+        if needs_backup(settings, other.conn, the_plan.current):
+            taken.append(take_backup(settings, other.conn, the_plan.current, to, other.database).path)
+    if needs_backup(settings, conn, the_plan.current):
+        record.backup_path = take_backup(settings, conn, the_plan.current, to).path
+        taken.append(record.backup_path)
+    return taken

@@ -13,9 +13,8 @@ from typing import Any, Callable
 import psycopg2
 
 from job import __version__, commands, config, db, logs, pipeline
-from job.errors import ConfigError, DatabaseUnavailable, Interrupted, JobError, RevisionError
+from job.errors import ConfigError, DatabaseUnavailable, Interrupted, JobError, RevisionError, first_line
 from job.logs import log
-from job.wait import one_line
 
 PENDING = 8
 
@@ -258,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     except (JobError, Interrupted) as e:
         return _failed(e, started, env)
     except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:  # the job's own session, outside a revision
-        return _failed(DatabaseUnavailable(f"the connection to the database was lost: {one_line(e)}; "
+        return _failed(DatabaseUnavailable(f"the connection to the database was lost: {first_line(e)}; "
                                            "nothing was left half-done: run the job again"), started, env)
     except Exception as e:
         import traceback

@@ -6,22 +6,18 @@ All that change the database hold the same advisory lock as `run`.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-from job import db, history, lock, manifest, plan
+from job import backup, db, history, lock, manifest, plan
 from job.config import Settings
 from job.errors import BackupFailed, ConfigError, LintFindings
 from job.logs import log
-from job.pipeline import (
-    apply, connected, database_name, known_plan, known_scripts, lock_key, locked, log_ahead, other_databases,
-    own_tables, plan_for, project_of, succeeded, backup_store, take_backup, verify, version_table_of,
-)
-from job.pipeline import history as history_of
+from job.project import Alembic, version_table_of
+from job.wait import connected
 
 
 def wait(settings: Settings) -> str:
@@ -34,29 +30,35 @@ def check(settings: Settings, block: bool = False) -> plan.Plan:
     """The plan from the database's current revision; with `block`, wait until nothing is pending."""
     deadline = time.monotonic() + settings.wait_timeout
     scripts = manifest.scripts(settings.alembic)
-    project = version_table = None
-    with connected(settings) as conn, contextlib.ExitStack() as stack:
-        stack.enter_context(db.answered_by(deadline + 5))  # a dead network does not outlast the wait
+    # (a dead network does not outlast the wait)
+    with connected(settings) as conn, Alembic(settings, conn) as alembic, db.answered_by(deadline + 5):
         if block:
             # the migrating job NOTIFYs when it releases the lock; poll anyway every second
             with conn.cursor() as cur:
-                cur.execute(f"LISTEN {lock.channel(lock_key(settings, conn))}")
+                cur.execute(f"LISTEN {lock.channel(lock.key_of(settings, conn))}")
         while True:
-            known = known_scripts(settings, conn, scripts)
-            the_plan = known and known_plan(settings, conn, known)
+            known = manifest.known_scripts(settings, conn, scripts)
+            the_plan = known and plan.known_plan(settings, conn, known)
             if the_plan is None or settings.other_databases:
-                project = project or stack.enter_context(project_of(settings, conn))
-                version_table = version_table or project.locate()
-                the_plan = plan_for(settings, conn, project, version_table)
-                for section, current in others_current(settings, version_table):
-                    if current != the_plan.current:  # a multidb env.py's other database lags: its plan
-                        log.info("check.database", section=section, current=list(current))
-                        the_plan = plan_for(settings, conn, project, version_table, current)
+                the_plan = alembic_plan(settings, conn, alembic)
             if not block or not the_plan.pending or time.monotonic() >= deadline:
-                log_ahead(the_plan)
+                plan.log_ahead(the_plan)
                 return the_plan
             log.info("check.waiting", current=list(the_plan.current), pending=len(the_plan.pending))
             lock.sleep_or_notified(conn, min(1.0, max(deadline - time.monotonic(), 0.0)))
+
+
+def alembic_plan(settings: Settings, conn: Any, alembic: Alembic) -> plan.Plan:
+    """The plan by Alembic; for a multidb env.py, from the database that lags, if one does."""
+    from job import migrate
+
+    project, version_table = alembic.project(), alembic.version_table()
+    the_plan = migrate.plan_for(settings, conn, project, version_table)
+    for section, current in others_current(settings, version_table):
+        if current != the_plan.current:  # a multidb env.py's other database lags: its plan
+            log.info("check.database", section=section, current=list(current))
+            the_plan = migrate.plan_for(settings, conn, project, version_table, current)
+    return the_plan
 
 
 def others_current(settings: Settings, version_table: plan.VersionTable) -> list[tuple[str, tuple[str, ...]]]:
@@ -70,24 +72,26 @@ def others_current(settings: Settings, version_table: plan.VersionTable) -> list
 
 def plan_of(settings: Settings, sql: bool = False) -> tuple[plan.Plan, str | None]:
     """The plan, and with `sql` the offline SQL the pending revisions would run; changes nothing."""
-    with connected(settings) as conn, project_of(settings, conn) as project:
-        the_plan = plan_for(settings, conn, project, version_table_of(settings, conn, project))
+    from job import migrate
+
+    with connected(settings) as conn, migrate.project_of(settings, conn) as project:
+        the_plan = migrate.plan_for(settings, conn, project, version_table_of(settings, conn, project))
         return the_plan, project.offline_sql(the_plan.current, settings.target) if sql else None
 
 
 def status(settings: Settings) -> dict[str, Any]:
     """Revisions, pending work, the lock's holder, the newest backups and the last runs."""
-    from job import backup
+    from job import migrate
 
-    with connected(settings) as conn, project_of(settings, conn) as project:
-        name = database_name(conn)
+    with connected(settings) as conn, migrate.project_of(settings, conn) as project:
+        name = db.database_name(conn)
         version_table = version_table_of(settings, conn, project)
         current = plan.current_revisions(conn, version_table)
-        key = lock_key(settings, conn)
+        key = lock.key_of(settings, conn)
         report: dict[str, Any] = {"database": name, "version_table": str(version_table), "current": list(current),
                                   "target": settings.target}
         try:
-            planned = plan_for(settings, conn, project, version_table, current).as_dict()
+            planned = migrate.plan_for(settings, conn, project, version_table, current).as_dict()
             report.update(heads=planned["heads"], pending_count=len(planned["pending"]), pending=planned["pending"],
                           ahead=planned["ahead"], problem=None)
         except Exception as e:  # still show everything else: this is what on-call reads
@@ -96,7 +100,7 @@ def status(settings: Settings) -> dict[str, Any]:
         report["lock"] = {"key": key, "held": holder is not None, "holder": holder}
         now = dt.datetime.now(dt.timezone.utc)
         try:
-            store = backup_store(settings)
+            store = backup.store(settings)
             store.ready()
             newest = backup.listing(store, name)[:5]
         except BackupFailed as e:  # still show everything else
@@ -115,36 +119,32 @@ def status(settings: Settings) -> dict[str, Any]:
 
 def backup_now(settings: Settings) -> str:
     """Take a backup under the lock, labelled with the current revision; return its path."""
-    with connected(settings) as conn, locked(settings, conn), other_databases(settings) as others:
+    with connected(settings) as conn, lock.locked(settings, conn), lock.other_databases(settings) as others:
         version_table = version_table_of(settings, conn)
         current = plan.current_revisions(conn, version_table)
-        with history_of(settings, conn).run("backup") as record:
+        with history.of(settings, conn).run("backup") as record:
             taken = []
             for other in others:  # a multidb env.py's other databases too, each under its lock
                 theirs = plan.current_revisions(other.conn, version_table)
-                taken.append(take_backup(settings, other.conn, theirs, theirs, other.database).path)
-            record.backup_path = take_backup(settings, conn, current, current).path
-            succeeded(settings, [*taken, record.backup_path])  # no migration follows that could fail
+                taken.append(backup.take_backup(settings, other.conn, theirs, theirs, other.database).path)
+            record.backup_path = backup.take_backup(settings, conn, current, current).path
+            backup.succeeded(settings, [*taken, record.backup_path])  # no migration follows that could fail
             return record.backup_path
 
 
 def backups(settings: Settings) -> list[dict[str, Any]]:
     """The backups in the backup directory or bucket, newest first, with their sidecars."""
-    from job import backup
-
-    store = backup_store(settings)
+    store = backup.store(settings)
     store.ready()
     return backup.listing(store)
 
 
 def restore(settings: Settings, name: str, force: bool = False) -> tuple[list[str], list[str]]:
     """Check the backup against its sidecar, then restore it under the lock; return revisions before and after."""
-    from job import backup
-
-    store, name, meta = backup.verified(backup_store(settings), name)
+    store, name, meta = backup.verified(backup.store(settings), name)
     path = store.path_of(name)
     with connected(settings) as conn:
-        database = database_name(conn)
+        database = db.database_name(conn)
         dumped_from = backup.archive_database(store, name)  # the archive's own word, not only the sidecar's
         for claimed in (meta.get("database"), dumped_from):
             if claimed != database and not force:
@@ -152,7 +152,7 @@ def restore(settings: Settings, name: str, force: bool = False) -> tuple[list[st
                     f"backup {name} is of database {claimed!r}, not {database!r}: "
                     "add --force to restore it here anyway"
                 )
-        with locked(settings, conn), history_of(settings, conn).run("restore") as record:
+        with lock.locked(settings, conn), history.of(settings, conn).run("restore") as record:
             version_table = version_table_of(settings, conn)
             before = list(plan.current_revisions(conn, version_table))
             # a backup holds the database as it was before the migration it preceded: from_revision
@@ -160,7 +160,7 @@ def restore(settings: Settings, name: str, force: bool = False) -> tuple[list[st
             record.backup_path = path
             backup.restore(settings.database, store, name, meta["sha256"], settings.application_name, os.environ,
                            lambda name: lock.cancel_lock_waits(conn, name, settings.lock_timeout),
-                           backup.clearing_sql(conn, own_tables(settings)))
+                           backup.clearing_sql(conn, history.own_tables(settings.history_table)))
             after = list(plan.current_revisions(conn, version_table))
             log.info("restore.done", path=path, before=before, after=after)
             return before, after
@@ -168,8 +168,10 @@ def restore(settings: Settings, name: str, force: bool = False) -> tuple[list[st
 
 def downgrade(settings: Settings, target: str) -> str:
     """Back up, then downgrade to `target` one revision per transaction, under the lock."""
-    with connected(settings) as conn, locked(settings, conn), other_databases(settings) as others, \
-            project_of(settings, conn) as project:
+    from job import migrate
+
+    with connected(settings) as conn, lock.locked(settings, conn), lock.other_databases(settings) as others, \
+            migrate.project_of(settings, conn) as project:
         version_table = version_table_of(settings, conn, project)
         current = plan.current_revisions(conn, version_table)
         project.validate(current, "heads")
@@ -182,34 +184,36 @@ def downgrade(settings: Settings, target: str) -> str:
         final = project.after_downgrade(steps)
         # a relative target (-1) is resolved once: after the first step it would mean something else
         absolute = "base" if not final else final[0] if len(final) == 1 else target
-        with history_of(settings, conn).run("downgrade") as record:
+        with history.of(settings, conn).run("downgrade") as record:
             taken = []
             if settings.backup != "off":
                 for other in others:
-                    taken.append(take_backup(settings, other.conn, current, tuple(final), other.database).path)
-                record.backup_path = take_backup(settings, conn, current, tuple(final)).path
+                    taken.append(backup.take_backup(settings, other.conn, current, tuple(final), other.database).path)
+                record.backup_path = backup.take_backup(settings, conn, current, tuple(final)).path
                 taken.append(record.backup_path)
-            apply(settings, conn, project, steps, absolute, "downgrade", record, version_table, rows_within=not others)
-            verify(settings, conn, project, version_table, "downgrade", absolute, others=others)
-            succeeded(settings, taken)
+            migrate.apply_steps(settings, conn, project, steps, absolute, "downgrade", record, version_table, rows_within=not others)
+            migrate.verify(settings, conn, project, version_table, "downgrade", absolute, others=others)
+            backup.succeeded(settings, taken)
             record.outcome = "downgraded"
             return "downgraded"
 
 
 def lint(settings: Settings, everything: bool = False, allow: str | None = None) -> list[Any]:
     """Check the pending revisions' SQL (with `everything`, the whole history, offline) with squawk."""
+    from job import migrate
+
     from job import lint as linter
 
     allowed = linter.allowances(settings.alembic, allow)
     if everything:
-        with project_of(settings, None) as project:
+        with migrate.project_of(settings, None) as project:
             steps = project.steps((), "heads")
             sql = [(s, project.step_sql(s.revision)) for s in steps]
             graph = project.lineage()
         pg_version = "15"
     else:
-        with connected(settings) as conn, project_of(settings, conn) as project:
-            steps = plan_for(settings, conn, project, version_table_of(settings, conn, project)).pending
+        with connected(settings) as conn, migrate.project_of(settings, conn) as project:
+            steps = migrate.plan_for(settings, conn, project, version_table_of(settings, conn, project)).pending
             sql = [(s, project.step_sql(s.revision)) for s in steps]
             graph = project.lineage()
             pg_version = str(conn.server_version // 10000)

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
 import psycopg2.extensions
+from psycopg2 import sql
 
 from job.alembic_files import AlembicFiles
 from job.errors import ConfigError
-from job.plan import VersionTable
 
 # The drivers env.py may be handed (the URL's `+driver`), and the module each needs. The job's
 # own session (lock, plan, history) and pg_dump always use libpq, through psycopg2.
@@ -217,6 +217,19 @@ def _refuse_unencoded_password(url: str) -> None:
 def redact_url(text: str) -> str:
     """Mask the password part of any URL in `text`."""
     return _URL_PASSWORD.sub(r"\1***\3", text)
+
+
+class VersionTable(NamedTuple):
+    """Where Alembic keeps the revision(s) the database is at: a table, in a schema or on the search path."""
+
+    name: str = "alembic_version"
+    schema: str | None = None
+
+    def identifier(self) -> sql.Identifier:
+        return sql.Identifier(self.name) if self.schema is None else sql.Identifier(self.schema, self.name)
+
+    def __str__(self) -> str:
+        return self.name if self.schema is None else f"{self.schema}.{self.name}"
 
 
 class Settings(NamedTuple):

@@ -251,3 +251,19 @@ def is_disconnect(error: BaseException) -> bool:
         if isinstance(link, psycopg2.OperationalError) and link.pgcode is None:
             return True
     return False
+
+
+def database_name(conn: Any) -> str:
+    return conn.get_dsn_parameters()["dbname"]
+
+
+def server_identity(conn: Any) -> str:
+    """Which server this is, for the backup set: its system identifier, else (where the function is
+    not granted, as on some managed services) the address the job reached it at."""
+    try:
+        with autocommit(conn), conn.cursor() as cur:
+            cur.execute("SELECT system_identifier::text FROM pg_control_system()")
+            return cur.fetchone()[0]
+    except psycopg2.Error:
+        params = conn.get_dsn_parameters()
+        return f"{params.get('host', '')}:{params.get('port', '')}"

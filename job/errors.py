@@ -84,3 +84,9 @@ class DumpExited(Exception):
     def __init__(self, returncode: int, stderr: str) -> None:
         super().__init__(f"pg_dump exited {returncode}")
         self.returncode, self.stderr = returncode, stderr
+
+
+def first_line(error: BaseException) -> str:
+    """The first meaningful line of an error (a driver's runs on with DETAIL, HINT and context lines)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__

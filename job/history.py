@@ -16,9 +16,10 @@ from typing import Any, Iterator
 import psycopg2
 from psycopg2 import sql
 
-from job import db
-from job.errors import Interrupted, JobError
-from job.logs import log, redactor
+from job import db, lineage, manifest
+from job.config import Settings
+from job.errors import Interrupted, JobError, first_line
+from job.logs import log, redactor, run_id
 
 DDL = """
 CREATE TABLE IF NOT EXISTS {table} (
@@ -68,7 +69,7 @@ class History:
                 return cur.fetchone() if cur.description else None
         except psycopg2.Error as e:
             db.raise_if_signalled()
-            log.warning("history.unavailable", error=str(e).strip().splitlines()[0])
+            log.warning("history.unavailable", error=first_line(e))
             self.table = None  # for the rest of this run: one lock timeout, not one per revision
             return None
 
@@ -159,3 +160,13 @@ def recent(conn: Any, table: str | None, limit: int = 10) -> list[dict[str, Any]
     return [
         {k: (v.isoformat() if isinstance(v, dt.datetime) else v) for k, v in zip(keys, row)} for row in rows
     ]
+
+
+def of(settings: Settings, conn: Any) -> History:
+    """This run's history, in MIGRATE_HISTORY_TABLE (None: none)."""
+    return History(conn, settings.history_table, run_id())
+
+
+def own_tables(history_table: str | None) -> list[str]:
+    """The job's own tables in the database (history and what runs learned): never backed up or restored."""
+    return [t for t in (history_table, manifest.record_table(history_table), lineage.table_for(history_table)) if t]

@@ -13,13 +13,15 @@ revisions relative to its own heads (`ahead_of`).
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable, Mapping, NamedTuple
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import psycopg2
 from psycopg2 import sql
 
 from job import db
-from job.errors import RevisionError
+from job.config import Settings
+from job.errors import RevisionError, first_line
+from job.logs import log
 
 # the module-level name a revision sets (True, or the reason) when old code must not run on its schema
 MARKER = "breaks_previous_release"
@@ -76,7 +78,7 @@ def record(conn: Any, table: str | None, version_table: str, revisions: Iterable
                         {"version_table": version_table, "revisions": payload})
     except psycopg2.Error as e:
         db.raise_if_signalled()
-        return str(e).strip().splitlines()[0]
+        return first_line(e)
     return None
 
 
@@ -178,3 +180,19 @@ def ancestry(tips: Iterable[str], graph: Mapping[str, Revision]) -> list[str]:
         stack.append((revision, True))
         stack.extend((down, False) for down in reversed(graph[revision].down) if down not in seen)
     return order
+
+
+def recorded(settings: Settings, conn: Any, version_table: Any) -> Callable[[], dict[str, Revision] | None]:
+    """The lineage recorded beside `version_table`, read when asked (only a database at revisions
+    the scripts lack needs it)."""
+    table = table_for(settings.history_table)
+    return lambda: read(conn, table, str(version_table))
+
+
+def record_scripts(settings: Settings, conn: Any, revisions: Iterable[Revision], version_table: Any) -> None:
+    """Record the scripts' revision graph beside the version table before anything is applied, so
+    that older code meeting this database can tell where it stands."""
+    with db.autocommit(conn):
+        problem = record(conn, table_for(settings.history_table), str(version_table), revisions)
+    if problem:
+        log.warning("lineage.unrecorded", error=problem)

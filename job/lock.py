@@ -14,14 +14,16 @@ import os
 import random
 import select
 import time
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any, Callable, Iterator, NamedTuple
 
 import psycopg2
 
 from job import db
-from job.errors import ConfigError, LockLost, LockTimeout
+from job.config import Database, Settings, lock_key_for
+from job.errors import ConfigError, LockLost, LockTimeout, first_line
 from job.logs import log
+from job.wait import connected
 
 HOLDER_SQL = """
 SELECT a.pid, a.application_name, host(a.client_addr), a.backend_start, a.state
@@ -246,7 +248,7 @@ def confirm(conn: Any, key: int) -> None:
         with conn.cursor() as cur:
             cur.execute("SELECT 1")
     except psycopg2.Error as e:
-        raise LockLost(f"the session holding the migration lock {key} is gone ({str(e).strip().splitlines()[0]}); "
+        raise LockLost(f"the session holding the migration lock {key} is gone ({first_line(e)}); "
                        "nothing more was run: run the job again") from None
 
 
@@ -294,3 +296,72 @@ def _describe(info: dict[str, Any] | None) -> str:
         f"pid {info['pid']} ({info['application_name'] or 'no application_name'}, "
         f"{info['client_addr']}, since {info['since']})"
     )
+
+
+def key_of(settings: Settings, conn: Any) -> int:
+    """MIGRATE_LOCK_KEY, else the key derived from the database name and the version table."""
+    if settings.lock_key is not None:
+        return settings.lock_key
+    return lock_key_for(db.database_name(conn), settings.version_table)
+
+
+@contextmanager
+def locked(settings: Settings, conn: Any, while_waiting: Callable[[], None] | None = None,
+           enough: Callable[[], bool] | None = None, since: float | None = None,
+           make_room: bool = False) -> Iterator[str]:
+    """Hold the migration lock on `conn` (refusing a transaction-mode pooler first); yields its mode.
+    Without `enough` it is always exclusive."""
+    ensure_own_session(conn, settings.database.connect_kwargs(settings.application_name))
+    with advisory_lock(conn, key_of(settings, conn), settings.lock_timeout, while_waiting, enough,
+                       since, make_room) as mode:
+        yield mode
+
+
+class Other(NamedTuple):
+    """Another database a multidb env.py migrates (MIGRATE_DATABASES), connected and locked."""
+
+    section: str
+    database: Database
+    conn: Any
+
+
+@contextmanager
+def other_databases(settings: Settings) -> Iterator[list[Other]]:
+    """Wait for and lock each other database env.py migrates, in the order they are listed (every
+    runner takes them in the same order, after DATABASE_URL's); release them at the end."""
+    with ExitStack() as stack:
+        others = []
+        for section, database in settings.other_databases:
+            conn = stack.enter_context(connected(settings._replace(database=database)))
+            stack.enter_context(advisory_lock(conn, key_of(settings, conn), settings.lock_timeout))
+            others.append(Other(section, database, conn))
+        yield others
+
+
+class Held(NamedTuple):
+    """The lock `for_migration` holds, and what proved there was nothing to do (None: there is work)."""
+
+    mode: str
+    settled: Any
+
+
+@contextmanager
+def for_migration(settings: Settings, conn: Any, since: float, settled: Callable[[], Any], shared_first: bool,
+                  while_waiting: Callable[[], None] | None = None) -> Iterator[Held]:
+    """`run`'s lock. With `shared_first` (what is known of the scripts may settle it without
+    Alembic), first the shared lock: as many replicas as like hold it at once, each asking
+    `settled()`; the first that finds work trades it for the exclusive one. Under the exclusive
+    lock `settled()` is asked once more (another replica may have done the work, and recorded what
+    it learned, while this one waited). `while_waiting` runs while another replica holds it. With
+    other databases to migrate (MIGRATE_DATABASES) every run checks them all: exclusive, no shortcut."""
+    proved: list[Any] = [None]
+
+    def enough() -> bool:
+        proved[0] = settled()
+        return proved[0] is not None
+
+    fast = shared_first and not settings.other_databases
+    with locked(settings, conn, while_waiting, enough if fast else None, since, make_room=True) as mode:
+        if mode == EXCLUSIVE:
+            proved[0] = None if settings.other_databases else settled()
+        yield Held(mode, proved[0])

@@ -32,7 +32,9 @@ from psycopg2 import sql
 
 from job import db
 from job.alembic_files import AlembicFiles
-from job.plan import VersionTable
+from job.config import Settings, VersionTable
+from job.errors import first_line
+from job.logs import log
 
 NAME = "migrate-job-heads.json"
 
@@ -155,7 +157,7 @@ def remember(conn: Any, table: str | None, found: Scripts, known: Known) -> str 
             )
     except psycopg2.Error as e:
         db.raise_if_signalled()
-        return str(e).strip().splitlines()[0]
+        return first_line(e)
     return None
 
 
@@ -271,3 +273,22 @@ def _read(path: str) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def known_scripts(settings: Settings, conn: Any, found: Scripts | None) -> Known | None:
+    """The heads and version table without loading Alembic: recorded in the database by an earlier
+    run of these exact scripts (it asked env.py where the version table is), else the heads manifest."""
+    if found is None:
+        return None
+    return (from_database(conn, record_table(settings.history_table), found)
+            or from_file(found, settings.version_table))
+
+
+def learned(settings: Settings, conn: Any, found: Scripts | None, known: Known | None, learned: Known) -> None:
+    """Record what Alembic said of these scripts, so that the next start need not load it."""
+    if found is None or known == learned:
+        return
+    with db.autocommit(conn):
+        problem = remember(conn, record_table(settings.history_table), found, learned)
+    if problem:
+        log.warning("heads.unrecorded", error=problem)

@@ -32,14 +32,14 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import StaticPool
 
-from job import commits, db, lineage, logs, plan
+from job import commits, db, lineage, lock, logs, manifest, plan
 from job.alembic_files import AlembicFiles
-from job.config import Database
-from job.errors import ConfigError, Interrupted, JobError, MigrationFailed, RevisionError
+from job.config import Database, Settings
+from job.errors import ConfigError, Interrupted, JobError, MigrationFailed, RevisionError, first_line
 from job.history import History
 from job.logs import log
 from job.plan import Step, VersionTable
-from job.wait import one_line
+from job.wait import connected, session_options
 
 
 LONG_TRANSACTIONS_SQL = """
@@ -116,7 +116,7 @@ class Project:
         except ConfigError:
             raise
         except Exception as e:
-            raise ConfigError(f"the Alembic environment (env.py) failed: {type(e).__name__}: {one_line(e)}"
+            raise ConfigError(f"the Alembic environment (env.py) failed: {type(e).__name__}: {first_line(e)}"
                               f"{_async_hint(e)}") from None
         finally:
             self.rollback()
@@ -169,6 +169,16 @@ class Project:
             return tuple(s.revision for s in self.script.get_revisions(target) if s is not None)
         except Exception:
             raise ConfigError(f"MIGRATE_TARGET {target!r} is not a revision of these scripts") from None
+
+    def plan(self, current: tuple[str, ...], target: str, recorded: plan.Recorded = lambda: None,
+             allow_ahead: bool = True) -> plan.Plan:
+        """Validate the database against the scripts and list the pending revisions; a database
+        ahead of the scripts is judged by its recorded lineage (job.lineage)."""
+        self.validate_target(target)
+        if self.unknown(current):
+            ahead = lineage.ahead_of(current, self.lineage(), self.targets(target), recorded(), allow_ahead)
+            return plan.Plan(current=current, target=target, heads=self.heads(), ahead=plan.steps_of(ahead))
+        return plan.Plan(current=current, target=target, heads=self.heads(), pending=self.steps(current, target))
 
     def lineage(self) -> dict[str, lineage.Revision]:
         """The scripts' revision graph as job.lineage records it: each revision, what must be applied
@@ -404,7 +414,7 @@ class _Sessions:
                      self.settings.get("application_name", "")))
                 ended = [pid for pid, done in cur.fetchall() if done]
         except psycopg2.Error as e:
-            log.warning("session.not_ended", pids=[pid for pid, _ in left], error=one_line(e))
+            log.warning("session.not_ended", pids=[pid for pid, _ in left], error=first_line(e))
             return
         if ended:
             log.info("session.ended", pids=ended, reason="env.py left it open")
@@ -488,7 +498,7 @@ def apply(
                     e, (MigrationFailed, ConfigError)):
                 raise ConfigError(
                     f"the Alembic environment (env.py) failed before revision {pending[0].revision} could run: "
-                    f"{type(e).__name__}: {one_line(e)}{_async_hint(e)}"
+                    f"{type(e).__name__}: {first_line(e)}{_async_hint(e)}"
                 ) from None
             if isinstance(e, JobError) and not isinstance(e, MigrationFailed):
                 raise  # the job's own verdict (a refused connection, a lost lock), not the revision's
@@ -588,7 +598,7 @@ class Stepper:
             with db.autocommit(raw):
                 dropped = commits.drop_left_behind(raw, self._invalid_before)
         except psycopg2.Error as e:
-            log.warning("migration.cleanup_failed", error=one_line(e))
+            log.warning("migration.cleanup_failed", error=first_line(e))
             return
         if dropped:
             log.info("migration.cleanup", revision=self.running and self.running.revision, dropped=dropped,
@@ -638,7 +648,7 @@ def _back_off(project: Project, step: Step, attempt: int, retries: int, error: B
     capped at 10 s, full jitter, so that the application's transactions go first."""
     delay = random.uniform(0, min(10.0, 0.5 * 2 ** attempt))
     log.warning("migration.retry", revision=step.revision, attempt=attempt, retries=retries, next_in=round(delay, 3),
-                error=one_line(db.root_error(error)), blockers=project.long_transactions())
+                error=first_line(db.root_error(error)), blockers=project.long_transactions())
     time.sleep(delay)
 
 
@@ -654,7 +664,7 @@ def _failure(step: Step, error: Exception, project: Project) -> BaseException:
     if signum is not None and (code == db.QUERY_CANCELED or not isinstance(error, Exception) or db.is_disconnect(error)):
         return Interrupted(signum)
     cause = db.root_error(error)
-    message = one_line(cause)
+    message = first_line(cause)
     if code == db.LOCK_NOT_AVAILABLE:
         blockers = ", ".join(
             f"pid {b['pid']} ({b['application_name'] or 'no application_name'}, {b['state']} since {b['xact_start']})"
@@ -677,3 +687,65 @@ def _failure(step: Step, error: Exception, project: Project) -> BaseException:
         f"{type(cause).__name__}: {message}",
         revision=step.revision,
     )
+
+
+# --- what every command that loads Alembic shares ---------------------------------------------
+
+@contextlib.contextmanager
+def project_of(settings: Settings, conn: Any | None) -> Iterator[Project]:
+    """The Alembic project; with `conn`, env.py migrates on that connection (the one holding the lock)."""
+    settings.database.check_driver_installed()
+    project = Project(settings.alembic, settings.database, conn, session_options(settings), settings.sections)
+    for _, database in settings.other_databases:  # env.py may connect to these too
+        with connected(settings._replace(database=database)) as other:
+            project.allow([other])
+    try:
+        yield project
+    finally:
+        project.close()
+
+
+def plan_for(settings: Settings, conn: Any, project: Project, version_table: plan.VersionTable,
+             current: tuple[str, ...] | None = None) -> plan.Plan:
+    """The plan from `current` (what the database is at, read when not given), by Alembic; a database
+    at revisions the scripts lack is judged by its recorded lineage."""
+    if current is None:
+        current = plan.current_revisions(conn, version_table)
+    return project.plan(current, settings.target, lineage.recorded(settings, conn, version_table),
+                        settings.allow_ahead)
+
+
+def apply_steps(settings: Settings, conn: Any, project: Project, steps: list[Step], target: str, direction: str,
+                record: History, version_table: VersionTable, rows_within: bool = True) -> None:
+    """Apply the steps, each in its own transaction, with our session's timeouts, into the history
+    (a revision's row inside its transaction, unless env.py migrates several databases), the lock
+    confirmed before each."""
+    key = lock.key_of(settings, conn)
+    apply(project, steps, target, direction, settings.lock_retries, record, version_table, rows_within,
+          confirm_lock=lambda: lock.confirm(conn, key))
+
+
+def verify(settings: Settings, conn: Any, project: Project, version_table: VersionTable,
+           direction: str = "upgrade", target: str | None = None, others: list[lock.Other] = ()) -> None:
+    """Read the version table again: the database (and every other one env.py migrates) must now be at the target."""
+    project.close()
+    lock.confirm(conn, lock.key_of(settings, conn))
+    current = plan.current_revisions(conn, version_table)
+    plan.refuse_out_of_step(conn, others, version_table, current, f"after the {direction}, run the job again")
+    left = project.steps(current, target or settings.target, direction)
+    if left:
+        raise MigrationFailed(
+            f"after the {direction}, the database is at {', '.join(current) or 'base'} with "
+            f"{len(left)} revision(s) still to go: {', '.join(s.revision for s in left)}"
+        )
+
+
+def record_scripts(settings: Settings, conn: Any, project: Project, version_table: VersionTable,
+                   the_plan: plan.Plan, scripts: manifest.Scripts | None, known: manifest.Known | None) -> None:
+    """Record what Alembic said of these scripts (their heads, for the next start's fast path;
+    their revision graph, for older code meeting this database), before anything is applied.
+    Older code has nothing to add to what newer code recorded."""
+    if the_plan.ahead:
+        return
+    manifest.learned(settings, conn, scripts, known, manifest.Known(the_plan.heads, version_table))
+    lineage.record_scripts(settings, conn, project.lineage().values(), version_table)

@@ -1,4 +1,6 @@
-"""What the database is at, what the scripts are at, and what would run in between."""
+"""The plan's values (`Step`, `Plan`, `VersionTable`), and what the database is at: read from its
+version table, and, without Alembic, whether what is known of the scripts settles it.
+(What Alembic says would run is job.migrate.Project.plan.)"""
 
 from __future__ import annotations
 
@@ -6,24 +8,13 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Sequence
 
 from psycopg2 import sql
 
-from job import db, lineage
-from job.errors import RevisionError
+from job import db, lineage, manifest
+from job.config import Settings, VersionTable
+from job.errors import MigrationFailed, RevisionError
+from job.logs import log
 
-if TYPE_CHECKING:  # Alembic is imported only when there is work to do
-    from job.migrate import Project
-
-
-class VersionTable(NamedTuple):
-    """Where Alembic keeps the revision(s) the database is at: a table, in a schema or on the search path."""
-
-    name: str = "alembic_version"
-    schema: str | None = None
-
-    def identifier(self) -> sql.Identifier:
-        return sql.Identifier(self.name) if self.schema is None else sql.Identifier(self.schema, self.name)
-
-    def __str__(self) -> str:
-        return self.name if self.schema is None else f"{self.schema}.{self.name}"
+if TYPE_CHECKING:
+    from job.lock import Other
 
 
 class Step(NamedTuple):
@@ -91,19 +82,47 @@ def known_at_target(heads: tuple[str, ...] | None, current: tuple[str, ...], tar
         ahead = lineage.ahead_of(current, ours, heads, graph)
     except RevisionError:
         return None
-    return Plan(current=current, target=target, heads=heads, ahead=_steps(ahead))
+    return Plan(current=current, target=target, heads=heads, ahead=steps_of(ahead))
 
 
-def make(project: Project, current: tuple[str, ...], target: str, recorded: Recorded = lambda: None,
-         allow_ahead: bool = True) -> Plan:
-    """Validate the database against the scripts and list the pending revisions; a database ahead of
-    the scripts is judged by its recorded lineage (job.lineage)."""
-    project.validate_target(target)
-    if project.unknown(current):
-        ahead = lineage.ahead_of(current, project.lineage(), project.targets(target), recorded(), allow_ahead)
-        return Plan(current=current, target=target, heads=project.heads(), ahead=_steps(ahead))
-    return Plan(current=current, target=target, heads=project.heads(), pending=project.steps(current, target))
-
-
-def _steps(revisions: Sequence[lineage.Revision]) -> tuple[Step, ...]:
+def steps_of(revisions: Sequence[lineage.Revision]) -> tuple[Step, ...]:
     return tuple(Step(r.revision, r.description) for r in revisions)
+
+
+def known_plan(settings: Settings, conn: Any, known: manifest.Known) -> Plan | None:
+    """The plan when what is known of the scripts without Alembic settles it: the database is at the
+    target, or ahead of it on its own line (by the recorded lineage); else None."""
+    return known_at_target(known.heads, current_revisions(conn, known.version_table), settings.target,
+                           lineage.recorded(settings, conn, known.version_table), settings.allow_ahead)
+
+
+def refuse_out_of_step(conn: Any, others: Sequence[Other], version_table: VersionTable, current: tuple[str, ...],
+                       advice: str) -> None:
+    """Raise MigrationFailed naming each other database that is not at `current` (DATABASE_URL's)."""
+    theirs = [(other, current_revisions(other.conn, version_table)) for other in others]
+    apart = [(other, revisions) for other, revisions in theirs if revisions != current]
+    if apart:
+        raise MigrationFailed(
+            f"the databases are at different revisions: {db.database_name(conn)} at {', '.join(current) or 'base'}, "
+            + ", ".join(f"{o.section} ({db.database_name(o.conn)}) at {', '.join(r) or 'base'}" for o, r in apart)
+            + f": {advice}")
+
+
+def log_plan(the_plan: Plan) -> None:
+    log.info("plan", **the_plan.as_dict())
+    log_ahead(the_plan)
+
+
+def log_ahead(the_plan: Plan) -> None:
+    """`database.ahead`, when older code finds the database ahead of its scripts."""
+    if the_plan.ahead:
+        log.info("database.ahead", **the_plan.ahead_fields())
+
+
+def settled(settings: Settings, conn: Any, scripts: manifest.Scripts | None, known: manifest.Known | None) -> Plan | None:
+    """The plan when what is known of the scripts (`known`, else what a run has recorded since)
+    proves there is nothing to do: the database at the target, or ahead of it on its own line, and
+    no backup asked for regardless (MIGRATE_BACKUP=always); None: ask Alembic."""
+    known = known or manifest.known_scripts(settings, conn, scripts)
+    found = known_plan(settings, conn, known) if known is not None else None
+    return found if found is not None and settings.backup != "always" else None

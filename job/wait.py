@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import psycopg2
 
 from job import db
-from job.errors import ConfigError, DatabaseUnavailable
+from job.config import Settings
+from job.errors import ConfigError, DatabaseUnavailable, first_line
 from job.logs import log
 
 # Connection errors worth waiting out: the server or its DNS name is not there yet, it is
@@ -77,12 +79,6 @@ def is_transient(error: BaseException) -> bool:
     )
 
 
-def one_line(error: BaseException) -> str:
-    """The first meaningful line of a driver error."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
-
-
 # Backoff between attempts: exponential from 0.1 s, capped at 2 s, with full jitter.
 BACKOFF_FIRST, BACKOFF_CAP = 0.1, 2.0
 
@@ -94,7 +90,7 @@ def _retry(attempt: Callable[[], Any], first: Exception, started: float, timeout
     log.release()  # the database is not there yet: say so now (see job.logs)
 
     def logged(number: int, error: BaseException | None, upcoming: float) -> None:
-        log.info("wait.retry", attempt=number, error=one_line(error), next_in=round(upcoming, 3),
+        log.info("wait.retry", attempt=number, error=first_line(error), next_in=round(upcoming, 3),
                  waited=round(time.monotonic() - started, 3))
 
     if time.monotonic() - started >= timeout:
@@ -141,9 +137,9 @@ def wait_for_database(connect_kwargs: dict[str, str], timeout: float, session: M
                 raise
             conn = _retry(attempt, first, started, timeout)
     except psycopg2.ProgrammingError as e:
-        raise ConfigError(f"invalid connection parameters: {one_line(e)}") from None
+        raise ConfigError(f"invalid connection parameters: {first_line(e)}") from None
     except psycopg2.OperationalError as e:
-        message = one_line(e)
+        message = first_line(e)
         if re.search(r"invalid .* (value|option)|unrecognized .* option", message.lower()):
             raise ConfigError(f"invalid connection parameters: {message}") from None
         if is_transient(e):
@@ -160,3 +156,25 @@ def wait_for_database(connect_kwargs: dict[str, str], timeout: float, session: M
         server_version=conn.server_version,
     )
     return conn
+
+
+@contextlib.contextmanager
+def connected(settings: Settings) -> Iterator[Any]:
+    """A connection once the database answers, closed at the end."""
+    conn = wait_for_database(settings.database.connect_kwargs(settings.application_name), settings.wait_timeout,
+                             session_options(settings))
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def session_options(settings: Settings) -> dict[str, str]:
+    """Server settings for every migrating session: ours, and every one env.py opens (job.migrate)."""
+    return {
+        "application_name": settings.application_name,
+        "lock_timeout": f"{int(settings.statement_lock_timeout * 1000)}ms",
+        "statement_timeout": f"{int(settings.statement_timeout * 1000)}ms",
+        # never sit on locks in an abandoned transaction
+        "idle_in_transaction_session_timeout": "60000ms",
+    }
