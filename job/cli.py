@@ -12,12 +12,9 @@ from typing import Any, Callable
 
 import psycopg2
 
-from job import __version__, commands, config, db, logs, pipeline
-from job.errors import ConfigError, DatabaseUnavailable, Interrupted, JobError, RevisionError, first_line
+from job import __version__, commands, config, db, logs, pipeline, text
+from job.errors import ConfigError, DatabaseUnavailable, Interrupted, JobError, Pending, RevisionError, first_line
 from job.logs import log
-
-PENDING = 8
-
 
 class _Formatter(argparse.HelpFormatter):
     """argparse's, told the terminal width as shutil.get_terminal_size() would find it: argparse
@@ -41,22 +38,13 @@ class _Parser(argparse.ArgumentParser):
 
 def parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
-    flag = common.add_argument
-    flag("--database-url", help="overrides DATABASE_URL (a password here shows in the process list: prefer the variable)")
-    flag("--config", help="alembic.ini to use (ALEMBIC_CONFIG)")
-    flag("--target", help="revision to migrate to (MIGRATE_TARGET)")
-    flag("--wait-timeout", type=float, help="seconds to wait for the database (MIGRATE_WAIT_TIMEOUT)")
-    flag("--lock-timeout", type=float, help="seconds to wait for the lock (MIGRATE_LOCK_TIMEOUT)")
-    flag("--lock-key", help="advisory lock key (MIGRATE_LOCK_KEY)")
-    flag("--backup", choices=("auto", "always", "off"), help="MIGRATE_BACKUP")
-    flag("--backup-dir", help="a directory, or s3://bucket/prefix (MIGRATE_BACKUP_DIR)")
-    flag("--s3-addressing", choices=("auto", "path", "virtual"), help="MIGRATE_S3_ADDRESSING")
-    flag("--backup-keep", type=int, help="MIGRATE_BACKUP_KEEP")
-    flag("--allow-ahead", action=argparse.BooleanOptionalAction, default=None,
-         help="start on a database ahead of these scripts on their own line (MIGRATE_ALLOW_AHEAD, default true)")
-    flag("--databases", help="a multidb env.py's alembic.ini sections: `section` or `section=URL` (MIGRATE_DATABASES)")
-    flag("--log-format", choices=("json", "console"), help="MIGRATE_LOG_FORMAT")
-    flag("--log-level", choices=("debug", "info", "warning", "error"), help="MIGRATE_LOG_LEVEL")
+    for option in config.OPTIONS:  # every setting has its flag (job.config.OPTIONS)
+        help = f"{option.help} ({option.variable})"
+        if isinstance(option.default, bool):
+            common.add_argument(option.flag, dest=option.field, action=argparse.BooleanOptionalAction, default=None,
+                                help=help)
+        else:
+            common.add_argument(option.flag, dest=option.field, choices=option.choices, help=help)
 
     top = _Parser(prog="migrate-job", description="Run Alembic migrations safely, once, with a backup.")
     top.add_argument("--version", action="version", version=f"migrate-job {__version__}")
@@ -83,7 +71,7 @@ def parser() -> argparse.ArgumentParser:
     downgrade.add_argument("--yes", action="store_true", help="yes, undo revisions")
     lint = verbs.add_parser("lint", parents=[common], help="check the pending revisions' SQL for unsafe operations")
     lint.add_argument("--all", action="store_true", help="every revision from base, offline (no database)")
-    lint.add_argument("--allow", help="more allowed findings: rule or revision:rule, comma-separated")
+    lint.add_argument("--allow", dest="lint_allow", help="the same as --lint-allow")
     verbs.add_parser("manifest", parents=[common],
                      help="record the script heads so start-ups at head skip loading Alembic (run at image build)")
     return top
@@ -103,7 +91,7 @@ def cmd_check(settings: config.Settings, args: argparse.Namespace) -> tuple[str,
     if args.format == "json":
         _out(json.dumps({"at_target": at_target, **the_plan.as_dict()}))
     log.info("check", at_target=at_target, current=list(the_plan.current), pending=len(the_plan.pending))
-    return ("at-target", 0) if at_target else ("pending", PENDING)
+    return ("at-target", 0) if at_target else ("pending", Pending.exit_code)
 
 
 def cmd_plan(settings: config.Settings, args: argparse.Namespace) -> tuple[str, int]:
@@ -113,23 +101,14 @@ def cmd_plan(settings: config.Settings, args: argparse.Namespace) -> tuple[str, 
     elif args.format == "json":
         _out(json.dumps(the_plan.as_dict()))
     else:
-        _out("\n".join([
-            f"current: {', '.join(the_plan.current) or 'base (empty)'}",
-            f"target:  {the_plan.target} ({', '.join(the_plan.heads)})",
-            f"pending: {len(the_plan.pending)}",
-            *(f"  {s.revision}  {s.description}" for s in the_plan.pending),
-            *_ahead_text(the_plan.as_dict()["ahead"]),
-        ]))
+        _out(text.plan(the_plan))
     return "planned", 0
 
 
 def cmd_status(settings: config.Settings, args: argparse.Namespace) -> tuple[str, int]:
     report = commands.status(settings)
-    if args.format == "json":
-        _out(json.dumps(report))
-    else:
-        _out(_status_text(report))
-    return "reported", RevisionError.exit_code if report["problem"] else 0
+    _out(json.dumps(report._asdict()) if args.format == "json" else text.status(report))
+    return "reported", RevisionError.exit_code if report.problem else 0
 
 
 def cmd_backup(settings: config.Settings, args: argparse.Namespace) -> tuple[str, int]:
@@ -137,14 +116,7 @@ def cmd_backup(settings: config.Settings, args: argparse.Namespace) -> tuple[str
         commands.backup_now(settings)
         return "backed-up", 0
     found = commands.backups(settings)
-    if args.format == "json":
-        _out(json.dumps(found))
-    else:
-        _out("\n".join(
-            f"{Path(b['path']).name}  {b['database']}  {'+'.join(b['from_revision']) or 'base'} -> "
-            f"{'+'.join(b['to_revision']) or 'base'}  {_size(b['bytes'])}  {b['created_at']}"
-            for b in found
-        ) or "no backups")
+    _out(json.dumps(found) if args.format == "json" else text.backups(found))
     return "listed", 0
 
 
@@ -162,7 +134,7 @@ def cmd_downgrade(settings: config.Settings, args: argparse.Namespace) -> tuple[
 
 
 def cmd_lint(settings: config.Settings, args: argparse.Namespace) -> tuple[str, int]:
-    commands.lint(settings, everything=args.all, allow=args.allow or os.environ.get("MIGRATE_LINT_ALLOW"))
+    commands.lint(settings, everything=args.all, allow=settings.lint_allow)
     return "clean", 0
 
 
@@ -188,51 +160,6 @@ COMMANDS: dict[str, Callable[[config.Settings, argparse.Namespace], tuple[str, i
 PRINTS = {"plan", "status"}
 
 
-def _status_text(report: dict[str, Any]) -> str:
-    holder = report["lock"]["holder"]
-    lines = [
-        f"database: {report['database']}",
-        f"current:  {', '.join(report['current']) or 'base (empty)'}",
-        f"heads:    {', '.join(report['heads'])}",
-        f"pending:  {report['pending_count'] if report['problem'] is None else 'unknown: ' + report['problem']}",
-        *(f"  {p['revision']}  {p['description']}" for p in report["pending"] or []),
-        *_ahead_text(report["ahead"] or []),
-        "lock:     " + ("free" if holder is None else
-                        f"held by pid {holder['pid']} ({holder['application_name']}, {holder['client_addr']}, "
-                        f"since {holder['since']})"),
-        "backups:" + ("  none" if not report["backups"] else ""),
-        *(f"  {Path(b['path']).name}  {'+'.join(b['from']) or 'base'} -> {'+'.join(b['to']) or 'base'}  "
-          f"{_size(b['bytes'])}  {_age(b['age_seconds'])} ago" for b in report["backups"]),
-        "history:" + ("  none" if not report["history"] else ""),
-        *(f"  {h['started_at'][:19]}  {h['command']:<9} {h['outcome'] or 'no outcome (killed?)':<12} "
-          f"{(h['seconds'] or 0):.1f} s  {h['host']}  {h['revisions'] or ''}" for h in report["history"]),
-    ]
-    return "\n".join(lines)
-
-
-def _ahead_text(ahead: list[dict[str, str]]) -> list[str]:
-    """Lines saying the database is ahead of these scripts, and by what; none when it is not."""
-    if not ahead:
-        return []
-    return [f"ahead:   the database has {len(ahead)} revision(s) these scripts lack (newer code migrated it; "
-            "this code may run on it)", *(f"  {a['revision']}  {a['description']}" for a in ahead)]
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
-def _age(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f} {unit}"
-    return f"{seconds:.0f} s"
-
-
 def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     env = os.environ
@@ -242,30 +169,31 @@ def main(argv: list[str] | None = None) -> int:
         args = parser().parse_args(argv or ["run"])
     except ConfigError as e:
         logs.configure(*config.log_options(env, {}))
-        return _failed(e, started, env)
+        return _failed(e, started, config.termination_log(env, {}))
     prints = args.command in PRINTS or getattr(args, "format", "text") == "json" or getattr(args, "list", False)
     # `run` holds its first lines until it has tried the lock (see job.logs)
     logs.configure(*config.log_options(env, vars(args)), stream=sys.stderr if prints else sys.stdout,
                    hold=args.command == "run")
     db.install_signal_handlers()
     log.info("run.start", command=args.command, version=__version__)
+    termination = config.termination_log(env, vars(args))  # (the setting, read before the others)
     try:
         offline = args.command == "manifest" or (args.command == "lint" and args.all)
         settings = config.load(env, vars(args), need_database=not offline)
         logs.redactor.add(settings.secrets)
         outcome, code = COMMANDS[args.command](settings, args)
     except (JobError, Interrupted) as e:
-        return _failed(e, started, env)
+        return _failed(e, started, termination)
     except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:  # the job's own session, outside a revision
         return _failed(DatabaseUnavailable(f"the connection to the database was lost: {first_line(e)}; "
-                                           "nothing was left half-done: run the job again"), started, env)
+                                           "nothing was left half-done: run the job again"), started, termination)
     except Exception as e:
         import traceback
 
-        return _failed(e, started, env, detail=traceback.format_exc())
+        return _failed(e, started, termination, detail=traceback.format_exc())
     log.info("run.done", outcome=outcome, exit_code=code, seconds=_since(started))
     log.release()
-    _terminate(env, f"{outcome} (exit {code})")
+    _terminate(termination, f"{outcome} (exit {code})")
     return code
 
 
@@ -287,7 +215,7 @@ def entrypoint() -> None:
     os._exit(code)
 
 
-def _failed(error: BaseException, started: float, env: Any, detail: str | None = None) -> int:
+def _failed(error: BaseException, started: float, termination: str | None, detail: str | None = None) -> int:
     """Log run.failed with a one-line error, write the termination message, return the exit code."""
     if isinstance(error, Interrupted):
         message = f"interrupted by signal {error.signum}: the running revision was rolled back, the lock released"
@@ -301,13 +229,13 @@ def _failed(error: BaseException, started: float, env: Any, detail: str | None =
     if detail:
         fields["traceback"] = detail
     log.error("run.failed", seconds=_since(started), **fields)
-    _terminate(env, logs.redactor.text(f"failed (exit {code}): {message}"))
+    _terminate(termination, logs.redactor.text(f"failed (exit {code}): {message}"))
     return code
 
 
-def _terminate(env: Any, message: str) -> None:
-    """Write the outcome where Kubernetes shows it (`kubectl describe pod`), when that file is there."""
-    explicit = env.get("MIGRATE_TERMINATION_LOG")
+def _terminate(explicit: str | None, message: str) -> None:
+    """Write the outcome where Kubernetes shows it (`kubectl describe pod`), when that file is there
+    (MIGRATE_TERMINATION_LOG: a path set is always written)."""
     path = Path(explicit or "/dev/termination-log")
     if not (path.exists() or (explicit and path.parent.is_dir())):
         return

@@ -10,7 +10,7 @@ import datetime as dt
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from job import backup, db, history, lock, manifest, plan
 from job.config import Settings
@@ -79,7 +79,32 @@ def plan_of(settings: Settings, sql: bool = False) -> tuple[plan.Plan, str | Non
         return the_plan, project.offline_sql(the_plan.current, settings.target) if sql else None
 
 
-def status(settings: Settings) -> dict[str, Any]:
+class Status(NamedTuple):
+    """What `status` reports (its JSON is this, as a dict)."""
+
+    database: str
+    version_table: str
+    current: list[str]
+    target: str
+    heads: list[str]
+    # None when the plan could not be made: `problem` says why (status shows everything else)
+    pending_count: int | None
+    pending: list[dict[str, str]] | None
+    ahead: list[dict[str, str]] | None
+    problem: str | None
+    # the advisory lock: key, held, holder (pid, application_name, client_addr, since)
+    lock: dict[str, Any]
+    # the newest backups of this database: path, from, to, bytes, created_at, age_seconds
+    backups: list[dict[str, Any]]
+    # why the backups could not be listed (a missing directory or bucket), else None
+    backups_problem: str | None
+    # the last runs (job.history.recent)
+    history: list[dict[str, Any]]
+    # a multidb env.py's other databases: section, current
+    databases: list[dict[str, Any]]
+
+
+def status(settings: Settings) -> Status:
     """Revisions, pending work, the lock's holder, the newest backups and the last runs."""
     from job import migrate
 
@@ -88,33 +113,37 @@ def status(settings: Settings) -> dict[str, Any]:
         version_table = version_table_of(settings, conn, project)
         current = plan.current_revisions(conn, version_table)
         key = lock.key_of(settings, conn)
-        report: dict[str, Any] = {"database": name, "version_table": str(version_table), "current": list(current),
-                                  "target": settings.target}
         try:
             planned = migrate.plan_for(settings, conn, project, version_table, current).as_dict()
-            report.update(heads=planned["heads"], pending_count=len(planned["pending"]), pending=planned["pending"],
-                          ahead=planned["ahead"], problem=None)
+            heads, pending, ahead, problem = planned["heads"], planned["pending"], planned["ahead"], None
         except Exception as e:  # still show everything else: this is what on-call reads
-            report.update(heads=list(project.heads()), pending_count=None, pending=None, ahead=None, problem=str(e))
+            heads, pending, ahead, problem = list(project.heads()), None, None, str(e)
         holder = lock.holder(conn, key)
-        report["lock"] = {"key": key, "held": holder is not None, "holder": holder}
-        now = dt.datetime.now(dt.timezone.utc)
-        try:
-            store = backup.store(settings)
-            store.ready()
-            newest = backup.listing(store, name)[:5]
-        except BackupFailed as e:  # still show everything else
-            newest, report["backups_problem"] = [], str(e)
-        report["backups"] = [
-            {"path": b["path"], "from": b["from_revision"], "to": b["to_revision"], "bytes": b["bytes"],
+        newest, backups_problem = _newest_backups(settings, name)
+        return Status(
+            database=name, version_table=str(version_table), current=list(current), target=settings.target,
+            heads=heads, pending_count=None if pending is None else len(pending), pending=pending, ahead=ahead,
+            problem=problem, lock={"key": key, "held": holder is not None, "holder": holder},
+            backups=newest, backups_problem=backups_problem,
+            history=history.recent(conn, settings.history_table),
+            databases=[{"section": section, "current": list(current)}
+                       for section, current in others_current(settings, version_table)],
+        )
+
+
+def _newest_backups(settings: Settings, database: str) -> tuple[list[dict[str, Any]], str | None]:
+    """The five newest backups of `database`, with their age; or why they could not be listed."""
+    now = dt.datetime.now(dt.timezone.utc)
+    try:
+        store = backup.store(settings)
+        store.ready()
+        newest = backup.listing(store, database)[:5]
+    except BackupFailed as e:  # still show everything else
+        return [], str(e)
+    return [{"path": b["path"], "from": b["from_revision"], "to": b["to_revision"], "bytes": b["bytes"],
              "created_at": b["created_at"],
              "age_seconds": round((now - dt.datetime.fromisoformat(b["created_at"])).total_seconds())}
-            for b in newest
-        ]
-        report["history"] = history.recent(conn, settings.history_table)
-        report["databases"] = [{"section": section, "current": list(current)}
-                               for section, current in others_current(settings, version_table)]
-        return report
+            for b in newest], None
 
 
 def backup_now(settings: Settings) -> str:

@@ -8,7 +8,7 @@ import socket
 import sys
 import urllib.parse
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import psycopg2.extensions
 from psycopg2 import sql
@@ -233,7 +233,8 @@ class VersionTable(NamedTuple):
 
 
 class Settings(NamedTuple):
-    """Everything a command needs, resolved once from the environment and command-line flags."""
+    """Everything a command needs, resolved once from the environment and command-line flags
+    (`load`); what each setting means, its flag, variable and default are in OPTIONS."""
 
     # where the database is, and the secret to keep out of every output
     database: Database
@@ -241,41 +242,29 @@ class Settings(NamedTuple):
     alembic: AlembicFiles
     # Alembic's version table as the config files name it (`version_table`, `version_table_schema`);
     # an env.py that sets it in code is asked where it is (job.migrate.Project.locate)
-    version_table: VersionTable = VersionTable()
-    # revision to upgrade to
-    target: str = "head"
-    # seconds to wait for the database to accept queries
-    wait_timeout: float = 60.0
-    # seconds to wait for the advisory lock
-    lock_timeout: float = 300.0
-    # explicit advisory lock key; None derives it from the database name and version table
-    lock_key: int | None = None
-    # auto (only when something is pending), always, off
-    backup: str = "auto"
-    # where backups are kept: a directory, or s3://bucket/prefix (job.bucket)
-    backup_dir: str = "/backups"
-    # how the bucket is addressed: auto, path (most S3-compatible servers), virtual (bucket.host)
-    s3_addressing: str = "auto"
-    # newest backups kept per database
-    backup_keep: int = 5
-    # seconds a DDL statement may wait for a table lock before its revision is retried
-    statement_lock_timeout: float = 5.0
-    # retries of a revision that hit that lock timeout
-    lock_retries: int = 5
-    # seconds any statement may run; 0 is no limit
-    statement_timeout: float = 0.0
-    # run history table; None disables it (and the job's other tables: the heads record, the lineage)
-    history_table: str | None = "migrate_job_history"
-    # older code may start on a database ahead of its scripts on their own line (job.lineage)
-    allow_ahead: bool = True
+    version_table: VersionTable
+    target: str
+    wait_timeout: float
+    lock_timeout: float
+    lock_key: int | None
+    backup: str
+    backup_dir: str
+    s3_addressing: str
+    backup_keep: int
+    statement_lock_timeout: float
+    lock_retries: int
+    statement_timeout: float
+    history_table: str | None
+    allow_ahead: bool
+    termination_log: str | None
+    lint_allow: str | None
     # names our sessions in pg_stat_activity: the pod's hostname
-    application_name: str = "migrate-job"
+    application_name: str
     # a multidb env.py: the alembic.ini sections it reads its engines' URLs from, and the database
     # each names (DATABASE_URL's, or another); the job fills them in, locks and backs up each
-    sections: tuple[tuple[str, Database], ...] = ()
-
+    sections: tuple[tuple[str, Database], ...]
     # the object storage credentials in the environment (AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN)
-    cloud_secrets: tuple[str, ...] = ()
+    cloud_secrets: tuple[str, ...]
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -324,46 +313,32 @@ def version_table_of(files: AlembicFiles) -> VersionTable:
 
 
 def load(env: Mapping[str, str], flags: Mapping[str, object], need_database: bool = True) -> Settings:
-    """Resolve settings: flags override the environment, which overrides the defaults."""
+    """Resolve settings: flags override the environment, which overrides the defaults (OPTIONS)."""
 
-    def pick(flag: str, var: str) -> str | None:
-        value = flags.get(flag)
+    def given(option: Option) -> str | None:
+        value = flags.get(option.field)
         if value is not None:
             return str(value)
-        value = env.get(var)
+        value = env.get(option.variable)
         return value if value not in (None, "") else None
 
-    url = pick("database_url", "DATABASE_URL")
+    values = {o.field: (o.parse(raw, o.variable) if (raw := given(o)) is not None else o.default)
+              for o in OPTIONS if o.parse is not None}
+    # the settings that depend on others or on more than one variable
+    url = given(_OPTION["database_url"])
     if need_database or url or env.get("DATABASE_URL_FILE"):
         database = _database(url, env)
     else:
         database = Database.from_libpq_env(env)
-    alembic = AlembicFiles.find(Path(pick("config", "ALEMBIC_CONFIG") or "alembic.ini"))
+    alembic = AlembicFiles.find(Path(given(_OPTION["config"]) or "alembic.ini"))
     log_options(env, flags, strict=True)  # logging is already set up (leniently): refuse bad values
-    lock_key = pick("lock_key", "MIGRATE_LOCK_KEY")
-    history = pick("history_table", "MIGRATE_HISTORY_TABLE") or "migrate_job_history"
     return Settings(
         database=database,
         alembic=alembic,
         version_table=version_table_of(alembic),
-        target=pick("target", "MIGRATE_TARGET") or "head",
-        wait_timeout=_number(pick("wait_timeout", "MIGRATE_WAIT_TIMEOUT"), "MIGRATE_WAIT_TIMEOUT", 60),
-        lock_timeout=_number(pick("lock_timeout", "MIGRATE_LOCK_TIMEOUT"), "MIGRATE_LOCK_TIMEOUT", 300),
-        lock_key=parse_lock_key(lock_key) if lock_key is not None else None,
-        backup=_choice(pick("backup", "MIGRATE_BACKUP") or "auto", "MIGRATE_BACKUP", ("auto", "always", "off")),
-        backup_dir=_backup_location(pick("backup_dir", "MIGRATE_BACKUP_DIR") or "/backups"),
-        s3_addressing=_choice(pick("s3_addressing", "MIGRATE_S3_ADDRESSING") or "auto", "MIGRATE_S3_ADDRESSING",
-                              ("auto", "path", "virtual")),
-        backup_keep=int(_number(pick("backup_keep", "MIGRATE_BACKUP_KEEP"), "MIGRATE_BACKUP_KEEP", 5, minimum=1, integer=True)),
-        statement_lock_timeout=_number(
-            pick("statement_lock_timeout", "MIGRATE_STATEMENT_LOCK_TIMEOUT"), "MIGRATE_STATEMENT_LOCK_TIMEOUT", 5
-        ),
-        lock_retries=int(_number(pick("lock_retries", "MIGRATE_LOCK_RETRIES"), "MIGRATE_LOCK_RETRIES", 5, integer=True)),
-        statement_timeout=_number(pick("statement_timeout", "MIGRATE_STATEMENT_TIMEOUT"), "MIGRATE_STATEMENT_TIMEOUT", 0),
-        history_table=None if history.lower() == "off" else _identifier(history, "MIGRATE_HISTORY_TABLE"),
-        allow_ahead=_boolean(pick("allow_ahead", "MIGRATE_ALLOW_AHEAD"), "MIGRATE_ALLOW_AHEAD", True),
+        **values,
         application_name=f"migrate-job/{socket.gethostname()}"[:63],
-        sections=_sections(pick("databases", "MIGRATE_DATABASES"), database),
+        sections=_sections(given(_OPTION["databases"]), database),
         cloud_secrets=tuple(env[v] for v in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN") if env.get(v)),
     )
 
@@ -438,6 +413,12 @@ def log_options(env: Mapping[str, object], flags: Mapping[str, object], strict: 
     return fmt, level if level in ("debug", "info", "warning", "error") else "info"
 
 
+def termination_log(env: Mapping[str, object], flags: Mapping[str, object]) -> str | None:
+    """MIGRATE_TERMINATION_LOG, read before the other settings: a bad one is reported there too."""
+    value = flags.get("termination_log") or env.get("MIGRATE_TERMINATION_LOG")
+    return str(value) if value else None
+
+
 def _database(url: str | None, env: Mapping[str, str]) -> Database:
     if url is None and env.get("DATABASE_URL_FILE"):
         path = Path(env["DATABASE_URL_FILE"])
@@ -490,3 +471,82 @@ def _identifier(value: str, name: str) -> str:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", value):
         raise ConfigError(f"{name}={value!r} must be a plain SQL identifier (letters, digits, underscore)")
     return value
+
+
+class Option(NamedTuple):
+    """One setting: its Settings field, flag, environment variable, parser (value, variable name →
+    value; None: `load` resolves it from more than one input), default, and what it means (the
+    flag's help)."""
+
+    field: str
+    flag: str
+    variable: str
+    parse: Callable[[str, str], Any] | None
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+
+
+def _text(value: str, _name: str) -> str:
+    return value
+
+
+def _seconds(value: str, name: str) -> float:
+    return _number(value, name, 0)
+
+
+def _whole(value: str, name: str) -> int:
+    return int(_number(value, name, 0, integer=True))
+
+
+def _one_of(*choices: str) -> Callable[[str, str], str]:
+    return lambda value, name: _choice(value, name, choices)
+
+
+def _history(value: str, name: str) -> str | None:
+    return None if value.lower() == "off" else _identifier(value, name)
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("database_url", "--database-url", "DATABASE_URL", None, None,
+           "the database (a password here shows in the process list: prefer the variable, or DATABASE_URL_FILE)"),
+    Option("config", "--config", "ALEMBIC_CONFIG", None, "alembic.ini", "the project's alembic.ini or pyproject.toml"),
+    Option("databases", "--databases", "MIGRATE_DATABASES", None, None,
+           "a multidb env.py's alembic.ini sections: `section` or `section=URL`"),
+    Option("target", "--target", "MIGRATE_TARGET", _text, "head", "revision to migrate to"),
+    Option("wait_timeout", "--wait-timeout", "MIGRATE_WAIT_TIMEOUT", _seconds, 60.0,
+           "seconds to wait for the database to accept queries"),
+    Option("lock_timeout", "--lock-timeout", "MIGRATE_LOCK_TIMEOUT", _seconds, 300.0,
+           "seconds to wait for the lock (and for pg_dump's and restore's table locks)"),
+    Option("lock_key", "--lock-key", "MIGRATE_LOCK_KEY", lambda value, _name: parse_lock_key(value), None,
+           "advisory lock key: a 64-bit integer or any string (default: from the database and version table)"),
+    Option("backup", "--backup", "MIGRATE_BACKUP", _one_of("auto", "always", "off"), "auto",
+           "auto (only when something is pending), always, off", ("auto", "always", "off")),
+    Option("backup_dir", "--backup-dir", "MIGRATE_BACKUP_DIR", lambda value, _name: _backup_location(value), "/backups",
+           "where backups are kept: a directory, or s3://bucket/prefix"),
+    Option("s3_addressing", "--s3-addressing", "MIGRATE_S3_ADDRESSING", _one_of("auto", "path", "virtual"), "auto",
+           "how the bucket is addressed: path (most S3-compatible servers), virtual (bucket.host) or auto",
+           ("auto", "path", "virtual")),
+    Option("backup_keep", "--backup-keep", "MIGRATE_BACKUP_KEEP",
+           lambda value, name: int(_number(value, name, 5, minimum=1, integer=True)), 5,
+           "newest backups kept per database"),
+    Option("statement_lock_timeout", "--statement-lock-timeout", "MIGRATE_STATEMENT_LOCK_TIMEOUT", _seconds, 5.0,
+           "seconds a DDL statement may wait for a table lock before its revision is retried"),
+    Option("lock_retries", "--lock-retries", "MIGRATE_LOCK_RETRIES", _whole, 5,
+           "retries of a revision that hit that lock timeout"),
+    Option("statement_timeout", "--statement-timeout", "MIGRATE_STATEMENT_TIMEOUT", _seconds, 0.0,
+           "seconds any statement may run; 0 is no limit"),
+    Option("history_table", "--history-table", "MIGRATE_HISTORY_TABLE", _history, "migrate_job_history",
+           "run history table (and the job's other tables beside it); off disables them"),
+    Option("allow_ahead", "--allow-ahead", "MIGRATE_ALLOW_AHEAD", lambda value, name: _boolean(value, name, True), True,
+           "start on a database ahead of these scripts on their own line (older code after newer)"),
+    Option("termination_log", "--termination-log", "MIGRATE_TERMINATION_LOG", _text, None,
+           "where the one-line outcome is written (default /dev/termination-log, when it exists)"),
+    Option("lint_allow", "--lint-allow", "MIGRATE_LINT_ALLOW", _text, None,
+           "lint findings accepted on purpose: rule or revision:rule, comma-separated"),
+    Option("log_format", "--log-format", "MIGRATE_LOG_FORMAT", None, None, "json, or console (the default on a TTY)",
+           ("json", "console")),
+    Option("log_level", "--log-level", "MIGRATE_LOG_LEVEL", None, "info", "debug, info, warning or error",
+           ("debug", "info", "warning", "error")),
+)
+_OPTION = {o.field: o for o in OPTIONS}

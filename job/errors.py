@@ -60,6 +60,12 @@ class RevisionError(JobError):
     exit_code = 7
 
 
+class Pending(JobError):
+    """`check`: migrations are pending (not a failure: the answer asked for)."""
+
+    exit_code = 8
+
+
 class LintFindings(JobError):
     """`lint` found unsafe operations in the revisions' SQL that no allow-list entry accepts."""
 

@@ -1,0 +1,72 @@
+"""What the commands print for people (`--format text`): plans, status, backup lists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from job.commands import Status
+from job.plan import Plan
+
+
+def plan(the_plan: Plan) -> str:
+    return "\n".join([
+        f"current: {', '.join(the_plan.current) or 'base (empty)'}",
+        f"target:  {the_plan.target} ({', '.join(the_plan.heads)})",
+        f"pending: {len(the_plan.pending)}",
+        *(f"  {s.revision}  {s.description}" for s in the_plan.pending),
+        *_ahead(the_plan.as_dict()["ahead"]),
+    ])
+
+
+def status(report: Status) -> str:
+    holder = report.lock["holder"]
+    return "\n".join([
+        f"database: {report.database}",
+        f"current:  {', '.join(report.current) or 'base (empty)'}",
+        f"heads:    {', '.join(report.heads)}",
+        f"pending:  {report.pending_count if report.problem is None else 'unknown: ' + report.problem}",
+        *(f"  {p['revision']}  {p['description']}" for p in report.pending or []),
+        *_ahead(report.ahead or []),
+        "lock:     " + ("free" if holder is None else
+                        f"held by pid {holder['pid']} ({holder['application_name']}, {holder['client_addr']}, "
+                        f"since {holder['since']})"),
+        "backups:" + ("  none" if not report.backups else "")
+        + (f"  ({report.backups_problem})" if report.backups_problem else ""),
+        *(f"  {Path(b['path']).name}  {'+'.join(b['from']) or 'base'} -> {'+'.join(b['to']) or 'base'}  "
+          f"{size(b['bytes'])}  {age(b['age_seconds'])} ago" for b in report.backups),
+        "history:" + ("  none" if not report.history else ""),
+        *(f"  {h['started_at'][:19]}  {h['command']:<9} {h['outcome'] or 'no outcome (killed?)':<12} "
+          f"{(h['seconds'] or 0):.1f} s  {h['host']}  {h['revisions'] or ''}" for h in report.history),
+    ])
+
+
+def backups(found: list[dict[str, Any]]) -> str:
+    return "\n".join(
+        f"{Path(b['path']).name}  {b['database']}  {'+'.join(b['from_revision']) or 'base'} -> "
+        f"{'+'.join(b['to_revision']) or 'base'}  {size(b['bytes'])}  {b['created_at']}"
+        for b in found
+    ) or "no backups"
+
+
+def _ahead(ahead: list[dict[str, str]]) -> list[str]:
+    """Lines saying the database is ahead of these scripts, and by what; none when it is not."""
+    if not ahead:
+        return []
+    return [f"ahead:   the database has {len(ahead)} revision(s) these scripts lack (newer code migrated it; "
+            "this code may run on it)", *(f"  {a['revision']}  {a['description']}" for a in ahead)]
+
+
+def size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def age(seconds: float) -> str:
+    for unit, length in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= length:
+            return f"{seconds / length:.0f} {unit}"
+    return f"{seconds:.0f} s"
