@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -10,7 +11,20 @@ def wait_for_event(proc_output: Path, name: str, timeout: float = 30, poll: floa
     """Wait until a job writing its stdout to `proc_output` has logged `name`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc_output.exists() and f'"event": "{name}"' in proc_output.read_text():
+        if proc_output.exists() and name in events(proc_output.read_text()):
             return
         time.sleep(poll)
     raise TimeoutError(f"no {name!r} event within {timeout} s: {proc_output.read_text() if proc_output.exists() else ''}")
+
+
+def events(output: str) -> list[str]:
+    """The events of a job's JSON log lines, in order (a line still being written is passed over)."""
+    found = []
+    for line in output.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "event" in record:
+            found.append(record["event"])
+    return found

@@ -68,32 +68,34 @@ def env(env: dict[str, str]) -> dict[str, str]:
     return {**env, "PYTHONPATH": str(ROOT)}
 
 
-def _check(env: dict[str, str], ini: Path, target: str) -> tuple[int, dict | None]:
+def _check(env: dict[str, str], ini: Path, target: str) -> tuple[int, list[str] | None]:
+    """`check`'s exit code and the pending revisions it lists (None when it refuses)."""
     result = run_job("check", "--format", "json", env={**env, "ALEMBIC_CONFIG": str(ini), "MIGRATE_TARGET": target},
                      cwd=ini.parent)
     document = json.loads(result.stdout) if result.code in (0, 8) else None
-    return result.code, document and {"at_target": document["at_target"], "pending": document["pending"]}
+    return result.code, document and [p["revision"] for p in document["pending"]]
 
 
+# (project, the database's revisions, target) → (check's exit code, the pending revisions)
 CASES = [
-    ("example", ["0006"], "head"),
-    ("example", ["0004"], "head"),
-    ("example", [], "head"),
-    ("example", ["0006"], "heads"),
-    ("example", ["feedface"], "head"),
-    ("branched", ["b002", "b003"], "heads"),
-    ("branched", ["b002", "b003"], "head"),
-    ("branched", ["b002"], "heads"),
-    ("merged", ["b002", "b003"], "head"),
-    ("merged", ["m004"], "head"),
-    ("merged", ["b002"], "heads"),
+    ("example", ["0006"], "head", (0, [])),
+    ("example", ["0004"], "head", (8, ["0005", "0006"])),
+    ("example", [], "head", (8, ["0001", "0002", "0003", "0004", "0005", "0006"])),
+    ("example", ["0006"], "heads", (0, [])),
+    ("example", ["feedface"], "head", (7, None)),
+    ("branched", ["b002", "b003"], "heads", (0, [])),
+    ("branched", ["b002", "b003"], "head", (7, None)),
+    ("branched", ["b002"], "heads", (8, ["b003"])),
+    ("merged", ["b002", "b003"], "head", (8, ["m004"])),
+    ("merged", ["m004"], "head", (0, [])),
+    ("merged", ["b002"], "heads", (8, ["b003", "m004"])),
 ]
 
 
-@pytest.mark.parametrize(("name", "current", "target"), CASES)
+@pytest.mark.parametrize(("name", "current", "target", "expected"), CASES)
 def test_manifest_and_alembic_agree(db: Db, env: dict[str, str], tmp_path: Path, name: str,
-                                    current: list[str], target: str) -> None:
-    """`check` answers the same with a valid manifest as with Alembic alone."""
+                                    current: list[str], target: str, expected: tuple[int, list[str] | None]) -> None:
+    """`check` answers as expected with Alembic alone, and the same with a valid manifest."""
     ini = _project(tmp_path, name)
     _set_version(db, current)
     without = _check(env, ini, target)
@@ -101,7 +103,7 @@ def test_manifest_and_alembic_agree(db: Db, env: dict[str, str], tmp_path: Path,
     assert 0 == run_job("manifest", env={**env, "ALEMBIC_CONFIG": str(ini)}, cwd=ini.parent).code
     assert manifest_heads(ini) is not None
 
-    assert without == _check(env, ini, target)
+    assert expected == without == _check(env, ini, target)
 
 
 def test_manifest_records_alembic_heads(env: dict[str, str], tmp_path: Path) -> None:
@@ -119,6 +121,7 @@ def test_a_new_revision_makes_the_manifest_stale(db: Db, env: dict[str, str], tm
     run_env = {**env, "ALEMBIC_CONFIG": str(ini), "MIGRATE_TARGET": "heads"}
     assert 0 == run_job("run", env=run_env, cwd=ini.parent).code
     run_job("manifest", env=run_env, cwd=ini.parent)
+    assert ("b002", "b003") == manifest_heads(ini)  # fresh before the change
     (ini.parent / "versions" / "m004.py").write_text(MERGE)
 
     assert manifest_heads(ini) is None
@@ -131,6 +134,7 @@ def test_an_edit_that_keeps_size_and_mtime_makes_the_manifest_stale(env: dict[st
     """The manifest is checked against file contents, not sizes and times."""
     ini = _project(tmp_path, "branched")
     run_job("manifest", env={**env, "ALEMBIC_CONFIG": str(ini)}, cwd=ini.parent)
+    assert ("b002", "b003") == manifest_heads(ini)  # fresh before the change
     script = ini.parent / "versions" / "b003.py"
     stat = script.stat()
     script.write_text(script.read_text().replace('down_revision = "b001"', 'down_revision = "b002"'))
@@ -189,6 +193,7 @@ def test_a_run_with_work_waits_for_readers_to_finish(db: Db, env: dict[str, str]
     ini = _project(tmp_path, "example")
     run_env = {**env, "ALEMBIC_CONFIG": str(ini), "MIGRATE_LOCK_TIMEOUT": "1"}
     run_job("manifest", env=run_env, cwd=ini.parent)
+    assert ("0006",) == manifest_heads(ini)  # (the fast path's reader check is there to be skipped)
     reader, pid = hold_lock(db, shared=True, application_name="reading-pod")
 
     result = run_job("run", env=run_env, cwd=ini.parent)
@@ -204,6 +209,7 @@ def test_a_run_with_work_takes_the_lock_exclusive(db: Db, env: dict[str, str], t
     ini = _project(tmp_path, "example")
     run_env = {**env, "ALEMBIC_CONFIG": str(ini)}
     run_job("manifest", env=run_env, cwd=ini.parent)
+    assert ("0006",) == manifest_heads(ini)  # (the shared lock would be tried first)
 
     result = run_job("run", env=run_env, cwd=ini.parent)
 

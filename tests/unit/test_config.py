@@ -1,12 +1,18 @@
-"""Database URLs in every form the contract accepts: what the job's own session (libpq) gets, and
-what env.py gets in the driver the user named. Pure parsing: no database, no subprocess."""
+"""Settings: database URLs in every form the contract accepts (what the job's own session, libpq,
+gets, and what env.py gets in the driver the user named), and the table every setting is declared
+in. Pure parsing: no database, no subprocess."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from job import config
 from job.config import Database
 from job.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_a_url_without_driver_gives_env_py_psycopg2() -> None:
@@ -96,3 +102,45 @@ def test_an_at_sign_in_a_query_value_is_not_taken_for_the_password() -> None:
     database = Database.from_url("postgresql://app:pw@db/blog?application_name=a@b")
 
     assert ("pw", "a@b") == (database.password, database.params["application_name"])
+
+
+# --- settings: one table, flags over variables over defaults ----------------------------------
+
+def _settings(env: dict[str, str] | None = None, flags: dict[str, object] | None = None) -> config.Settings:
+    base = {"DATABASE_URL": "postgresql://u@h/db", "ALEMBIC_CONFIG": str(ROOT / "alembic.ini")}
+    return config.load({**base, **(env or {})}, flags or {})
+
+
+def test_every_option_has_a_field_a_flag_and_a_variable() -> None:
+    """Each setting is declared once: its Settings field exists, its flag and variable are unique."""
+    fields = set(config.Settings._fields) | {"database_url", "config", "databases", "log_format", "log_level"}
+    assert [] == [o.field for o in config.OPTIONS if o.field not in fields]
+    assert len({o.flag for o in config.OPTIONS}) == len({o.variable for o in config.OPTIONS}) == len(config.OPTIONS)
+
+
+def test_defaults_come_from_the_table() -> None:
+    settings = _settings()
+
+    assert ("head", 60.0, 300.0, "auto", "/backups", 5, 5.0, 0.0, "migrate_job_history", True, None) == (
+        settings.target, settings.wait_timeout, settings.lock_timeout, settings.backup, settings.backup_dir,
+        settings.backup_keep, settings.statement_lock_timeout, settings.statement_timeout, settings.history_table,
+        settings.allow_ahead, settings.termination_log)
+
+
+def test_a_flag_overrides_the_variable() -> None:
+    settings = _settings({"MIGRATE_LOCK_TIMEOUT": "10", "MIGRATE_HISTORY_TABLE": "off"}, {"lock_timeout": "20"})
+
+    assert (20.0, None) == (settings.lock_timeout, settings.history_table)
+
+
+@pytest.mark.parametrize("variable, value, says", [
+    ("MIGRATE_WAIT_TIMEOUT", "soon", "not a number of seconds"),
+    ("MIGRATE_BACKUP_KEEP", "0", "must be at least 1"),
+    ("MIGRATE_BACKUP", "sometimes", "must be one of: auto, always, off"),
+    ("MIGRATE_ALLOW_AHEAD", "maybe", "must be true or false"),
+    ("MIGRATE_HISTORY_TABLE", "a-b", "plain SQL identifier"),
+])
+def test_a_bad_value_names_its_variable(variable: str, value: str, says: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        _settings({variable: value})
+    assert variable in str(refused.value) and says in str(refused.value)
