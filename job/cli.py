@@ -16,22 +16,7 @@ from job import __version__, commands, config, db, logs, pipeline, text
 from job.errors import ConfigError, DatabaseUnavailable, Interrupted, JobError, Pending, RevisionError, first_line
 from job.logs import log
 
-class _Formatter(argparse.HelpFormatter):
-    """argparse's, told the terminal width as shutil.get_terminal_size() would find it: argparse
-    would import shutil for that, which imports bz2, lzma and zlib, 2.7 ms of every start-up."""
-
-    def __init__(self, prog: str) -> None:
-        try:
-            columns = int(os.environ.get("COLUMNS", "0")) or os.get_terminal_size(sys.__stdout__.fileno()).columns
-        except (ValueError, OSError, AttributeError):
-            columns = 80
-        super().__init__(prog, width=columns - 2)
-
-
 class _Parser(argparse.ArgumentParser):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **{"formatter_class": _Formatter, **kwargs})
-
     def error(self, message: str) -> None:  # argparse would print usage; raise so it is logged as JSON
         raise ConfigError(f"{message} (see `migrate-job --help`)")
 
@@ -192,27 +177,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return _failed(e, started, termination, detail=traceback.format_exc())
     log.info("run.done", outcome=outcome, exit_code=code, seconds=_since(started))
-    log.release()
     _terminate(termination, f"{outcome} (exit {code})")
     return code
-
-
-def entrypoint() -> None:
-    """The console script: run, flush, and exit without the interpreter's teardown.
-
-    By the time main() returns every connection is closed and every line written; tearing down
-    the modules costs 20 ms alone and a quarter of a second when sixteen replicas exit together.
-    """
-    code = main()
-    import logging  # loaded by then: every run ends with a line through structlog, which sets it up
-
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except OSError:  # a reader that went away (`| head`) is not the job's failure
-            pass
-    os._exit(code)
 
 
 def _failed(error: BaseException, started: float, termination: str | None, detail: str | None = None) -> int:

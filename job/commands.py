@@ -1,7 +1,8 @@
 """The commands besides `run`: wait, check, plan, status, backup, restore, downgrade, lint, manifest.
 
 Each takes the settings and returns what it found or did; the CLI prints and maps to exit codes.
-All that change the database hold the same advisory lock as `run`.
+All that change the database hold the same advisory lock as `run`. Alembic (job.migrate) and the
+backup code (job.backup) are imported by the commands that use them: `run` at head loads neither.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from job import backup, db, history, lock, manifest, plan
+from job import db, history, lock, manifest, plan
 from job.config import Settings
 from job.errors import BackupFailed, ConfigError, LintFindings
 from job.logs import log
@@ -133,6 +134,8 @@ def status(settings: Settings) -> Status:
 
 def _newest_backups(settings: Settings, database: str) -> tuple[list[dict[str, Any]], str | None]:
     """The five newest backups of `database`, with their age; or why they could not be listed."""
+    from job import backup
+
     now = dt.datetime.now(dt.timezone.utc)
     try:
         store = backup.store(settings)
@@ -148,6 +151,8 @@ def _newest_backups(settings: Settings, database: str) -> tuple[list[dict[str, A
 
 def backup_now(settings: Settings) -> str:
     """Take a backup under the lock, labelled with the current revision; return its path."""
+    from job import backup
+
     with connected(settings) as conn, lock.locked(settings, conn), lock.other_databases(settings) as others:
         version_table = version_table_of(settings, conn)
         current = plan.current_revisions(conn, version_table)
@@ -163,6 +168,8 @@ def backup_now(settings: Settings) -> str:
 
 def backups(settings: Settings) -> list[dict[str, Any]]:
     """The backups in the backup directory or bucket, newest first, with their sidecars."""
+    from job import backup
+
     store = backup.store(settings)
     store.ready()
     return backup.listing(store)
@@ -170,6 +177,8 @@ def backups(settings: Settings) -> list[dict[str, Any]]:
 
 def restore(settings: Settings, name: str, force: bool = False) -> tuple[list[str], list[str]]:
     """Check the backup against its sidecar, then restore it under the lock; return revisions before and after."""
+    from job import backup
+
     store, name, meta = backup.verified(backup.store(settings), name)
     path = store.path_of(name)
     with connected(settings) as conn:
@@ -197,6 +206,8 @@ def restore(settings: Settings, name: str, force: bool = False) -> tuple[list[st
 
 def downgrade(settings: Settings, target: str) -> str:
     """Back up, then downgrade to `target` one revision per transaction, under the lock."""
+    from job import backup
+
     from job import migrate
 
     with connected(settings) as conn, lock.locked(settings, conn), lock.other_databases(settings) as others, \

@@ -51,8 +51,7 @@ _NOT_FOR_CONNINFO = {"password"}
 _URL_PASSWORD = re.compile(r"(://[^:/?#@\s]*:)([^@\s]*)(@)")
 
 
-# Settings, Database and the plan's records are NamedTuples, not dataclasses: importing
-# dataclasses (and inspect with it) costs every start-up ~9 ms of CPU, more than the job's own modules.
+# (NamedTuples, not dataclasses: a start-up trick, see job/__main__.py)
 
 
 class Database(NamedTuple):

@@ -87,8 +87,6 @@ def _retry(attempt: Callable[[], Any], first: Exception, started: float, timeout
     """After a transient first failure, retry with tenacity until `timeout` seconds from `started`."""
     import tenacity
 
-    log.release()  # the database is not there yet: say so now (see job.logs)
-
     def logged(number: int, error: BaseException | None, upcoming: float) -> None:
         log.info("wait.retry", attempt=number, error=first_line(error), next_in=round(upcoming, 3),
                  waited=round(time.monotonic() - started, 3))
