@@ -219,7 +219,7 @@ def _acquire(
             if waited >= timeout:
                 raise LockTimeout(
                     f"migration lock {key} not acquired within {timeout:g} s (MIGRATE_LOCK_TIMEOUT); "
-                    f"held by {_describe(holder(conn, key))}"
+                    f"held by {describe(holder(conn, key))}"
                 )
             delay = random.uniform(0, min(MAX_DELAY, FIRST_DELAY * 2**attempt))
             sleep_or_notified(conn, min(delay, max(timeout - waited, 0.0)))
@@ -287,7 +287,8 @@ def advisory_lock(
         release(conn, key, mode)
 
 
-def _describe(info: dict[str, Any] | None) -> str:
+def describe(info: dict[str, Any] | None) -> str:
+    """Who holds the lock, as `holder` found it, in words."""
     if info is None:
         return "a session that has since released it"
     return (

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from job import lock
 from job.commands import Status
 from job.plan import Plan
 
@@ -28,9 +29,7 @@ def status(report: Status) -> str:
         f"pending:  {report.pending_count if report.problem is None else 'unknown: ' + report.problem}",
         *(f"  {p['revision']}  {p['description']}" for p in report.pending or []),
         *_ahead(report.ahead or []),
-        "lock:     " + ("free" if holder is None else
-                        f"held by pid {holder['pid']} ({holder['application_name']}, {holder['client_addr']}, "
-                        f"since {holder['since']})"),
+        "lock:     " + ("free" if holder is None else f"held by {lock.describe(holder)}"),
         "backups:" + ("  none" if not report.backups else "")
         + (f"  ({report.backups_problem})" if report.backups_problem else ""),
         *(f"  {Path(b['path']).name}  {'+'.join(b['from']) or 'base'} -> {'+'.join(b['to']) or 'base'}  "

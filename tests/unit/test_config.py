@@ -144,3 +144,20 @@ def test_a_bad_value_names_its_variable(variable: str, value: str, says: str) ->
     with pytest.raises(ConfigError) as refused:
         _settings({variable: value})
     assert variable in str(refused.value) and says in str(refused.value)
+
+
+def test_a_lock_key_is_an_integer_as_given_or_a_hashed_string() -> None:
+    assert (42, -1) == (config.parse_lock_key("42"), config.parse_lock_key("-1"))
+    assert config.parse_lock_key("blog") == config.parse_lock_key("blog") != config.parse_lock_key("shop")
+    assert -(2**63) <= config.parse_lock_key("blog") < 2**63
+    with pytest.raises(ConfigError, match="signed 64-bit"):
+        config.parse_lock_key(str(2**63))
+
+
+def test_the_default_lock_key_is_per_database_and_version_table() -> None:
+    """The default table on the search path keeps the key earlier versions used."""
+    default = config.lock_key_for("blog", config.VersionTable())
+
+    assert default == config._hash_key("migrate-job:blog:alembic_version")
+    assert len({default, config.lock_key_for("shop", config.VersionTable()),
+                config.lock_key_for("blog", config.VersionTable("alembic_version", "tenant"))}) == 3

@@ -1,6 +1,13 @@
-"""Secrets masked in every form they can take in a line; long text cut, and marked."""
+"""Secrets masked in every form they can take in a line; long text cut, and marked; the lines
+`run` holds at start-up."""
 
 from __future__ import annotations
+
+import io
+import json
+from typing import Callable, Iterator
+
+import pytest
 
 from job.cli import TERMINATION_LIMIT, termination_message
 from job.logs import FIELD_LIMIT, Redactor
@@ -48,3 +55,57 @@ def test_an_error_from_the_tools_is_its_first_error_with_its_detail() -> None:
     assert ("psql:<stdin>:41: ERROR:  cannot drop table users because other objects depend on it "
             "DETAIL:  constraint profiles_user_id_fkey on table profiles depends on table users "
             "HINT:  Use DROP ... CASCADE to drop the dependent objects too.") == first_error(stderr)
+
+
+# --- the lines themselves, read as JSON, in this process --------------------------------------
+# (structlog's capture_logs sees only loggers built from structlog's global configuration; the
+# job's has processors of its own, so that a project's structlog setup cannot change its lines)
+
+@pytest.fixture
+def lines() -> Iterator[Callable[[], list[dict]]]:
+    """The job's logger writing JSON into a buffer; the logged lines, parsed."""
+    from job import logs
+
+    buffer = io.StringIO()
+    saved = (logs.log._logger, logs.log._held, dict(logs._options))
+    logs.log._logger = None
+    logs.configure("json", "info", run_id="r1", stream=buffer, hold=True)
+    yield lambda: [json.loads(line) for line in buffer.getvalue().splitlines()]
+    logs.log._logger, logs.log._held = saved[0], saved[1]
+    logs._options.clear()
+    logs._options.update(saved[2])
+
+
+def test_runs_first_lines_wait_for_its_first_other_line(lines: Callable[[], list[dict]]) -> None:
+    """run.start and wait.ready are held until the next line, then written first, with their own time."""
+    from job.logs import log
+
+    log.info("run.start", command="run")
+    log.info("wait.ready", seconds=0.01)
+    held = lines()
+    log.info("lock.acquired", mode="shared")
+
+    written = lines()
+    assert ([], ["run.start", "wait.ready", "lock.acquired"]) == (held, [line["event"] for line in written])
+    assert {"r1"} == {line["run_id"] for line in written}
+    assert written[0]["timestamp"] <= written[1]["timestamp"] <= written[2]["timestamp"]
+
+
+def test_a_warning_is_never_held(lines: Callable[[], list[dict]]) -> None:
+    from job.logs import log
+
+    log.info("run.start", command="run")
+    log.warning("run.start", note="a warning goes out at once, and the held lines before it")
+
+    assert [("info", "run.start"), ("warning", "run.start")] == [(line["level"], line["event"]) for line in lines()]
+
+
+def test_a_known_secret_never_reaches_a_line(lines: Callable[[], list[dict]]) -> None:
+    from job.logs import log, redactor
+
+    redactor.add(["hunter2-pw"])
+    log.info("lock.waiting", holder={"application_name": "app", "query": "SET password = 'hunter2-pw'"},
+             url="postgresql://u:other-pw@h/db")
+
+    (line,) = lines()
+    assert "hunter2-pw" not in json.dumps(line) and "other-pw" not in json.dumps(line)
