@@ -7,7 +7,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import psycopg2
@@ -177,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return _failed(e, started, termination, detail=traceback.format_exc())
     log.info("run.done", outcome=outcome, exit_code=code, seconds=_since(started))
-    _terminate(termination, f"{outcome} (exit {code})")
+    logs.terminate(termination, f"{outcome} (exit {code})")
     return code
 
 
@@ -195,33 +194,8 @@ def _failed(error: BaseException, started: float, termination: str | None, detai
     if detail:
         fields["traceback"] = detail
     log.error("run.failed", seconds=_since(started), **fields)
-    _terminate(termination, logs.redactor.text(f"failed (exit {code}): {message}"))
+    logs.terminate(termination, logs.redactor.text(f"failed (exit {code}): {message}"))
     return code
-
-
-def _terminate(explicit: str | None, message: str) -> None:
-    """Write the outcome where Kubernetes shows it (`kubectl describe pod`), when that file is there
-    (MIGRATE_TERMINATION_LOG: a path set is always written)."""
-    path = Path(explicit or "/dev/termination-log")
-    if not (path.exists() or (explicit and path.parent.is_dir())):
-        return
-    try:
-        path.write_bytes(termination_message(message))
-    except OSError:
-        pass
-
-
-# Kubernetes keeps the first 4096 bytes of /dev/termination-log
-TERMINATION_LIMIT = 4096
-
-
-def termination_message(message: str) -> bytes:
-    """The message as UTF-8 within Kubernetes' limit, cut on a character boundary and marked as cut."""
-    encoded = message.encode() + b"\n"
-    if len(encoded) <= TERMINATION_LIMIT:
-        return encoded
-    marker = " [cut]\n".encode()
-    return encoded[: TERMINATION_LIMIT - len(marker)].decode(errors="ignore").encode() + marker
 
 
 def _out(text: str) -> None:

@@ -20,6 +20,7 @@ import os
 import sys
 import time
 import urllib.parse
+from pathlib import Path
 from typing import Any, Iterable
 
 from job.config import redact_url
@@ -258,3 +259,28 @@ def reclaim() -> None:
 def run_id() -> str:
     """This run's id, as every log line carries it."""
     return _run_id
+
+
+def terminate(explicit: str | None, message: str) -> None:
+    """Write the outcome where Kubernetes shows it (`kubectl describe pod`), when that file is there
+    (MIGRATE_TERMINATION_LOG: a path set is always written)."""
+    path = Path(explicit or "/dev/termination-log")
+    if not (path.exists() or (explicit and path.parent.is_dir())):
+        return
+    try:
+        path.write_bytes(termination_message(message))
+    except OSError:
+        pass
+
+
+# Kubernetes keeps the first 4096 bytes of /dev/termination-log
+TERMINATION_LIMIT = 4096
+
+
+def termination_message(message: str) -> bytes:
+    """The message as UTF-8 within Kubernetes' limit, cut on a character boundary and marked as cut."""
+    encoded = message.encode() + b"\n"
+    if len(encoded) <= TERMINATION_LIMIT:
+        return encoded
+    marker = " [cut]\n".encode()
+    return encoded[: TERMINATION_LIMIT - len(marker)].decode(errors="ignore").encode() + marker

@@ -740,6 +740,20 @@ def verify(settings: Settings, conn: Any, project: Project, version_table: Versi
         )
 
 
+def plan_run(settings: Settings, conn: Any, project: Project, version_table: VersionTable, others: list[lock.Other],
+             scripts: manifest.Scripts | None, known: manifest.Known | None) -> plan.Plan:
+    """`run`'s plan, by Alembic, under the exclusive lock: every other database env.py migrates at
+    the same revision, what Alembic said recorded (`record_scripts`), the plan logged, and its
+    revisions' transaction endings checked before anything runs."""
+    the_plan = plan_for(settings, conn, project, version_table)
+    plan.refuse_out_of_step(conn, others, version_table, the_plan.current,
+                            "restore the one that moved alone, or bring it to the same revision by hand")
+    record_scripts(settings, conn, project, version_table, the_plan, scripts, known)
+    plan.log_plan(the_plan)
+    project.refuse_unsafe_endings(list(the_plan.pending), "upgrade")
+    return the_plan
+
+
 def record_scripts(settings: Settings, conn: Any, project: Project, version_table: VersionTable,
                    the_plan: plan.Plan, scripts: manifest.Scripts | None, known: manifest.Known | None) -> None:
     """Record what Alembic said of these scripts (their heads, for the next start's fast path;

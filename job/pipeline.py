@@ -37,12 +37,7 @@ def run_once(settings: Settings, started: float) -> str:
             from job import backup, migrate  # (only when there is work: at head a run loads neither)
 
             project, version_table = alembic.project(), alembic.version_table()
-            the_plan = migrate.plan_for(settings, conn, project, version_table)
-            plan.refuse_out_of_step(conn, others, version_table, the_plan.current,
-                                    "restore the one that moved alone, or bring it to the same revision by hand")
-            migrate.record_scripts(settings, conn, project, version_table, the_plan, scripts, known)
-            plan.log_plan(the_plan)
-            project.refuse_unsafe_endings(list(the_plan.pending), "upgrade")
+            the_plan = migrate.plan_run(settings, conn, project, version_table, others, scripts, known)
             if not the_plan.pending and settings.backup != "always":
                 return "up-to-date"
             with history.of(settings, conn).run("run") as record:

@@ -9,8 +9,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from job.cli import TERMINATION_LIMIT, termination_message
-from job.logs import FIELD_LIMIT, Redactor
+from job.logs import FIELD_LIMIT, TERMINATION_LIMIT, Redactor, termination_message
 
 
 def test_a_secret_is_masked_as_typed_url_encoded_and_in_repr_form() -> None:
