@@ -402,20 +402,26 @@ def log_options(env: Mapping[str, object], flags: Mapping[str, object], strict: 
     """Log format and level: flag, else MIGRATE_LOG_FORMAT / MIGRATE_LOG_LEVEL, else JSON (console on a
     TTY) at info. Logging starts before the rest of the settings are read, so that even a bad setting
     is reported as a log line: then (strict=False) a bad value falls back to the default."""
-    fmt = str(flags.get("log_format") or env.get("MIGRATE_LOG_FORMAT") or "").lower()
-    level = str(flags.get("log_level") or env.get("MIGRATE_LOG_LEVEL") or "info").lower()
+    fmt_option, level_option = _OPTION["log_format"], _OPTION["log_level"]
+    fmt = str(_early(fmt_option, env, flags) or "").lower()
+    level = str(_early(level_option, env, flags) or level_option.default).lower()
     if strict:
-        _choice(fmt or "json", "MIGRATE_LOG_FORMAT", ("json", "console"))
-        _choice(level, "MIGRATE_LOG_LEVEL", ("debug", "info", "warning", "error"))
-    if fmt not in ("json", "console"):
+        _choice(fmt or "json", fmt_option.variable, fmt_option.choices)
+        _choice(level, level_option.variable, level_option.choices)
+    if fmt not in fmt_option.choices:
         fmt = "console" if sys.stdout.isatty() else "json"
-    return fmt, level if level in ("debug", "info", "warning", "error") else "info"
+    return fmt, level if level in level_option.choices else level_option.default
 
 
 def termination_log(env: Mapping[str, object], flags: Mapping[str, object]) -> str | None:
     """MIGRATE_TERMINATION_LOG, read before the other settings: a bad one is reported there too."""
-    value = flags.get("termination_log") or env.get("MIGRATE_TERMINATION_LOG")
+    value = _early(_OPTION["termination_log"], env, flags)
     return str(value) if value else None
+
+
+def _early(option: Option, env: Mapping[str, object], flags: Mapping[str, object]) -> object:
+    """A setting read before the others (to report a bad one): its flag, else its variable."""
+    return flags.get(option.field) or env.get(option.variable)
 
 
 def _database(url: str | None, env: Mapping[str, str]) -> Database:
