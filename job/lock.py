@@ -195,8 +195,7 @@ def _acquire(
             mode = _attempt(conn, key, enough)
             if mode is not None:
                 return mode, time.monotonic() - started
-            first_miss = not listening
-            if first_miss:
+            if not listening:
                 with conn.cursor() as cur:
                     cur.execute(f"LISTEN {channel(key)}")
                 listening = True
@@ -205,6 +204,8 @@ def _acquire(
                 # Alembic) can wait. This only weighs against processes in the same cgroup (replicas
                 # started side by side on one machine); a pod's container has its own.
                 os.nice(19)
+                if while_waiting is not None:
+                    while_waiting()
             now = time.monotonic()
             waited = now - started
             if make_room and free_slots(conn) < ROOM:
@@ -214,8 +215,6 @@ def _acquire(
             if now >= next_report:
                 log.info("lock.waiting", key=key, waited=round(waited, 3), holder=holder(conn, key))
                 next_report = now + REPORT_EVERY
-            if first_miss and while_waiting is not None:
-                while_waiting()
             if waited >= timeout:
                 raise LockTimeout(
                     f"migration lock {key} not acquired within {timeout:g} s (MIGRATE_LOCK_TIMEOUT); "
