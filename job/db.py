@@ -13,13 +13,15 @@ import contextlib
 import select
 import signal
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
 
-from job.errors import Interrupted
+from job.errors import Interrupted, first_line
+
+T = TypeVar("T")
 
 _received: list[int] = []
 
@@ -183,6 +185,18 @@ def autocommit(conn: Any) -> Iterator[None]:
     finally:
         if not was and not conn.closed:
             conn.autocommit = False
+
+
+def best_effort(conn: Any, write: Callable[[Any], T]) -> tuple[T | None, str | None]:
+    """Run `write(cursor)` for the job's own tables (history, what runs learned), in autocommit:
+    a database error there never fails a run (a signal still ends it). Return what `write`
+    returned and None, or None and the error's first line."""
+    try:
+        with autocommit(conn), conn.cursor() as cur:
+            return write(cur), None
+    except psycopg2.Error as e:
+        raise_if_signalled()
+        return None, first_line(e)
 
 
 def table_exists(cur: Any, table: Any) -> bool:

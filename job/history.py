@@ -13,12 +13,11 @@ import datetime as dt
 import socket
 from typing import Any, Iterator
 
-import psycopg2
 from psycopg2 import sql
 
 from job import db, lineage, manifest
 from job.config import Settings
-from job.errors import Interrupted, JobError, first_line
+from job.errors import Interrupted, JobError
 from job.logs import log, redactor, run_id
 
 DDL = """
@@ -60,18 +59,20 @@ class History:
         """Run one statement in its own transaction; history never fails a migration."""
         if self.table is None or self.conn.closed:
             return None
-        try:
-            with db.autocommit(self.conn), self.conn.cursor() as cur:
-                if not self._created:
-                    cur.execute(sql.SQL(DDL).format(table=self.table))
-                    self._created = True
-                cur.execute(sql.SQL(statement).format(table=self.table), params)
-                return cur.fetchone() if cur.description else None
-        except psycopg2.Error as e:
-            db.raise_if_signalled()
-            log.warning("history.unavailable", error=first_line(e))
+        table = self.table
+
+        def write(cur: Any) -> Any:
+            if not self._created:
+                cur.execute(sql.SQL(DDL).format(table=table))
+                self._created = True
+            cur.execute(sql.SQL(statement).format(table=table), params)
+            return cur.fetchone() if cur.description else None
+
+        row, problem = db.best_effort(self.conn, write)
+        if problem:
+            log.warning("history.unavailable", error=problem)
             self.table = None  # for the rest of this run: one lock timeout, not one per revision
-            return None
+        return row
 
     @contextlib.contextmanager
     def run(self, command: str) -> Iterator[History]:

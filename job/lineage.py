@@ -15,12 +15,11 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
-import psycopg2
 from psycopg2 import sql
 
 from job import db
 from job.config import Settings
-from job.errors import RevisionError, first_line
+from job.errors import RevisionError
 from job.logs import log
 
 # the module-level name a revision sets (True, or the reason) when old code must not run on its schema
@@ -66,20 +65,18 @@ def table_for(history_table: str | None) -> str | None:
 
 def record(conn: Any, table: str | None, version_table: str, revisions: Iterable[Revision]) -> str | None:
     """Record (or update) the scripts' graph; return why it could not be, if it could not.
-    Runs in autocommit, under the migration lock, before any revision is applied."""
+    Runs under the migration lock, before any revision is applied."""
     if table is None:
         return None
     payload = json.dumps([{"revision": r.revision, "down": list(r.down), "description": r.description,
                            "breaking": r.breaking} for r in revisions])
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql.SQL(LINEAGE_DDL).format(table=sql.Identifier(table)))
-            cur.execute(sql.SQL(RECORD_SQL).format(table=sql.Identifier(table)),
-                        {"version_table": version_table, "revisions": payload})
-    except psycopg2.Error as e:
-        db.raise_if_signalled()
-        return first_line(e)
-    return None
+
+    def write(cur: Any) -> None:
+        cur.execute(sql.SQL(LINEAGE_DDL).format(table=sql.Identifier(table)))
+        cur.execute(sql.SQL(RECORD_SQL).format(table=sql.Identifier(table)),
+                    {"version_table": version_table, "revisions": payload})
+
+    return db.best_effort(conn, write)[1]
 
 
 def read(conn: Any, table: str | None, version_table: str) -> dict[str, Revision] | None:
@@ -192,7 +189,6 @@ def recorded(settings: Settings, conn: Any, version_table: Any) -> Callable[[], 
 def record_scripts(settings: Settings, conn: Any, revisions: Iterable[Revision], version_table: Any) -> None:
     """Record the scripts' revision graph beside the version table before anything is applied, so
     that older code meeting this database can tell where it stands."""
-    with db.autocommit(conn):
-        problem = record(conn, table_for(settings.history_table), str(version_table), revisions)
+    problem = record(conn, table_for(settings.history_table), str(version_table), revisions)
     if problem:
         log.warning("lineage.unrecorded", error=problem)

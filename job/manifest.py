@@ -27,13 +27,11 @@ import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import psycopg2
 from psycopg2 import sql
 
 from job import db
 from job.alembic_files import AlembicFiles
 from job.config import Settings, VersionTable
-from job.errors import first_line
 from job.logs import log
 
 NAME = "migrate-job-heads.json"
@@ -139,26 +137,24 @@ def from_database(conn: Any, table: str | None, found: Scripts) -> Known | None:
 
 def remember(conn: Any, table: str | None, found: Scripts, known: Known) -> str | None:
     """Record what Alembic answered for these scripts; return why it could not be, if it could not.
-    (Runs in autocommit on the session holding the migration lock.)"""
+    (Runs on the session holding the migration lock.)"""
     if table is None:
         return None
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql.SQL(RECORD_DDL).format(table=sql.Identifier(table)))
-            cur.execute(
-                sql.SQL(
-                    "INSERT INTO {} (scripts, heads, version_table, version_table_schema, seal) "
-                    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (scripts) DO UPDATE SET heads = EXCLUDED.heads, "
-                    "version_table = EXCLUDED.version_table, version_table_schema = EXCLUDED.version_table_schema, "
-                    "seal = EXCLUDED.seal, recorded_at = now()"
-                ).format(sql.Identifier(table)),
-                (_record_id(found), list(known.heads), known.version_table.name, known.version_table.schema,
-                 _seal(found, known)),
-            )
-    except psycopg2.Error as e:
-        db.raise_if_signalled()
-        return first_line(e)
-    return None
+
+    def write(cur: Any) -> None:
+        cur.execute(sql.SQL(RECORD_DDL).format(table=sql.Identifier(table)))
+        cur.execute(
+            sql.SQL(
+                "INSERT INTO {} (scripts, heads, version_table, version_table_schema, seal) "
+                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (scripts) DO UPDATE SET heads = EXCLUDED.heads, "
+                "version_table = EXCLUDED.version_table, version_table_schema = EXCLUDED.version_table_schema, "
+                "seal = EXCLUDED.seal, recorded_at = now()"
+            ).format(sql.Identifier(table)),
+            (_record_id(found), list(known.heads), known.version_table.name, known.version_table.schema,
+             _seal(found, known)),
+        )
+
+    return db.best_effort(conn, write)[1]
 
 
 def _record_id(found: Scripts) -> str:
@@ -288,7 +284,6 @@ def learned(settings: Settings, conn: Any, found: Scripts | None, known: Known |
     """Record what Alembic said of these scripts, so that the next start need not load it."""
     if found is None or known == learned:
         return
-    with db.autocommit(conn):
-        problem = remember(conn, record_table(settings.history_table), found, learned)
+    problem = remember(conn, record_table(settings.history_table), found, learned)
     if problem:
         log.warning("heads.unrecorded", error=problem)
