@@ -196,7 +196,8 @@ def take(
     dumped = _dump(store, name, argv, child, pg_restore, server_version, wait_timeout,
                    prepare=lambda: remove_leftovers(store, set_key, name))
     try:
-        sequence = 1 + max((b.get("sequence") or 0 for b in listing(store, database_name, set_key)), default=0)
+        earlier = listing(store, database_name, set_key)
+        sequence = 1 + max((b.get("sequence") or 0 for b in earlier), default=0)
         backup = Backup(
             path=store.path_of(name),
             database=database_name,
@@ -217,7 +218,7 @@ def take(
             store.delete(name)
         raise
     log.info("backup.done", path=backup.path, bytes=backup.bytes, seconds=backup.seconds, sha256=backup.sha256)
-    prune(store, database_name, set_key, keep)
+    prune(store, [backup._asdict(), *earlier], keep)  # (the set as listed, without reading it again)
     return backup
 
 
@@ -493,14 +494,13 @@ def _descending(text: str) -> str:
     return "".join(chr(0x10FFFF - ord(c)) for c in text)
 
 
-def prune(store: Any, database_name: str, set_key: str, keep: int) -> None:
-    """Delete the backups of this set that are no longer a way back. Newest first, kept are: the
-    newest (just taken); the newest backup of each migration (the same from and to revisions: a
-    retry replaces its own earlier backup) until `keep` are kept; and, whatever `keep` says, the
-    first backup taken since the last migration that succeeded: the way back from a migration
-    that keeps failing. Only backups of this set, found in the store by name, are deleted: the
-    sidecar first, so that a backup listed is never half gone."""
-    backups = listing(store, database_name, set_key)
+def prune(store: Any, backups: list[dict[str, Any]], keep: int) -> None:
+    """Delete the backups of one set (`backups`: as `listing` gives them, newest first) that are no
+    longer a way back. Newest first, kept are: the newest (just taken); the newest backup of each
+    migration (the same from and to revisions: a retry replaces its own earlier backup) until
+    `keep` are kept; and, whatever `keep` says, the first backup taken since the last migration
+    that succeeded: the way back from a migration that keeps failing. Only backups found in the
+    store by name are deleted: the sidecar first, so that a backup listed is never half gone."""
     if not backups:
         return
     since_success = []

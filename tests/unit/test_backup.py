@@ -50,7 +50,7 @@ def test_prune_keeps_the_newest_of_each_migration_up_to_keep(tmp_path: Path) -> 
     store = Directory(tmp_path)
     names = _backups(store, ("1", "2", True), ("2", "3", True), ("3", "4", True), ("4", "5", True))
 
-    backup.prune(store, "db", "s", keep=2)
+    backup.prune(store, backup.listing(store, "db", "s"), keep=2)
 
     assert sorted(names[2:]) == _left(store)
     assert [] == [p.name for p in tmp_path.glob("*.json") if p.name[:-5] not in names[2:]]
@@ -62,7 +62,7 @@ def test_prune_keeps_the_way_back_from_a_migration_that_keeps_failing(tmp_path: 
     store = Directory(tmp_path)
     names = _backups(store, ("1", "2", True), ("2", "3", False), ("3", "4", False), ("3", "4", False))
 
-    backup.prune(store, "db", "s", keep=1)
+    backup.prune(store, backup.listing(store, "db", "s"), keep=1)
 
     assert sorted([names[1], names[3]]) == _left(store)
 
@@ -76,7 +76,7 @@ def test_prune_touches_only_its_own_set(tmp_path: Path) -> None:
         {"database": "other", "from_revision": ["1"], "to_revision": ["2"], "created_at": "2020-01-01T00:00:00+00:00",
          "sha256": "x", "set": "t"}))
 
-    backup.prune(store, "db", "s", keep=1)
+    backup.prune(store, backup.listing(store, "db", "s"), keep=1)
 
     assert sorted([ours[1], other.name]) == _left(store)
 
