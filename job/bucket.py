@@ -4,8 +4,9 @@ pg_dump writes to a pipe; we cut its output into parts, hash it on the way and s
 (with its own SHA-256, which the server checks) to a multipart upload while pg_dump goes on. An
 object appears under its name only when the upload completes, so an interrupted backup leaves
 nothing there: we abort the upload, and a bucket lifecycle rule (README) clears what a SIGKILL
-leaves. Once complete, the stored size and checksum are compared with what was sent and the
-stored archive's table of contents is read back before anything migrates.
+leaves. `pg_restore --list` reads the table of contents as the archive streams; once the upload
+is complete, the stored size and checksum are compared with what was sent (so the stored archive
+is the one whose table of contents read) before anything migrates.
 
 Credentials come from the standard AWS chain (environment, web identity, container and instance
 profiles, config files): never from the URL. The endpoint is AWS_ENDPOINT_URL, the region
@@ -374,8 +375,6 @@ def _client(env: Mapping[str, str], addressing: str) -> Any:
         retries=retries,
         s3={"addressing_style": addressing},
         user_agent_extra="migrate-job",
-        # a few connections: one per part in flight, one for the rest
-        max_pool_connections=4,
     )
     region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
     return boto3.session.Session(region_name=region).client("s3", config=config)
@@ -402,8 +401,8 @@ def _translated(error: Exception, operation: str, location: Location, endpoint: 
                                 f"(MIGRATE_BACKUP_DIR={location}, AWS_ENDPOINT_URL)")
         if status == 403 or code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
             return Refused(f"{location} refused {operation} ({code}: {message}): the credentials need "
-                                "s3:ListBucket, s3:GetObject, s3:PutObject, s3:DeleteObject, "
-                                "s3:AbortMultipartUpload and s3:ListBucketMultipartUploads on it")
+                           "s3:ListBucket, s3:GetObject, s3:PutObject, s3:DeleteObject, "
+                           "s3:AbortMultipartUpload and s3:ListBucketMultipartUploads on it")
         return BackupFailed(f"{operation} on {location} failed: {code} {message}".strip())
     if isinstance(error, (boto.EndpointConnectionError, boto.ConnectTimeoutError, boto.ConnectionClosedError,
                           boto.ReadTimeoutError, boto.ResponseStreamingError)):
