@@ -313,23 +313,15 @@ def version_table_of(files: AlembicFiles) -> VersionTable:
 
 def load(env: Mapping[str, str], flags: Mapping[str, object], need_database: bool = True) -> Settings:
     """Resolve settings: flags override the environment, which overrides the defaults (OPTIONS)."""
-
-    def given(option: Option) -> str | None:
-        value = flags.get(option.field)
-        if value is not None:
-            return str(value)
-        value = env.get(option.variable)
-        return value if value not in (None, "") else None
-
-    values = {o.field: (o.parse(raw, o.variable) if (raw := given(o)) is not None else o.default)
+    values = {o.field: (o.parse(raw, o.variable) if (raw := _given(o, env, flags)) is not None else o.default)
               for o in OPTIONS if o.parse is not None}
     # the settings that depend on others or on more than one variable
-    url = given(_OPTION["database_url"])
+    url = _given(_OPTION["database_url"], env, flags)
     if need_database or url or env.get("DATABASE_URL_FILE"):
         database = _database(url, env)
     else:
         database = Database.from_libpq_env(env)
-    alembic = AlembicFiles.find(Path(given(_OPTION["config"]) or "alembic.ini"))
+    alembic = AlembicFiles.find(Path(_given(_OPTION["config"], env, flags) or "alembic.ini"))
     log_options(env, flags, strict=True)  # logging is already set up (leniently): refuse bad values
     return Settings(
         database=database,
@@ -337,7 +329,7 @@ def load(env: Mapping[str, str], flags: Mapping[str, object], need_database: boo
         version_table=version_table_of(alembic),
         **values,
         application_name=f"migrate-job/{socket.gethostname()}"[:63],
-        sections=_sections(given(_OPTION["databases"]), database),
+        sections=_sections(_given(_OPTION["databases"], env, flags), database),
         cloud_secrets=tuple(env[v] for v in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN") if env.get(v)),
     )
 
@@ -403,8 +395,8 @@ def log_options(env: Mapping[str, object], flags: Mapping[str, object], strict: 
     TTY) at info. Logging starts before the rest of the settings are read, so that even a bad setting
     is reported as a log line: then (strict=False) a bad value falls back to the default."""
     fmt_option, level_option = _OPTION["log_format"], _OPTION["log_level"]
-    fmt = str(_early(fmt_option, env, flags) or "").lower()
-    level = str(_early(level_option, env, flags) or level_option.default).lower()
+    fmt = (_given(fmt_option, env, flags) or "").lower()
+    level = (_given(level_option, env, flags) or level_option.default).lower()
     if strict:
         _choice(fmt or "json", fmt_option.variable, fmt_option.choices)
         _choice(level, level_option.variable, level_option.choices)
@@ -415,13 +407,16 @@ def log_options(env: Mapping[str, object], flags: Mapping[str, object], strict: 
 
 def termination_log(env: Mapping[str, object], flags: Mapping[str, object]) -> str | None:
     """MIGRATE_TERMINATION_LOG, read before the other settings: a bad one is reported there too."""
-    value = _early(_OPTION["termination_log"], env, flags)
-    return str(value) if value else None
+    return _given(_OPTION["termination_log"], env, flags) or None
 
 
-def _early(option: Option, env: Mapping[str, object], flags: Mapping[str, object]) -> object:
-    """A setting read before the others (to report a bad one): its flag, else its variable."""
-    return flags.get(option.field) or env.get(option.variable)
+def _given(option: Option, env: Mapping[str, object], flags: Mapping[str, object]) -> str | None:
+    """What was given for a setting: its flag, else its variable (unset or empty: None)."""
+    value = flags.get(option.field)
+    if value is not None:
+        return str(value)
+    value = env.get(option.variable)
+    return str(value) if value not in (None, "") else None
 
 
 def _database(url: str | None, env: Mapping[str, str]) -> Database:
