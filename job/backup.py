@@ -607,16 +607,23 @@ def succeeded(settings: Settings, paths: list[str]) -> None:
 
 
 def before_migrating(settings: Settings, conn: Any, others: list[Any], the_plan: Any, record: Any) -> list[str]:
-    """Back up every database the run migrates (MIGRATE_BACKUP), before the first change to any of
-    them, labelled from where they are to where the plan takes them; return the paths."""
+    """`run`'s backups (MIGRATE_BACKUP: `auto` only when something is pending), labelled from where
+    the databases are to where the plan takes them; return the paths."""
     if settings.backup == "off" or (settings.backup == "auto" and not the_plan.pending):
         return []
     to = the_plan.heads if the_plan.pending else the_plan.current
+    return before_changing(settings, conn, others, the_plan.current, to, record)
+
+
+def before_changing(settings: Settings, conn: Any, others: list[Any], current: tuple[str, ...],
+                    to: tuple[str, ...], record: Any) -> list[str]:
+    """Back up every database a change touches (a multidb env.py's others first, each under its
+    lock), before the first change to any of them; return the paths, the main one in `record`."""
     taken = []
     for other in others:
-        if needs_backup(settings, other.conn, the_plan.current):
-            taken.append(take_backup(settings, other.conn, the_plan.current, to, other.database).path)
-    if needs_backup(settings, conn, the_plan.current):
-        record.backup_path = take_backup(settings, conn, the_plan.current, to).path
+        if needs_backup(settings, other.conn, current):
+            taken.append(take_backup(settings, other.conn, current, to, other.database).path)
+    if needs_backup(settings, conn, current):
+        record.backup_path = take_backup(settings, conn, current, to).path
         taken.append(record.backup_path)
     return taken

@@ -206,9 +206,7 @@ def restore(settings: Settings, name: str, force: bool = False) -> tuple[list[st
 
 def downgrade(settings: Settings, target: str) -> str:
     """Back up, then downgrade to `target` one revision per transaction, under the lock."""
-    from job import backup
-
-    from job import migrate
+    from job import backup, migrate
 
     with connected(settings) as conn, lock.locked(settings, conn), lock.other_databases(settings) as others, \
             migrate.project_of(settings, conn) as project:
@@ -225,12 +223,9 @@ def downgrade(settings: Settings, target: str) -> str:
         # a relative target (-1) is resolved once: after the first step it would mean something else
         absolute = "base" if not final else final[0] if len(final) == 1 else target
         with history.of(settings, conn).run("downgrade") as record:
-            taken = []
-            if settings.backup != "off":
-                for other in others:
-                    taken.append(backup.take_backup(settings, other.conn, current, tuple(final), other.database).path)
-                record.backup_path = backup.take_backup(settings, conn, current, tuple(final)).path
-                taken.append(record.backup_path)
+            # (a database with revisions to undo always holds something to back up)
+            taken = [] if settings.backup == "off" else backup.before_changing(
+                settings, conn, others, current, tuple(final), record)
             migrate.apply_steps(settings, conn, project, steps, absolute, "downgrade", record, version_table, rows_within=not others)
             migrate.verify(settings, conn, project, version_table, "downgrade", absolute, others=others)
             backup.succeeded(settings, taken)
