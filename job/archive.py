@@ -9,7 +9,7 @@ import re
 import subprocess
 import tempfile
 import threading
-from typing import Iterable, Mapping, NamedTuple
+from typing import IO, Iterable, Mapping, NamedTuple
 
 from job.errors import BackupFailed
 
@@ -53,10 +53,9 @@ class Lister:
             self._process.wait()
             self._reader.join()
             with self._stderr:
-                self._stderr.seek(0)
                 self._result = (b"".join(self._output).decode(errors="replace") if self._process.returncode == 0
                                 else BackupFailed("pg_restore --list cannot read the backup: "
-                                                  + first_error(self._stderr.read().decode(errors="replace"))))
+                                                  + first_error(written(self._stderr))))
         if isinstance(self._result, BackupFailed):
             raise self._result
         return self._result
@@ -91,6 +90,12 @@ def dumped_from(listing: str) -> str | None:
     """The database the archive itself says it was dumped from (its table of contents' header)."""
     found = re.search(r"(?m)^;\s+dbname: (.*)$", listing)
     return found.group(1).strip() if found else None
+
+
+def written(file: IO[bytes]) -> str:
+    """What a child process wrote into `file` (its stderr, in a temporary file), as text."""
+    file.seek(0)
+    return file.read().decode(errors="replace")
 
 
 def first_error(stderr: str) -> str:

@@ -339,8 +339,7 @@ def restore(database: Database, store: Any, name: str, sha256: str, application_
                 runner.stdin.write(chunk)
             source.join()
             if script.wait() != 0:
-                script_errors.seek(0)
-                unread = first_error(script_errors.read().decode(errors="replace"))
+                unread = first_error(archive.written(script_errors))
             if unread or read.get("sha256") != sha256:
                 runner.kill()  # psql never saw the end of its input: the transaction rolls back
                 return
@@ -382,8 +381,7 @@ def restore(database: Database, store: Any, name: str, sha256: str, application_
     if runner.returncode != 0:
         why = " (it waited longer than MIGRATE_LOCK_TIMEOUT for a table lock)" if cancelled else ""
         with psql_errors:
-            psql_errors.seek(0)
-            stderr = psql_errors.read().decode(errors="replace")
+            stderr = archive.written(psql_errors)
         raise RestoreFailed(f"the restore failed, the database is unchanged{why}: {first_error(stderr)}")
 
 

@@ -152,8 +152,7 @@ class Bucket:
                 upload.send(parts)
                 returncode = dumper.wait()
                 if returncode != 0:
-                    stderr.seek(0)
-                    raise DumpExited(returncode, stderr.read().decode(errors="replace"))
+                    raise DumpExited(returncode, archive.written(stderr))
                 upload.complete()
             except BaseException:
                 if upload is not None:

@@ -94,8 +94,7 @@ class Directory:
         with _atomically(final) as partial, tempfile.TemporaryFile() as stderr:
             returncode = spawn([*argv, f"--file={partial}"], env=env, stdout=subprocess.DEVNULL, stderr=stderr).wait()
             if returncode != 0:
-                stderr.seek(0)
-                raise DumpExited(returncode, stderr.read().decode(errors="replace"))
+                raise DumpExited(returncode, archive.written(stderr))
             with self.chunks(partial.name) as chunks:
                 return archive.read(chunks, pg_restore, env)
 
