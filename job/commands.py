@@ -171,7 +171,10 @@ def backups(settings: Settings) -> list[dict[str, Any]]:
     from job import backup
 
     store = backup.store(settings)
-    store.ready()
+    try:
+        store.ready()
+    except BackupFailed as e:  # nothing is being backed up: a location that is not there is configuration
+        raise ConfigError(str(e)) from None
     return backup.listing(store)
 
 

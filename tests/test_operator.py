@@ -83,6 +83,16 @@ def test_backup_list_shows_the_sidecars(env: dict[str, str]) -> None:
     assert {"database", "from_revision", "to_revision", "bytes", "sha256", "created_at"} <= set(listed[0])
 
 
+def test_backup_list_of_a_missing_directory_is_a_configuration_error(env: dict[str, str], tmp_path: Path) -> None:
+    """backup --list where MIGRATE_BACKUP_DIR does not exist: exit 2, naming it (its log on stderr)."""
+    missing = tmp_path / "not-mounted"
+
+    result = run_job("backup", "--list", env={**env, "MIGRATE_BACKUP_DIR": str(missing)})
+    failed = [line for line in map(json.loads, result.stderr.splitlines()) if line["event"] == "run.failed"]
+
+    assert (2, "", [True]) == (result.code, result.stdout, [str(missing) in f["error"] for f in failed])
+
+
 def test_backup_and_restore_round_trip(db: Db, env: dict[str, str]) -> None:
     """A restore brings back rows written before the backup and removes rows written after it."""
     run_job("run", env=env)
