@@ -11,21 +11,23 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 PG_MAJOR ?= 15
 
-.PHONY: system-deps install migrate test test-lowest lint lint-migrations plan revision db-up db-down bench chart image clean
+.PHONY: system-deps system-deps-test test-repeat install migrate test test-lowest lint lint-migrations plan revision db-up db-down bench chart image clean
 
 install: $(VENV)/.installed
 
-# PostgreSQL's server binaries (throwaway clusters), its client (pg_dump, pg_restore, psql),
-# PgBouncer and openssl (fault tests), podman with runc, catatonit, mmdebstrap and slirp4netns (the
-# image tests): installed with apt-get when missing and we may, named otherwise.
-system-deps:
+# System packages, installed with apt-get when missing and we may (root), named otherwise.
+# `make migrate` needs only PostgreSQL's server binaries (the throwaway cluster) and its client
+# (pg_dump, pg_restore, psql); `make test` adds PgBouncer and openssl (fault tests) and podman with
+# runc, catatonit, mmdebstrap and slirp4netns (the image tests).
+DB_TOOLS   := initdb=postgresql-$(PG_MAJOR) pg_dump=postgresql-client-$(PG_MAJOR)
+TEST_TOOLS := pgbouncer=pgbouncer openssl=openssl podman=podman runc=runc catatonit=catatonit \
+              mmdebstrap=mmdebstrap slirp4netns=slirp4netns
+define need_tools
 	@missing=""; \
-	[ -x /usr/lib/postgresql/$(PG_MAJOR)/bin/initdb ] || missing="$$missing postgresql-$(PG_MAJOR)"; \
-	command -v pg_dump >/dev/null 2>&1 || missing="$$missing postgresql-client-$(PG_MAJOR)"; \
-	command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || missing="$$missing pgbouncer"; \
-	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
-	for tool in podman runc catatonit mmdebstrap slirp4netns; do \
-		command -v $$tool >/dev/null 2>&1 || [ -x /usr/bin/$$tool ] || [ -x /usr/libexec/podman/$$tool ] || missing="$$missing $$tool"; \
+	for pair in $(1); do \
+		tool=$${pair%%=*}; package=$${pair#*=}; \
+		command -v $$tool >/dev/null 2>&1 || [ -x /usr/lib/postgresql/$(PG_MAJOR)/bin/$$tool ] \
+			|| [ -x /usr/sbin/$$tool ] || [ -x /usr/libexec/podman/$$tool ] || missing="$$missing $$package"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -33,14 +35,28 @@ system-deps:
 			apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >&2; \
 		else echo "missing system packages:$$missing (install them, e.g. with apt-get)" >&2; exit 1; fi; \
 	fi
+endef
 
+system-deps:
+	$(call need_tools,$(DB_TOOLS))
+
+system-deps-test: system-deps
+	$(call need_tools,$(TEST_TOOLS))
+
+# The job and the example's models, for `make migrate` and the other commands that run the job
 # (quiet, and on stderr: `make chart` and `make plan` keep stdout for their output)
-$(VENV)/.installed: pyproject.toml requirements.txt requirements-app.txt
-	@echo "installing into $(VENV)" >&2
+$(VENV)/.job: pyproject.toml
+	@echo "installing the job into $(VENV)" >&2
 	@$(PYTHON) -m venv $(VENV) >&2
 	@$(BIN)/pip install --quiet --upgrade pip >&2
+	@$(BIN)/pip install --quiet -e . >&2
+	@touch $@
+
+# Everything the tests need, and a local wheelhouse, so the tests that build the image download
+# nothing from PyPI at test time
+$(VENV)/.installed: $(VENV)/.job pyproject.toml requirements.txt requirements-app.txt
+	@echo "installing the test dependencies into $(VENV)" >&2
 	@$(BIN)/pip install --quiet -e '.[app,s3,test]' >&2
-	@# a local wheelhouse, so the tests that build the image download nothing from PyPI at test time
 	@$(BIN)/pip download --quiet --dest $(LOCAL)/wheels --requirement requirements.txt \
 		--requirement requirements-app.txt setuptools >&2
 	@touch $@
@@ -48,20 +64,20 @@ $(VENV)/.installed: pyproject.toml requirements.txt requirements-app.txt
 # DATABASE_URL of the local throwaway cluster, started when DATABASE_URL is not set
 DB = $${DATABASE_URL:-$$($(BIN)/python -m tests.pgcluster up $(LOCAL)/pg)}
 
-migrate: system-deps install
+migrate: system-deps $(VENV)/.job
 	@mkdir -p $(LOCAL)/backups
 	@url="$(DB)" && DATABASE_URL="$$url" MIGRATE_BACKUP_DIR="$${MIGRATE_BACKUP_DIR:-$(LOCAL)/backups}" \
 		$(BIN)/migrate-job run
 
-plan: install
+plan: $(VENV)/.job
 	@url="$(DB)" && DATABASE_URL="$$url" $(BIN)/migrate-job plan
 
-test: system-deps install
+test: system-deps-test install
 	$(BIN)/pytest -n 2 --dist loadgroup
 	@$(MAKE) --no-print-directory test-lowest
 
 # the scenario projects again, against the lowest version of every dependency range
-test-lowest: system-deps $(LOWEST)/.installed
+test-lowest: system-deps-test $(LOWEST)/.installed
 	$(LOWEST)/bin/pytest -n 2 -p no:cacheprovider tests/test_projects.py
 
 $(LOWEST)/.installed: pyproject.toml requirements-lowest.txt
@@ -98,16 +114,28 @@ lint: install
 	$(BIN)/hadolint Dockerfile
 
 # make revision m="add a column"
-revision: install
+revision: $(VENV)/.job
 	@test -n "$(m)" || { echo 'usage: make revision m="what it does"'; exit 2; }
 	@url="$(DB)" && DATABASE_URL="$$url" $(BIN)/alembic revision -m "$(m)"
 
-db-up: install
+db-up: $(VENV)/.job
 	@$(BIN)/python -m tests.pgcluster up $(LOCAL)/pg
 
-db-down: install
+db-down: $(VENV)/.job
 	@$(BIN)/python -m tests.pgcluster down $(LOCAL)/pg
 
 clean:
 	-$(BIN)/python -m tests.pgcluster down $(LOCAL)/pg
 	rm -rf $(LOCAL) $(VENV) $(LOWEST)
+
+# The whole suite as CI runs it, from fresh clones of this checkout's HEAD, N times in a row
+# (make test-repeat N=5): each run's exit code and wall time; it stops at the first failure.
+N ?= 5
+test-repeat:
+	@for i in $$(seq $(N)); do \
+		dir=$$(mktemp -d) && git clone --quiet "$(CURDIR)" "$$dir/clone" && start=$$(date +%s); \
+		( cd "$$dir/clone" && .ci/run ) > "$$dir/log" 2>&1; code=$$?; \
+		echo "run $$i of $(N): exit $$code in $$(( $$(date +%s) - start )) s (log: $$dir/log)"; \
+		( cd "$$dir/clone" && $(MAKE) --no-print-directory clean ) >/dev/null 2>&1; rm -rf "$$dir/clone"; \
+		[ $$code = 0 ] || exit $$code; \
+	done

@@ -11,22 +11,65 @@ where it exists, else `nobody`) through `runuser`; as a normal user it runs as t
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import pwd
+import random
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
 
 
+# Ports for the servers the tests start. A port the kernel hands out for a bind to port 0 can be
+# handed out again, to another worker's server or as the local end of any outgoing connection,
+# before the server that asked for it binds it. So ports come from below the kernel's ephemeral
+# range, each claimed by an exclusive lock on a file of its own that the claiming process holds
+# until it exits: no other worker, and no other test run on this machine, is given it meanwhile.
+PORTS = Path(tempfile.gettempdir()) / "migrate-job-test-ports"
+_claimed: list[int] = []  # the claims' file descriptors, held for the life of the process
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port that nothing listens on, that the kernel will not hand out, and that no
+    other process of the tests is given."""
+    low, high = 20000, min(_ephemeral_start(), 65536)
+    if high - low < 1000:  # an unusual ephemeral range: above it instead
+        low, high = 61000, 65536
+    if not PORTS.is_dir():
+        PORTS.mkdir(exist_ok=True)
+        PORTS.chmod(0o1777)  # (any user's test run claims its ports here)
+    for port in random.sample(range(low, high), high - low):
+        try:
+            fd = os.open(PORTS / str(port), os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:  # another user's claim
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # another process has it
+            os.close(fd)
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # something outside the tests listens there
+                os.close(fd)
+                continue
+        _claimed.append(fd)
+        return port
+    raise RuntimeError(f"no free port between {low} and {high}")
 
 
 def server_user() -> str | None:

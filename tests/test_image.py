@@ -3,10 +3,12 @@ down, and the chart's and the plain manifests' pods played with `podman kube pla
 machine's PostgreSQL.
 
 Base images cannot be pulled here, so a stand-in for `python:3.11-slim-bookworm` is made from
-Debian's packages (mmdebstrap) inside the tests' own container storage (`.local/podman`), with pip
-pointed at the local wheelhouse (`make install` fills it) through the build's only mount. Both are
-kept there, with podman's layer cache, so that a second run fetches nothing. The Dockerfile itself
-is built as is, with Debian's PostgreSQL client (`PG_CLIENT_SOURCE=debian`).
+Debian's packages (mmdebstrap) inside the tests' own container storage, with pip pointed at the
+local wheelhouse (`make install` fills it) through the build's only mount. The storage is kept
+outside the checkout (`~/.cache/migrate-job-tests/podman`), with the stand-in and podman's layer
+cache, so that a second run, from a fresh clone too, fetches nothing; each run builds under tags of
+its own. The Dockerfile itself is built as is, with Debian's PostgreSQL client
+(`PG_CLIENT_SOURCE=debian`).
 
 The pods reach the server on the host's loopback through slirp4netns (10.0.2.2). What the harness
 does that a cluster would: it resolves `secretKeyRef` to values (podman 4's `kube play` cannot read
@@ -25,7 +27,6 @@ import os
 import re
 import resource
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -38,13 +39,19 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, Db, Result
+from tests.pgcluster import free_port
 
 pytestmark = [pytest.mark.image, pytest.mark.xdist_group("image")]
 
-STORE = ROOT / ".local" / "podman"
+# What the tests fetch and build (the stand-in base, podman's layers) is kept outside the checkout,
+# so that a fresh clone's run fetches nothing a run before it fetched.
+STORE = Path(os.environ.get("MIGRATE_JOB_TEST_CACHE")
+             or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "migrate-job-tests") / "podman"
 WHEELS = ROOT / ".local" / "wheels"
 BASE = "docker.io/library/python:3.11-slim-bookworm"
-JOB_IMAGE, APP_IMAGE = "localhost/migrate-job:test", "localhost/migrate-job-blog:test"
+# this run's own tags (other checkouts may build into the same storage at the same time)
+TAG = f"test-{uuid.uuid4().hex[:8]}"
+JOB_IMAGE, APP_IMAGE = f"localhost/migrate-job:{TAG}", f"localhost/migrate-job-blog:{TAG}"
 # the stand-in base: what the slim image gives the Dockerfile (a `python` with venv and pip)
 BASE_PACKAGES = "python3,python3-venv,python-is-python3,ca-certificates"
 NETWORK = "slirp4netns:allow_host_loopback=true"
@@ -76,12 +83,19 @@ def _configure() -> None:
     nproc = 4096 if hard_nproc == resource.RLIM_INFINITY else min(hard_nproc, 4096)
     # podman's default ulimits exceed this machine's hard limits; runc, since crun refuses this cgroup
     # setup; cgroupfs and file events, since no systemd runs
-    (STORE / "containers.conf").write_text(
+    _write_atomically(STORE / "containers.conf",
         "[containers]\n"
         f'default_ulimits = ["nofile=1024:1024", "nproc={nproc}:{nproc}"]\n'
         '[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n')
-    (STORE / "storage.conf").write_text(
+    _write_atomically(STORE / "storage.conf",
         f'[storage]\ndriver = "overlay"\ngraphroot = "{STORE / "graph"}"\nrunroot = "{STORE / "run"}"\n')
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Another run sharing the store may be reading it: it sees the old file or the new, whole."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(text)
+    partial.rename(path)
 
 
 def _cannot_run() -> str | None:
@@ -104,12 +118,12 @@ def podman() -> Podman:
 
 
 @pytest.fixture(scope="session")
-def images(podman: Podman) -> tuple[str, str]:
+def images(podman: Podman) -> Iterator[tuple[str, str]]:
     """The job and app images, built from the Dockerfile as is, once per run."""
     if not podman.has_image(BASE):
         tarball = STORE / "base-bookworm.tar"
         if not tarball.exists():
-            partial = tarball.with_suffix(".partial")
+            partial = tarball.with_suffix(f".{os.getpid()}.partial")  # (another run may be making one too)
             subprocess.run(["mmdebstrap", "--quiet", "--variant=apt", "--format=tar", f"--include={BASE_PACKAGES}", "bookworm",
                             str(partial), "http://deb.debian.org/debian"], check=True, capture_output=True,
                            timeout=600)
@@ -120,7 +134,8 @@ def images(podman: Podman) -> tuple[str, str]:
     for target, tag in (("job", JOB_IMAGE), ("app", APP_IMAGE)):
         podman("build", "--network", "host", "--volume", f"{WHEELS}:/wheelhouse:ro",
                "--build-arg", "PG_CLIENT_SOURCE=debian", "--target", target, "--tag", tag, str(ROOT), timeout=900)
-    return JOB_IMAGE, APP_IMAGE
+    yield JOB_IMAGE, APP_IMAGE
+    podman("rmi", JOB_IMAGE, APP_IMAGE, check=False)  # (the layers stay, for the next run's build)
 
 
 def in_pod(db: Db) -> str:
@@ -166,18 +181,12 @@ def test_the_job_image_runs_locked_down(podman: Podman, images: tuple[str, str],
     assert db.version() == ["0006"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_the_app_image_is_ready_at_head(podman: Podman, images: tuple[str, str], db: Db, tmp_path: Path) -> None:
     backups = tmp_path / "backups"
     backups.mkdir()
     os.chown(backups, 10001, 10001)
     assert run_image(podman, db, backups, "run").code == 0
-    port = _free_port()
+    port = free_port()
     name = f"blog-{uuid.uuid4().hex[:8]}"
     podman("run", "--detach", "--name", name, "--network", NETWORK, "--publish", f"127.0.0.1:{port}:8000",
            "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL", "--env", f"DATABASE_URL={in_pod(db)}", APP_IMAGE)
@@ -208,6 +217,8 @@ class Cluster:
         self.podman, self.tmp_path = podman, tmp_path
         self.run = uuid.uuid4().hex[:6]
         self.pods: list[str] = []
+        # the claims (made before the pods start, as in a cluster), and every volume to remove after
+        self.claims: list[str] = []
         self.volumes: list[str] = []
         self.termination: dict[str, Path] = {}
 
@@ -244,8 +255,20 @@ class Cluster:
                 claim = volume.get("persistentVolumeClaim")
                 if claim:  # a volume of this test's own
                     claim["claimName"] = f"{claim['claimName']}-{self.run}"
-                    if claim["claimName"] not in self.volumes:
+                    if claim["claimName"] not in self.claims:
+                        self.claims.append(claim["claimName"])
                         self.volumes.append(claim["claimName"])
+                if "emptyDir" in volume:
+                    # podman 4 makes a named volume of an emptyDir, named as in the pod spec: pods
+                    # played at once would race to create (and then share) one `tmp`. In a cluster
+                    # each pod's emptyDir is its own: so here too.
+                    own = f"{volume['name']}-{name}"
+                    for container in spec.get("initContainers", []) + spec["containers"]:
+                        for mount in container.get("volumeMounts", []):
+                            if mount["name"] == volume["name"]:
+                                mount["name"] = own
+                    volume["name"] = own
+                    self.volumes.append(own)
             pods.append({"apiVersion": "v1", "kind": "Pod",
                          "metadata": {"name": name, "labels": template["metadata"]["labels"]}, "spec": spec})
         return pods
@@ -253,9 +276,9 @@ class Cluster:
     def play(self, pods: list[dict[str, Any]]) -> None:
         """Start the pods at once (each `kube play` runs its init containers before returning). The
         claims exist first, as in a cluster: pods starting together would race to create them."""
-        for volume in self.volumes:
-            if self.podman("volume", "exists", volume, check=False).returncode != 0:
-                self.podman("volume", "create", volume)
+        for claim in self.claims:
+            if self.podman("volume", "exists", claim, check=False).returncode != 0:
+                self.podman("volume", "create", claim)
         procs = []
         for pod in pods:
             path = self.tmp_path / f"{pod['metadata']['name']}.yaml"
@@ -299,6 +322,10 @@ class Cluster:
 
     def close(self) -> None:
         for pod in self.pods:
+            # the containers first, with the anonymous volumes the image's VOLUME gave them
+            containers = self.podman("ps", "--all", "--quiet", "--filter", f"pod={pod}", check=False).stdout.split()
+            if containers:
+                self.podman("rm", "--force", "--volumes", "--time", "0", *containers, check=False)
             self.podman("pod", "rm", "--force", "--time", "0", pod, check=False)
         for volume in self.volumes:
             self.podman("volume", "rm", "--force", volume, check=False)
@@ -313,8 +340,8 @@ def cluster(podman: Podman, images: tuple[str, str], tmp_path: Path) -> Iterator
 
 def chart(db: Db, **values: Any) -> list[dict[str, Any]]:
     merged = {"database": {"url": in_pod(db)},
-              "image": {"repository": JOB_IMAGE.split(":")[0], "tag": "test", "pullPolicy": "Never"},
-              "app": {"replicas": 3, "image": {"repository": APP_IMAGE.split(":")[0], "tag": "test",
+              "image": {"repository": JOB_IMAGE.split(":")[0], "tag": TAG, "pullPolicy": "Never"},
+              "app": {"replicas": 3, "image": {"repository": APP_IMAGE.split(":")[0], "tag": TAG,
                                                "pullPolicy": "Never"}}}
     for key, value in values.items():
         merged[key] = {**merged.get(key, {}), **value}
