@@ -404,7 +404,10 @@ user_schemas AS (
     WHERE nspname NOT IN ('pg_catalog', 'information_schema') AND nspname NOT LIKE 'pg\\_%%'
 ),
 kept_schemas AS (SELECT DISTINCT relnamespace AS oid FROM pg_class WHERE oid IN (SELECT oid FROM kept)),
-extension_owned AS (SELECT objid FROM pg_depend WHERE deptype = 'e')
+extension_owned AS (SELECT objid FROM pg_depend WHERE deptype = 'e'),
+-- sequences of serial and identity columns go with their table (an identity's cannot be dropped alone)
+column_owned AS (SELECT objid FROM pg_depend WHERE classid = 'pg_class'::regclass AND refclassid = 'pg_class'::regclass
+                 AND refobjsubid > 0 AND deptype IN ('a', 'i'))
 SELECT format('DROP SCHEMA IF EXISTS %%I CASCADE;', nspname) FROM user_schemas
  WHERE nspname <> 'public' AND oid NOT IN (SELECT oid FROM kept_schemas)
 UNION ALL
@@ -415,7 +418,7 @@ SELECT format('DROP %%s IF EXISTS %%I.%%I CASCADE;',
                              WHEN 'f' THEN 'FOREIGN TABLE' ELSE 'TABLE' END, n.nspname, c.relname)
   FROM pg_class c JOIN user_schemas n ON n.oid = c.relnamespace
  WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f') AND c.oid NOT IN (SELECT oid FROM kept)
-   AND c.oid NOT IN (SELECT objid FROM extension_owned)
+   AND c.oid NOT IN (SELECT objid FROM extension_owned) AND c.oid NOT IN (SELECT objid FROM column_owned)
    AND (n.nspname = 'public' OR n.oid IN (SELECT oid FROM kept_schemas))
 UNION ALL
 SELECT format('DROP ROUTINE IF EXISTS %%I.%%I(%%s) CASCADE;', n.nspname, p.proname, pg_get_function_identity_arguments(p.oid))
@@ -598,30 +601,65 @@ def take_backup(settings: Settings, conn: Any, from_revision: tuple[str, ...], t
     )
 
 
-def succeeded(settings: Settings, paths: list[str]) -> None:
+class Taken(NamedTuple):
+    """The backups taken before a change (the main database's last), and what they mean for
+    getting back: `recovery()` says it in words."""
+
+    paths: list[str]
+    # MIGRATE_BACKUP=off: none was asked for
+    off: bool = False
+    # the main database held nothing of its own, so it was not backed up (a first deploy)
+    held_nothing: bool = False
+
+    def recovery(self) -> str:
+        """What to do once a change failed half-way (a revision that commits part of its work)."""
+        if self.paths and not self.held_nothing:
+            *others, main = self.paths
+            also = ("; and restore each other database's, with DATABASE_URL set to it: "
+                    + ", ".join(_name(o) for o in others)) if others else ""
+            return (f"restore the backup this run took before it changed anything, `migrate-job restore "
+                    f"{_name(main)} --yes` (the database as it was before this run){also}; fix the revision, "
+                    "then run the job again")
+        if self.held_nothing:
+            return ("the database held nothing of its own before this run: drop it and create it again (or drop "
+                    "everything this run created in it), fix the revision, then run the job again")
+        if self.off:
+            return ("no backup was taken (MIGRATE_BACKUP=off): undo by hand what it committed (listed above), "
+                    "then run the job again")
+        return "undo by hand what it committed (listed above), then run the job again"
+
+
+def _name(path: str) -> str:
+    """A backup's name, as `restore` takes it from MIGRATE_BACKUP_DIR."""
+    return path.rsplit("/", 1)[-1]
+
+
+def succeeded(settings: Settings, taken: Taken) -> None:
     """The migration these backups preceded succeeded: retention may now let them go in turn."""
-    for path in paths:
+    for path in taken.paths:
         mark_succeeded(store(settings), path)
 
 
-def before_migrating(settings: Settings, conn: Any, others: list[Any], the_plan: Any, record: Any) -> list[str]:
+def before_migrating(settings: Settings, conn: Any, others: list[Any], the_plan: Any, record: Any) -> Taken:
     """`run`'s backups (MIGRATE_BACKUP: `auto` only when something is pending), labelled from where
-    the databases are to where the plan takes them; return the paths."""
+    the databases are to where the plan takes them."""
     if settings.backup == "off" or (settings.backup == "auto" and not the_plan.pending):
-        return []
+        return Taken([], off=settings.backup == "off")
     to = the_plan.heads if the_plan.pending else the_plan.current
     return before_changing(settings, conn, others, the_plan.current, to, record)
 
 
 def before_changing(settings: Settings, conn: Any, others: list[Any], current: tuple[str, ...],
-                    to: tuple[str, ...], record: Any) -> list[str]:
+                    to: tuple[str, ...], record: Any) -> Taken:
     """Back up every database a change touches (a multidb env.py's others first, each under its
-    lock), before the first change to any of them; return the paths, the main one in `record`."""
+    lock), before the first change to any of them; the main one's path also in `record`."""
+    if settings.backup == "off":
+        return Taken([], off=True)
     taken = []
     for other in others:
         if needs_backup(settings, other.conn, current):
             taken.append(take_backup(settings, other.conn, current, to, other.database).path)
-    if needs_backup(settings, conn, current):
-        record.backup_path = take_backup(settings, conn, current, to).path
-        taken.append(record.backup_path)
-    return taken
+    if not needs_backup(settings, conn, current):
+        return Taken(taken, held_nothing=True)
+    record.backup_path = take_backup(settings, conn, current, to).path
+    return Taken([*taken, record.backup_path])

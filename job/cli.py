@@ -184,6 +184,8 @@ def _failed(error: BaseException, started: float, termination: str | None, detai
     """Log run.failed with a one-line error, write the termination message, return the exit code."""
     if isinstance(error, Interrupted):
         message = f"interrupted by signal {error.signum}: the running revision was rolled back, the lock released"
+        if error.left_behind:
+            message += f". {error.left_behind}"
     elif isinstance(error, JobError):
         message = str(error)
     else:

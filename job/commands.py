@@ -162,7 +162,7 @@ def backup_now(settings: Settings) -> str:
                 theirs = plan.current_revisions(other.conn, version_table)
                 taken.append(backup.take_backup(settings, other.conn, theirs, theirs, other.database).path)
             record.backup_path = backup.take_backup(settings, conn, current, current).path
-            backup.succeeded(settings, [*taken, record.backup_path])  # no migration follows that could fail
+            backup.succeeded(settings, backup.Taken([*taken, record.backup_path]))  # no migration follows that could fail
             return record.backup_path
 
 
@@ -221,15 +221,15 @@ def downgrade(settings: Settings, target: str) -> str:
                  pending=[{"revision": s.revision, "description": s.description} for s in steps])
         if not steps:
             return "up-to-date"
-        project.refuse_unsafe_endings(steps, "downgrade")
+        migrate.warn_nonatomic(project, steps, "downgrade")
         final = project.after_downgrade(steps)
         # a relative target (-1) is resolved once: after the first step it would mean something else
         absolute = "base" if not final else final[0] if len(final) == 1 else target
         with history.of(settings, conn).run("downgrade") as record:
             # (a database with revisions to undo always holds something to back up)
-            taken = [] if settings.backup == "off" else backup.before_changing(
-                settings, conn, others, current, tuple(final), record)
-            migrate.apply_steps(settings, conn, project, steps, absolute, "downgrade", record, version_table, rows_within=not others)
+            taken = backup.before_changing(settings, conn, others, current, tuple(final), record)
+            migrate.apply_steps(settings, conn, project, steps, absolute, "downgrade", record, version_table,
+                                rows_within=not others, recovery=taken.recovery())
             migrate.verify(settings, conn, project, version_table, "downgrade", absolute, others=others)
             backup.succeeded(settings, taken)
             record.outcome = "downgraded"

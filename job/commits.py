@@ -2,21 +2,26 @@
 (`CREATE INDEX CONCURRENTLY`): `op.get_bind().commit()`, `op.execute("COMMIT")`,
 `with op.get_context().autocommit_block():`.
 
-Whatever such a revision committed before it failed stays, while its version row does not: a
-plain re-run would start it again from the top and trip over its own first statements. So the
-job runs only the shapes a re-run can always complete, and refuses the others before anything
-runs, saying what to write instead (read from the revision's source, not by running it):
+The job runs every one of them as Alembic runs it: such revisions ran in production years ago, and
+a new environment must run them from the top as they are. What one commits before it fails stays,
+while its version row does not, so a plain re-run would start it again over its own committed
+work. So the job:
 
-- the transaction is ended first thing: `op.get_bind().commit()` (or `op.execute("COMMIT")`,
-  `with autocommit_block():`) comes before any other statement of the function;
-- what runs outside a transaction is one statement: an `autocommit_block()` holds one, and a
-  function ending its transaction with `op.execute("COMMIT")` has one more statement after it;
-- after `op.get_bind().commit()`, the rest of the function runs in a new transaction that the job
-  commits together with the version row (SQLAlchemy begins it, but Alembic no longer commits it).
+- reads each pending revision's source before anything runs (`ending`) and, for the shapes where a
+  failure could leave committed work behind (work before the commit, more than one statement
+  outside a transaction, two ends), says so first (`migration.nonatomic`), naming the revision and
+  why;
+- keeps a ledger of what the running revision has committed, statement by statement, on whichever
+  connection and driver env.py gave it (`Ledger`), so that a failure names exactly what stayed and
+  how to recover (the backup this run took), and is never retried over it;
+- drops the INVALID index a failed `CREATE INDEX CONCURRENTLY` leaves, as PostgreSQL's
+  documentation recommends, so that the re-run builds it again.
 
-A one-statement failure outside a transaction is `CREATE INDEX CONCURRENTLY` leaving an INVALID
-index behind; the job drops such indexes that the failed revision left, as PostgreSQL's
-documentation recommends, so that the re-run can build it again.
+The shapes a re-run always completes: the transaction ended first thing (before any other
+statement of the function), then one statement outside a transaction (an `autocommit_block()`
+holding one, or one statement after `op.execute("COMMIT")`); or `op.get_bind().commit()` first,
+after which the rest of the function runs in a new transaction that the job commits together with
+the version row (SQLAlchemy begins it, but Alembic no longer commits it).
 """
 
 from __future__ import annotations
@@ -27,8 +32,11 @@ from typing import Any, NamedTuple
 
 from psycopg2 import sql
 
+from job.config import VersionTable
+
 _COMMIT_SQL = re.compile(r"^\s*(COMMIT|END)(\s+(WORK|TRANSACTION))?\s*;?\s*$", re.IGNORECASE)
 
+# how to write a new revision of this kind so that it is atomic in effect (lint says it)
 ADVICE = (
     "give each statement that must run outside a transaction (CREATE INDEX CONCURRENTLY...) a revision "
     "of its own whose function is only `with op.get_context().autocommit_block():` around that one "
@@ -37,7 +45,8 @@ ADVICE = (
 
 
 class Ending(NamedTuple):
-    """How a revision function ends its transaction, and whether a re-run could complete it."""
+    """How a revision function ends its transaction, and, if a failure after its commit could leave
+    committed work that a plain re-run trips over, why (`problem`)."""
 
     revision: str
     function: str
@@ -49,8 +58,10 @@ def ending(source: str, revision: str, function: str) -> Ending | None:
     """How `function` (upgrade or downgrade) in a revision's `source` ends its transaction, if it does."""
     try:
         tree = ast.parse(source)
-    except SyntaxError:
-        return None  # Alembic has already imported it: this does not happen
+    except (SyntaxError, SystemError):
+        # (Alembic has already imported it, so not a syntax error; SystemError: CPython 3.11 before
+        # 3.11.8 can fail parsing once its AST constructor failed in the process, python/cpython#106905)
+        return None
     body = next((node.body for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == function), None)
     if body is None:
         return None
@@ -132,3 +143,91 @@ def drop_left_behind(conn: Any, before: set[tuple[str, str]]) -> list[str]:
         for schema, name in left:
             cur.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(schema, name)))
     return [f"{schema}.{name}" for schema, name in left]
+
+
+# ---- what the running revision has committed -----------------------------------------------------
+
+# how much of each statement the ledger keeps (a revision's data migration may be a page of SQL)
+STATEMENT_TEXT = 160
+
+
+class Ledger:
+    """The statements the running revision has committed so far, whatever env.py's connection and
+    driver: SQLAlchemy's events on every Engine (a statement run in autocommit, or after a literal
+    COMMIT, is committed as it runs; the others when their transaction commits). Alembic's own
+    statements on the version table are not the revision's work and are left out."""
+
+    def __init__(self) -> None:
+        self.revision: str | None = None
+        self.committed: list[str] = []
+        self._pending: list[str] = []
+        self._outside = False  # after a literal COMMIT: the server runs each statement on its own
+        self._version_table: VersionTable | None = None
+        self._listening = False
+
+    def open(self, revision: str, version_table: VersionTable | None) -> None:
+        """Start the ledger of `revision` (its transaction has not begun)."""
+        self.revision, self._version_table = revision, version_table
+        self.committed, self._pending, self._outside = [], [], False
+
+    def close(self) -> None:
+        """The revision's own work is over (its version row is written): stop listening to it."""
+        self.revision = None
+
+    def stop(self) -> list[str]:
+        """The running revision failed or was interrupted: what it had committed (the rest rolls back)."""
+        committed = self.committed if self.revision is not None else []
+        self.revision, self.committed, self._pending = None, [], []
+        return committed
+
+    def listen(self) -> None:
+        """Listen on every Engine: before env.py makes its own, since a SQLAlchemy connection takes
+        in only the listeners there were when it was made."""
+        if self._listening:
+            return
+        from sqlalchemy import event
+        from sqlalchemy.engine import Engine
+
+        event.listen(Engine, "after_cursor_execute", self._executed)
+        event.listen(Engine, "commit", self._commit)
+        event.listen(Engine, "rollback", self._rollback)
+        self._listening = True
+
+    def _executed(self, conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if self.revision is None:
+            return
+        if _COMMIT_SQL.match(statement):
+            self._commit(conn)
+            self._outside = True
+            return
+        if self._version_row(statement):
+            return
+        text = " ".join(statement.split())
+        text = text if len(text) <= STATEMENT_TEXT else text[:STATEMENT_TEXT] + "…"
+        (self.committed if self._outside or _autocommit(conn) else self._pending).append(text)
+
+    def _commit(self, _conn: Any) -> None:
+        if self.revision is not None:
+            self.committed.extend(self._pending)
+            self._pending, self._outside = [], False
+
+    def _rollback(self, _conn: Any) -> None:
+        if self.revision is not None:
+            self._pending, self._outside = [], False
+
+    def _version_row(self, statement: str) -> bool:
+        table = self._version_table.name if self._version_table is not None else "alembic_version"
+        return bool(re.match(rf'\s*(INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+("?\w+"?\.)?"?{re.escape(table)}"?[\s(]',
+                             statement, re.IGNORECASE))
+
+
+def _autocommit(conn: Any) -> bool:
+    """Whether a SQLAlchemy connection's driver connection runs each statement on its own (Alembic's
+    autocommit_block sets that through the isolation level, on every driver)."""
+    try:
+        return bool(conn.connection.dbapi_connection.autocommit)
+    except Exception:
+        return False
+
+
+ledger = Ledger()

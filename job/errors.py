@@ -78,6 +78,8 @@ class Interrupted(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
+        # what the running revision had committed before the signal, when it ends its own transaction
+        self.left_behind: str | None = None
 
     @property
     def exit_code(self) -> int:

@@ -21,7 +21,8 @@ import sys
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Iterable
+from contextlib import contextmanager as _contextmanager
+from typing import Any, Iterable, Iterator
 
 from job.config import redact_url
 
@@ -254,6 +255,26 @@ def reclaim() -> None:
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
     # Alembic announces each of its plugins at INFO: only in debug
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.DEBUG if debug else logging.WARNING)
+
+
+@_contextmanager
+def project_code() -> Iterator[None]:
+    """The job owns logging and stdout while the project's code runs (env.py, the app modules it
+    imports, revision files): logging configuration calls do nothing (a stock env.py calls
+    fileConfig; app settings modules call dictConfig or basicConfig on import), `print` goes to
+    stderr, and afterwards the job's root handler is the only one again and no logger stays
+    disabled, so Alembic's records keep going through the job's renderer."""
+    import contextlib
+    import logging.config
+
+    saved = (logging.config.fileConfig, logging.config.dictConfig, logging.basicConfig)
+    logging.config.fileConfig = logging.config.dictConfig = logging.basicConfig = lambda *a, **k: None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        logging.config.fileConfig, logging.config.dictConfig, logging.basicConfig = saved
+        reclaim()
 
 
 def run_id() -> str:

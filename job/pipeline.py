@@ -44,7 +44,7 @@ def run_once(settings: Settings, started: float) -> str:
                 taken = backup.before_migrating(settings, conn, others, the_plan, record)
                 if the_plan.pending:
                     migrate.apply_steps(settings, conn, project, list(the_plan.pending), settings.target, "upgrade",
-                                        record, version_table, rows_within=not others)
+                                        record, version_table, rows_within=not others, recovery=taken.recovery())
                     migrate.verify(settings, conn, project, version_table, others=others)
                 backup.succeeded(settings, taken)
                 record.outcome = "migrated" if the_plan.pending else "up-to-date"
