@@ -20,13 +20,6 @@ if config.config_file_name is not None and config.attributes.get("configure_logg
 
 target_metadata = Base.metadata
 version_table = config.get_main_option("version_table", "alembic_version")
-# migrate-job's tables (the run history, and beside it what runs learned of the scripts) live beside
-# the schema, not in the models: autogenerate leaves them be
-history_table = os.environ.get("MIGRATE_HISTORY_TABLE", "migrate_job_history")
-
-
-def include_name(name, type_, parent_names) -> bool:
-    return not (type_ == "table" and name.startswith(history_table))
 
 
 def url() -> str:
@@ -58,7 +51,6 @@ def do_run_migrations(connection) -> None:
         target_metadata=target_metadata,
         version_table=version_table,
         transaction_per_migration=True,
-        include_name=include_name,
     )
     with context.begin_transaction():
         context.run_migrations()

@@ -19,7 +19,8 @@ INI, PYPROJECT = "alembic.ini", "pyproject.toml"
 
 
 class AlembicFiles(NamedTuple):
-    """alembic.ini and/or pyproject.toml of one project, with their options parsed."""
+    """alembic.ini and/or pyproject.toml of one project, with their options parsed, and how Alembic
+    is invoked on it: the ini section (`alembic -n`) and the `-x` arguments env.py may read."""
 
     ini: Path | None
     toml: Path | None
@@ -28,9 +29,13 @@ class AlembicFiles(NamedTuple):
     # pyproject.toml's [tool.alembic] and [tool.migrate-job] tables
     toml_alembic: dict[str, Any]
     toml_migrate_job: dict[str, Any]
+    # the ini section Alembic reads (`alembic -n NAME`, MIGRATE_INI_SECTION)
+    section: str = "alembic"
+    # `alembic -x KEY=VALUE ...` (MIGRATE_X_ARGS): env.py reads them with context.get_x_argument()
+    x_args: tuple[str, ...] = ()
 
     @classmethod
-    def find(cls, given: Path) -> AlembicFiles:
+    def find(cls, given: Path, section: str = "alembic", x_args: tuple[str, ...] = ()) -> AlembicFiles:
         """The project that `given` (an alembic.ini, another .ini, or a pyproject.toml) belongs to."""
         if not given.is_file():
             raise ConfigError(
@@ -45,9 +50,10 @@ class AlembicFiles(NamedTuple):
             toml = toml if toml.is_file() else None
         parser = _read_ini(ini) if ini else configparser.ConfigParser()
         tool = _read_toml(toml, required=given == toml) if toml else {}
-        files = cls(ini, toml, parser, tool.get("alembic", {}), tool.get("migrate-job", {}))
-        if ini is not None and not parser.has_section("alembic") and not files.toml_alembic:
-            raise ConfigError(f"{str(ini)!r} has no [alembic] section: is ALEMBIC_CONFIG the right file?")
+        files = cls(ini, toml, parser, tool.get("alembic", {}), tool.get("migrate-job", {}), section, tuple(x_args))
+        if ini is not None and not parser.has_section(section) and not files.toml_alembic:
+            named = "" if section == "alembic" else " (MIGRATE_INI_SECTION, -n)"
+            raise ConfigError(f"{str(ini)!r} has no [{section}] section{named}: is ALEMBIC_CONFIG the right file?")
         if files.option("script_location") is None:
             where = " or ".join(repr(str(p)) for p in (ini, toml) if p)
             raise ConfigError(f"no script_location in {where}: is ALEMBIC_CONFIG the right file?")
@@ -64,9 +70,10 @@ class AlembicFiles(NamedTuple):
         return self.ini or self.toml  # type: ignore[return-value]
 
     def option(self, name: str) -> Any:
-        """An Alembic option: alembic.ini's [alembic] first, then pyproject.toml's [tool.alembic]
-        (with `%(here)s` replaced), else None. From pyproject.toml a list stays a list."""
-        value = self._ini("alembic", name)
+        """An Alembic option: alembic.ini's section ([alembic], or the one -n names) first, then
+        pyproject.toml's [tool.alembic] (with `%(here)s` replaced), else None. From pyproject.toml a
+        list stays a list."""
+        value = self._ini(self.section, name)
         if value is not None:
             return value
         value = self.toml_alembic.get(name)
@@ -80,7 +87,7 @@ class AlembicFiles(NamedTuple):
     def base_dir(self, name: str) -> Path:
         """The directory relative paths of option `name` are resolved from (the file that set it;
         Alembic itself resolves them from the working directory, which is the project's in practice)."""
-        if self.ini and self.ini_parser.has_option("alembic", name):
+        if self.ini and self.ini_parser.has_option(self.section, name):
             return self.ini.parent
         return (self.toml or self.main).parent
 

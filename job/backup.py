@@ -29,11 +29,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
 
-from job import archive, db
+from job import archive, db, tables
 from job.archive import first_error
 from job.config import S3_SCHEME, Database, Settings, parse_s3
 from job.errors import BackupFailed, DumpExited, RestoreFailed
-from job.history import own_tables
 from job.logs import log
 
 CHUNK = 1 << 20  # bytes passed at a time between the archive and pg_restore
@@ -66,12 +65,15 @@ SIDECAR_FIELDS = ("database", "from_revision", "to_revision", "created_at", "sha
 
 
 # Anything of the database's own: relations (tables, views, sequences…), functions, types other
-# than tables' row types, extensions beyond the built-in plpgsql. Relations named with the job's
-# own prefix (its history tables, their sequences and indexes) do not count.
+# than tables' row types, extensions beyond the built-in plpgsql. The job's own tables (job.tables),
+# their sequences and indexes do not count, nor does the job's own schema.
 NOTHING_TO_BACK_UP_SQL = """
+WITH own AS (SELECT to_regclass(t) AS oid FROM unnest(%(own)s::text[]) t)
 SELECT NOT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                   WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%%'
-                     AND (%(own)s::text IS NULL OR c.relname NOT LIKE %(own)s || '%%'))
+                   WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', %(schema)s) AND n.nspname NOT LIKE 'pg\\_%%'
+                     AND c.oid NOT IN (SELECT oid FROM own WHERE oid IS NOT NULL)
+                     AND c.oid NOT IN (SELECT d.objid FROM pg_depend d JOIN own ON d.refobjid = own.oid)
+                     AND c.oid NOT IN (SELECT i.indexrelid FROM pg_index i JOIN own ON i.indrelid = own.oid))
    AND NOT EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
                    WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%%')
    AND NOT EXISTS (SELECT 1 FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
@@ -81,10 +83,12 @@ SELECT NOT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.rel
 """
 
 
-def nothing_to_back_up(conn: Any, own_prefix: str | None) -> bool:
+def nothing_to_back_up(conn: Any, own: tables.Own | None) -> bool:
     """Whether the database holds nothing of its own (a first deploy): its backup could restore nothing."""
     with conn.cursor() as cur:
-        cur.execute(NOTHING_TO_BACK_UP_SQL, {"own": own_prefix})
+        cur.execute(NOTHING_TO_BACK_UP_SQL, {
+            "own": [t.identifier().as_string(conn) for t in own.all()] if own else [],
+            "schema": own.schema if own and own.own_schema else ""})
         return bool(cur.fetchone()[0])
 
 
@@ -169,7 +173,7 @@ def take(
     application_name: str,
     env: Mapping[str, str],
     lock_wait_timeout: float = 300,
-    exclude_tables: list[str] = [],
+    own: tables.Own | None = None,
     set_key: str = "",
     wait_timeout: float = 0,
 ) -> Backup:
@@ -190,7 +194,7 @@ def take(
         f"--lock-wait-timeout={max(int(lock_wait_timeout * 1000), 1)}",
         # the job's own history is not the application's data: a restore must not rewind it
         # (and its id sequence, which pg_restore --clean would otherwise try to drop from under it)
-        *(f"--exclude-table={name}" for table in exclude_tables for name in (table, f"{table}_id_seq")),
+        *_excluded(own),
         f"--dbname={database.conninfo_without_password(application_name)}",
     ]
     dumped = _dump(store, name, argv, child, pg_restore, server_version, wait_timeout,
@@ -220,6 +224,16 @@ def take(
     log.info("backup.done", path=backup.path, bytes=backup.bytes, seconds=backup.seconds, sha256=backup.sha256)
     prune(store, [backup._asdict(), *earlier], keep)  # (the set as listed, without reading it again)
     return backup
+
+
+def _excluded(own: tables.Own | None) -> list[str]:
+    """pg_dump's options that leave the job's own tables out (with their sequences): the job's
+    schema whole, and each table where it may stand beside the application's."""
+    if own is None:
+        return []
+    options = [f"--exclude-schema={own.schema}"] if own.own_schema else []
+    return options + [f"--exclude-table={name}" for table in own.all()
+                      for name in (str(table), f"{table}_id_seq")]
 
 
 def _dump(store: Any, name: str, argv: list[str], env: dict[str, str], pg_restore: str, server_version: int,
@@ -436,8 +450,9 @@ SELECT format('DROP TYPE IF EXISTS %%I.%%I CASCADE;', n.nspname, t.typname)
 """
 
 
-def clearing_sql(conn: Any, kept_tables: list[str]) -> str:
-    """DROP statements for everything the database holds besides `kept_tables` (the job's own)."""
+def clearing_sql(conn: Any, own: tables.Own | None) -> str:
+    """DROP statements for everything the database holds besides the job's own tables (and its schema)."""
+    kept_tables = [t.identifier().as_string(conn) for t in own.all()] if own else []
     with conn.cursor() as cur:
         cur.execute("SELECT array_agg(t) FROM unnest(%s::text[]) t WHERE to_regclass(t) IS NOT NULL", (kept_tables,))
         kept = cur.fetchone()[0] or []
@@ -573,7 +588,7 @@ def store(settings: Settings) -> Any:
 
 def needs_backup(settings: Settings, conn: Any, current: tuple[str, ...]) -> bool:
     """`auto` does not back up a database that holds nothing yet (a first deploy: nothing to restore)."""
-    if settings.backup == "auto" and not current and nothing_to_back_up(conn, settings.history_table):
+    if settings.backup == "auto" and not current and nothing_to_back_up(conn, tables.of(settings.history_table)):
         log.info("backup.skipped", database=db.database_name(conn),
                  reason="the database holds nothing yet (a first deploy): nothing to restore")
         return False
@@ -595,7 +610,7 @@ def take_backup(settings: Settings, conn: Any, from_revision: tuple[str, ...], t
         settings.application_name,
         os.environ,
         lock_wait_timeout=settings.lock_timeout,
-        exclude_tables=own_tables(settings.history_table),
+        own=tables.of(settings.history_table),
         set_key=set_of(db.server_identity(conn), db.database_name(conn)),
         wait_timeout=settings.wait_timeout,
     )

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from typing import Any, Callable
 
 import psycopg2
@@ -24,11 +25,14 @@ def parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     for option in config.OPTIONS:  # every setting has its flag (job.config.OPTIONS)
         help = f"{option.help} ({option.variable})"
+        flags = [option.short, option.flag] if option.short else [option.flag]
         if isinstance(option.default, bool):
-            common.add_argument(option.flag, dest=option.field, action=argparse.BooleanOptionalAction, default=None,
+            common.add_argument(*flags, dest=option.field, action=argparse.BooleanOptionalAction, default=None,
                                 help=help)
         else:
-            common.add_argument(option.flag, dest=option.field, choices=option.choices, help=help)
+            common.add_argument(*flags, dest=option.field, choices=option.choices, help=help,
+                                action="append" if option.repeat else "store",
+                                metavar="KEY=VALUE" if option.repeat else None)
 
     top = _Parser(prog="migrate-job", description="Run Alembic migrations safely, once, with a backup.")
     top.add_argument("--version", action="version", version=f"migrate-job {__version__}")
@@ -159,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(*config.log_options(env, vars(args)), stream=sys.stderr if prints else sys.stdout,
                    hold=args.command == "run")
     db.install_signal_handlers()
+    warnings.showwarning = logs.show_warning
     log.info("run.start", command=args.command, version=__version__)
     termination = config.termination_log(env, vars(args))  # (the setting, read before the others)
     try:

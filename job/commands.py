@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from job import db, history, lock, manifest, plan
+from job import db, history, lock, manifest, plan, tables
 from job.config import Settings
 from job.errors import BackupFailed, ConfigError, LintFindings
 from job.logs import log
@@ -126,7 +126,7 @@ def status(settings: Settings) -> Status:
             heads=heads, pending_count=None if pending is None else len(pending), pending=pending, ahead=ahead,
             problem=problem, lock={"key": key, "held": holder is not None, "holder": holder},
             backups=newest, backups_problem=backups_problem,
-            history=history.recent(conn, settings.history_table),
+            history=history.recent(conn, tables.of(settings.history_table)),
             databases=[{"section": section, "current": list(current)}
                        for section, current in others_current(settings, version_table)],
         )
@@ -201,7 +201,7 @@ def restore(settings: Settings, name: str, force: bool = False) -> tuple[list[st
             record.backup_path = path
             backup.restore(settings.database, store, name, meta["sha256"], settings.application_name, os.environ,
                            lambda name: lock.cancel_lock_waits(conn, name, settings.lock_timeout),
-                           backup.clearing_sql(conn, history.own_tables(settings.history_table)))
+                           backup.clearing_sql(conn, tables.of(settings.history_table)))
             after = list(plan.current_revisions(conn, version_table))
             log.info("restore.done", path=path, before=before, after=after)
             return before, after
@@ -245,6 +245,7 @@ def lint(settings: Settings, everything: bool = False, allow: str | None = None)
     allowed = linter.allowances(settings.alembic, allow)
     if everything:
         with migrate.project_of(settings, None) as project:
+            project.settle_offline()
             steps = project.steps((), "heads")
             sql = [(s, project.step_sql(s.revision)) for s in steps]
             graph = project.lineage()
@@ -281,7 +282,9 @@ def write_manifest(settings: Settings) -> Path:
         raise ConfigError(f"the script location in {str(settings.alembic.main)!r} is not understood: "
                           "no heads manifest can be used for it")
     project = migrate.Project(settings.alembic)
+    project.settle_offline()  # (env.py may put the scripts somewhere else than the config files say)
+    project.validate_target("heads")  # (no revision at all: nothing a start-up could trust)
     try:
-        return manifest.write(scripts, project.heads())
+        return manifest.write(scripts, migrate.known_of(project, settings.version_table))
     except OSError as e:
         raise ConfigError(f"cannot write the heads manifest: {e}") from None

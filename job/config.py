@@ -321,7 +321,8 @@ def load(env: Mapping[str, str], flags: Mapping[str, object], need_database: boo
         database = _database(url, env)
     else:
         database = Database.from_libpq_env(env)
-    alembic = AlembicFiles.find(Path(_given(_OPTION["config"], env, flags) or "alembic.ini"))
+    alembic = AlembicFiles.find(Path(_given(_OPTION["config"], env, flags) or "alembic.ini"),
+                                values.pop("ini_section"), values.pop("x_args"))
     log_options(env, flags, strict=True)  # logging is already set up (leniently): refuse bad values
     return Settings(
         database=database,
@@ -410,11 +411,12 @@ def termination_log(env: Mapping[str, object], flags: Mapping[str, object]) -> s
     return _given(_OPTION["termination_log"], env, flags) or None
 
 
-def _given(option: Option, env: Mapping[str, object], flags: Mapping[str, object]) -> str | None:
-    """What was given for a setting: its flag, else its variable (unset or empty: None)."""
+def _given(option: Option, env: Mapping[str, object], flags: Mapping[str, object]) -> Any:
+    """What was given for a setting: its flag, else its variable (unset or empty: None). A flag
+    given more than once (-x) is the list of its values."""
     value = flags.get(option.field)
     if value is not None:
-        return str(value)
+        return value if option.repeat else str(value)
     value = env.get(option.variable)
     return str(value) if value not in (None, "") else None
 
@@ -481,10 +483,14 @@ class Option(NamedTuple):
     field: str
     flag: str
     variable: str
-    parse: Callable[[str, str], Any] | None
+    parse: Callable[[Any, str], Any] | None
     default: Any
     help: str
     choices: tuple[str, ...] | None = None
+    # a one-letter form of the flag, as Alembic's CLI spells it (-x, -n)
+    short: str | None = None
+    # the flag may be given more than once; the variable holds the values, space-separated
+    repeat: bool = False
 
 
 def _text(value: str, _name: str) -> str:
@@ -503,8 +509,36 @@ def _one_of(*choices: str) -> Callable[[str, str], str]:
     return lambda value, name: _choice(value, name, choices)
 
 
+def _x_args(value: str | list[str], name: str) -> tuple[str, ...]:
+    """Alembic's -x arguments: the flag's values, or the variable's, split as a shell would (quotes
+    keep a value with spaces together)."""
+    import shlex
+
+    if isinstance(value, list):
+        return tuple(value)
+    try:
+        return tuple(shlex.split(value))
+    except ValueError as e:
+        raise ConfigError(f"{name}={value!r}: {e} (space-separated KEY=VALUE; quote a value with spaces)") from None
+
+
+def _section(value: str, name: str) -> str:
+    if not value.strip() or any(c in value for c in "[]\n"):
+        raise ConfigError(f"{name}={value!r} is not an ini section name")
+    return value.strip()
+
+
 def _history(value: str, name: str) -> str | None:
-    return None if value.lower() == "off" else _identifier(value, name)
+    """`off`, `name` (in the job's own schema, job.tables) or `schema.name`."""
+    if value.lower() == "off":
+        return None
+    schema, _, table = value.rpartition(".")
+    if schema:
+        _identifier(schema, name)
+    _identifier(table, name)
+    if len(table) > 63 - len("_lineage"):
+        raise ConfigError(f"{name}={value!r}: the name must leave room for the _lineage beside it (55 characters)")
+    return value
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -513,6 +547,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("config", "--config", "ALEMBIC_CONFIG", None, "alembic.ini", "the project's alembic.ini or pyproject.toml"),
     Option("databases", "--databases", "MIGRATE_DATABASES", None, None,
            "a multidb env.py's alembic.ini sections: `section` or `section=URL`"),
+    Option("ini_section", "--name", "MIGRATE_INI_SECTION", _section, "alembic",
+           "the alembic.ini section to read, as `alembic -n NAME`", short="-n"),
+    Option("x_args", "--x-arg", "MIGRATE_X_ARGS", _x_args, (),
+           "an argument for env.py, as `alembic -x KEY=VALUE` (repeatable; the variable: space-separated)",
+           short="-x", repeat=True),
     Option("target", "--target", "MIGRATE_TARGET", _text, "head", "revision to migrate to"),
     Option("wait_timeout", "--wait-timeout", "MIGRATE_WAIT_TIMEOUT", _seconds, 60.0,
            "seconds to wait for the database to accept queries"),

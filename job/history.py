@@ -1,7 +1,7 @@
 """The run history table: one row per run that changed something, and one per revision applied.
 
 Like Flyway's schema history, for Alembic. The job creates the table itself on first use, in its
-own transaction, beside (never in) Alembic's version table. Rows are written on the session that
+own transaction, in the job's own schema (job.tables). Rows are written on the session that
 holds the lock, between revision transactions. A run's row is written when it starts, so a run
 that was killed outright still leaves a row, with no outcome. At-head starts write nothing.
 """
@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 from psycopg2 import sql
 
-from job import db, lineage, manifest
+from job import db, tables
 from job.config import Settings
 from job.errors import Interrupted, JobError
 from job.logs import log, redactor, run_id
@@ -44,11 +44,12 @@ DO_TAG = "$migrate_job_history$"
 
 
 class History:
-    """Writes to the history table on `conn`; a table name of None turns it off."""
+    """Writes to the history table on `conn`; no tables of the job's (None) turns it off."""
 
-    def __init__(self, conn: Any, table: str | None, run_id: str) -> None:
+    def __init__(self, conn: Any, own: tables.Own | None, run_id: str) -> None:
         self.conn = conn
-        self.table = sql.Identifier(table) if table else None
+        self.own = own
+        self.table = own.table("history").identifier() if own is not None else None
         self.run_id = run_id
         self.host = socket.gethostname()
         self.backup_path: str | None = None
@@ -63,6 +64,7 @@ class History:
 
         def write(cur: Any) -> Any:
             if not self._created:
+                tables.prepare(cur, self.own, "history")
                 cur.execute(sql.SQL(DDL).format(table=table))
                 self._created = True
             cur.execute(sql.SQL(statement).format(table=table), params)
@@ -140,20 +142,19 @@ class History:
         return True
 
 
-def recent(conn: Any, table: str | None, limit: int = 10) -> list[dict[str, Any]]:
+def recent(conn: Any, own: tables.Own | None, limit: int = 10) -> list[dict[str, Any]]:
     """The newest runs, for `status`; empty when the table is off or not there yet."""
+    table = tables.found(conn, own, "history")
     if table is None:
         return []
     with conn.cursor() as cur:
-        if not db.table_exists(cur, sql.Identifier(table)):
-            return []
         cur.execute(
             sql.SQL(
                 "SELECT run_id, command, started_at, seconds, outcome, error, backup_path, host, "
                 "(SELECT string_agg(r.revision || ' ' || r.direction || ' ' || coalesce(r.outcome, '?'), ', ' "
                 "ORDER BY r.id) FROM {table} r WHERE r.run_id = t.run_id AND r.kind = 'revision') "
                 "FROM {table} t WHERE kind = 'run' ORDER BY id DESC LIMIT %s"
-            ).format(table=sql.Identifier(table)),
+            ).format(table=table.identifier()),
             (limit,),
         )
         rows = cur.fetchall()
@@ -164,10 +165,5 @@ def recent(conn: Any, table: str | None, limit: int = 10) -> list[dict[str, Any]
 
 
 def of(settings: Settings, conn: Any) -> History:
-    """This run's history, in MIGRATE_HISTORY_TABLE (None: none)."""
-    return History(conn, settings.history_table, run_id())
-
-
-def own_tables(history_table: str | None) -> list[str]:
-    """The job's own tables in the database (history and what runs learned): never backed up or restored."""
-    return [t for t in (history_table, manifest.record_table(history_table), lineage.table_for(history_table)) if t]
+    """This run's history, in MIGRATE_HISTORY_TABLE (off: none)."""
+    return History(conn, tables.of(settings.history_table), run_id())

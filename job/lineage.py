@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 from psycopg2 import sql
 
-from job import db
+from job import db, tables
 from job.config import Settings
 from job.errors import RevisionError
 from job.logs import log
@@ -58,38 +58,43 @@ class Revision(NamedTuple):
     breaking: str | None = None
 
 
-def table_for(history_table: str | None) -> str | None:
-    """The lineage table, beside the history table; none when history is off."""
-    return f"{history_table}_lineage" if history_table else None
-
-
-def record(conn: Any, table: str | None, version_table: str, revisions: Iterable[Revision]) -> str | None:
+def record(conn: Any, own: tables.Own | None, version_table: str, revisions: Iterable[Revision]) -> str | None:
     """Record (or update) the scripts' graph; return why it could not be, if it could not.
     Runs under the migration lock, before any revision is applied."""
-    if table is None:
+    if own is None:
         return None
     payload = json.dumps([{"revision": r.revision, "down": list(r.down), "description": r.description,
                            "breaking": r.breaking} for r in revisions])
 
     def write(cur: Any) -> None:
-        cur.execute(sql.SQL(LINEAGE_DDL).format(table=sql.Identifier(table)))
-        cur.execute(sql.SQL(RECORD_SQL).format(table=sql.Identifier(table)),
-                    {"version_table": version_table, "revisions": payload})
+        table = tables.prepare(cur, own, "lineage").identifier()
+        cur.execute(sql.SQL(LINEAGE_DDL).format(table=table))
+        cur.execute(sql.SQL(RECORD_SQL).format(table=table), {"version_table": version_table, "revisions": payload})
 
     return db.best_effort(conn, write)[1]
 
 
-def read(conn: Any, table: str | None, version_table: str) -> dict[str, Revision] | None:
+def read(conn: Any, own: tables.Own | None, version_table: str) -> dict[str, Revision] | None:
     """The recorded graph for this version table; None when nothing is recorded."""
+    table = tables.found(conn, own, "lineage")
     if table is None:
         return None
     with conn.cursor() as cur:
-        if not db.table_exists(cur, sql.Identifier(table)):
-            return None
         cur.execute(sql.SQL("SELECT revision, down_revisions, description, breaking FROM {} WHERE version_table = %s")
-                    .format(sql.Identifier(table)), (version_table,))
+                    .format(table.identifier()), (version_table,))
         rows = cur.fetchall()
     return {r[0]: Revision(r[0], tuple(r[1]), r[2], r[3]) for r in rows} or None
+
+
+def at_heads(heads: Iterable[str], graph: Mapping[str, Revision]) -> tuple[str, ...]:
+    """What Alembic's version table holds once every one of `heads` is applied: the heads less
+    those that another head needs (depends on, directly or through its ancestors), as Alembic keeps
+    only the dependent one (expand/contract branches whose contract head depends on the expand one)."""
+    heads = sorted(set(heads))
+    needed: set[str] = set()
+    for head in heads:
+        needed.update(r for r in ancestry([head], graph) if r != head)
+    return tuple(h for h in heads if h not in needed)
 
 
 def ahead_of(current: tuple[str, ...], ours: Mapping[str, Revision], targets: tuple[str, ...],
@@ -182,13 +187,13 @@ def ancestry(tips: Iterable[str], graph: Mapping[str, Revision]) -> list[str]:
 def recorded(settings: Settings, conn: Any, version_table: Any) -> Callable[[], dict[str, Revision] | None]:
     """The lineage recorded beside `version_table`, read when asked (only a database at revisions
     the scripts lack needs it)."""
-    table = table_for(settings.history_table)
-    return lambda: read(conn, table, str(version_table))
+    own = tables.of(settings.history_table)
+    return lambda: read(conn, own, str(version_table))
 
 
 def record_scripts(settings: Settings, conn: Any, revisions: Iterable[Revision], version_table: Any) -> None:
     """Record the scripts' revision graph beside the version table before anything is applied, so
     that older code meeting this database can tell where it stands."""
-    problem = record(conn, table_for(settings.history_table), str(version_table), revisions)
+    problem = record(conn, tables.of(settings.history_table), str(version_table), revisions)
     if problem:
         log.warning("lineage.unrecorded", error=problem)

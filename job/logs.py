@@ -222,59 +222,91 @@ def _load() -> None:
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tail],
         )
     )
+    handler.setLevel(level)
+    handler.addFilter(_shown)
     _options["handler"] = handler
+    # the job's defaults, before any of the project's code runs (which may change them as it likes)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("alembic").setLevel(level)
+    # (SQLAlchemy formats a message for every statement its loggers are enabled for: only in debug)
+    logging.getLogger("sqlalchemy").setLevel(logging.DEBUG if _options["level"] == "debug" else logging.WARNING)
     reclaim()
 
 
+# Records that reach the job's handler but are not shown: SQLAlchemy echoes every statement at INFO,
+# Alembic announces each of its plugins: below WARNING, only in debug.
+QUIET_UNLESS_DEBUG = ("sqlalchemy", "alembic.runtime.plugins")
+# The AWS SDK's debug lines carry request headers (a session token among them): never shown, by any
+# handler (these are the job's own S3 client's loggers, which the project's code does not use).
+SECRET_BEARING = ("boto3", "botocore", "s3transfer", "urllib3")
+
+
+def _shown(record: Any) -> bool:
+    """The job's handler's filter (its level does the rest)."""
+    quiet = record.name.startswith(QUIET_UNLESS_DEBUG) and _options["level"] != "debug"
+    return not quiet or record.levelno >= LEVELS["warning"]
+
+
 def reclaim() -> None:
-    """Make stdlib logging the job's again, whatever the project's code did to it: our handler the
-    only one on the root logger, no logger disabled (dictConfig disables those it does not name),
-    and Alembic's and SQLAlchemy's records propagating to it at our levels."""
+    """After the project's code ran (env.py, the modules it imports, revision files), which may
+    configure logging as it likes (a stock env.py calls fileConfig; app settings modules call
+    dictConfig or basicConfig on import): its configuration stands, as under bare Alembic (its
+    handlers, levels, disabled loggers). The job only makes sure its own handler is still on the
+    root logger (dictConfig and fileConfig replace the root's handlers), and that no handler of the
+    project's writes to stdout, which is the job's JSON lines: those write to stderr instead."""
     import logging
 
     handler = _options.get("handler")
     if handler is None:
         return
-    level = LEVELS[_options["level"]]
     root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    for logger in list(logging.Logger.manager.loggerDict.values()):
-        if isinstance(logger, logging.Logger):
-            logger.disabled = False
-            if logger.name.split(".")[0] in ("alembic", "sqlalchemy"):
-                logger.handlers[:] = []
-                logger.propagate = True
-                logger.setLevel(logging.NOTSET)
-    debug = level == LEVELS["debug"]
-    # SQLAlchemy echoes every statement at INFO: only in debug.
-    logging.getLogger("sqlalchemy").setLevel(logging.DEBUG if debug else logging.WARNING)
-    logging.getLogger("alembic").setLevel(level)
-    # The AWS SDK's debug lines carry request headers (a session token among them): never shown
-    for name in ("boto3", "botocore", "s3transfer", "urllib3"):
+    if handler not in root.handlers:
+        root.addHandler(handler)
+    stdout = {id(sys.__stdout__), id(_options["stream"].stream)}
+    loggers = [root, *(lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger))]
+    for logger in loggers:
+        for other in logger.handlers:
+            if other is not handler and id(getattr(other, "stream", None)) in stdout:
+                other.setStream(sys.stderr)
+    level = LEVELS[_options["level"]]
+    for name in SECRET_BEARING:
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
-    # Alembic announces each of its plugins at INFO: only in debug
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
 @_contextmanager
 def project_code() -> Iterator[None]:
-    """The job owns logging and stdout while the project's code runs (env.py, the app modules it
-    imports, revision files): logging configuration calls do nothing (a stock env.py calls
-    fileConfig; app settings modules call dictConfig or basicConfig on import), `print` goes to
-    stderr, and afterwards the job's root handler is the only one again and no logger stays
-    disabled, so Alembic's records keep going through the job's renderer."""
+    """While the project's code runs, whatever it prints, or logs through a handler it makes then,
+    goes to stderr; each logging configuration call it makes does what it says and is followed by
+    `reclaim` (so Alembic's records that follow still reach the job's handler), and so is the end."""
     import contextlib
+    import functools
     import logging.config
 
+    def then_reclaim(configure: Any) -> Any:
+        @functools.wraps(configure)
+        def configured(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return configure(*args, **kwargs)
+            finally:
+                reclaim()
+        return configured
+
     saved = (logging.config.fileConfig, logging.config.dictConfig, logging.basicConfig)
-    logging.config.fileConfig = logging.config.dictConfig = logging.basicConfig = lambda *a, **k: None
+    logging.config.fileConfig, logging.config.dictConfig, logging.basicConfig = map(then_reclaim, saved)
     try:
         with contextlib.redirect_stdout(sys.stderr):
             yield
     finally:
         logging.config.fileConfig, logging.config.dictConfig, logging.basicConfig = saved
         reclaim()
+
+
+def show_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    """`warnings.showwarning` for the job: a Python warning (a deprecation in a dependency, the
+    project's own) is a log line like any other, not raw text beside them."""
+    log.warning("python.warning", category=category.__name__, message=str(message), source=f"{filename}:{lineno}")
 
 
 def run_id() -> str:

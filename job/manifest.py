@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 from psycopg2 import sql
 
-from job import db
+from job import db, tables
 from job.alembic_files import AlembicFiles
 from job.config import Settings, VersionTable
 from job.logs import log
@@ -40,8 +40,22 @@ NAME = "migrate-job-heads.json"
 class Known(NamedTuple):
     """What is known about the scripts without loading them."""
 
+    # what the version table holds at the scripts' heads (a head another head depends on is not
+    # kept there: job.lineage.at_heads)
     heads: tuple[str, ...]
     version_table: VersionTable
+    # the version locations env.py sets in code, where they are not the config files' (Prefect's
+    # `context.script.version_locations = [...]`), and the fingerprint of the files in them: what is
+    # known holds only while that fingerprint does
+    locations: tuple[str, ...] = ()
+    locations_fingerprint: str = ""
+
+    def holds(self) -> bool:
+        """Whether what is known still describes the scripts: some heads, and env.py's own version
+        locations (if any) as they were. No heads would say any database at base is at its target."""
+        if not self.heads:
+            return False
+        return not self.locations or fingerprint_locations(self.locations) == self.locations_fingerprint
 
 
 class Scripts(NamedTuple):
@@ -62,17 +76,36 @@ def scripts(files: AlembicFiles) -> Scripts | None:
         return None
     script, versions, recursive = found
     digest = hashlib.sha256()
+    if files.section != "alembic" or files.x_args:  # what env.py reads may depend on them
+        digest.update(json.dumps(["invoked", files.section, list(files.x_args)]).encode() + b"\n")
     for config_file in [*files.paths, script / "env.py"]:
         content = _read(str(config_file)) if config_file.is_file() else b""
         digest.update(f"config {config_file.name} {len(content)}\n".encode())
         digest.update(content)
-    for location in versions:
+    _digest_locations(digest, [str(v) for v in versions], recursive)
+    return Scripts(script, digest.hexdigest())
+
+
+def _digest_locations(digest: Any, locations: list[str], recursive: bool) -> None:
+    for location in locations:
         digest.update(f"location {location}\n".encode())
-        for relative, path in sorted(_files(str(location), "", recursive)):
+        for relative, path in sorted(_files(location, "", recursive)):
             content = _read(path)
             digest.update(f"file {relative} {len(content)}\n".encode())
             digest.update(content)
-    return Scripts(script, digest.hexdigest())
+
+
+def fingerprint_locations(locations: tuple[str, ...]) -> str:
+    """The fingerprint of every file under `locations` (recursively: a superset of what Alembic reads)."""
+    digest = hashlib.sha256()
+    _digest_locations(digest, list(locations), True)
+    return digest.hexdigest()
+
+
+def locations(files: AlembicFiles) -> list[Path] | None:
+    """The version locations the config files name, resolved; None when they are not understood."""
+    found = _locations(files)
+    return None if found is None else [Path(os.path.realpath(p)) for p in found[1]]
 
 
 def from_file(found: Scripts, configured: VersionTable) -> Known | None:
@@ -83,16 +116,24 @@ def from_file(found: Scripts, configured: VersionTable) -> Known | None:
         return None
     if not isinstance(manifest, dict) or manifest.get("fingerprint") != found.fingerprint:
         return None
-    heads = manifest.get("heads")
-    if not isinstance(heads, list) or not all(isinstance(h, str) for h in heads):
+    heads, moved, moved_fingerprint = (manifest.get(k) for k in ("heads", "locations", "locations_fingerprint"))
+    if not _strings(heads) or not _strings(moved or []) or not isinstance(moved_fingerprint or "", str):
         return None
-    return Known(tuple(sorted(heads)), configured)
+    known = Known(tuple(sorted(heads)), configured, tuple(moved or ()), moved_fingerprint or "")
+    return known if known.holds() else None
 
 
-def write(found: Scripts, script_heads: tuple[str, ...]) -> Path:
-    """Record `script_heads` (from Alembic) for the scripts as they are now."""
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def write(found: Scripts, known: Known) -> Path:
+    """Record what Alembic says of the scripts as they are now (its version table is the config files')."""
     path = found.manifest_path
-    path.write_text(json.dumps({"heads": sorted(script_heads), "fingerprint": found.fingerprint}, indent=2) + "\n")
+    content: dict[str, Any] = {"heads": sorted(known.heads), "fingerprint": found.fingerprint}
+    if known.locations:
+        content.update(locations=list(known.locations), locations_fingerprint=known.locations_fingerprint)
+    path.write_text(json.dumps(content, indent=2) + "\n")
     return path
 
 
@@ -101,57 +142,55 @@ def write(found: Scripts, script_heads: tuple[str, ...]) -> Path:
 RECORD_DDL = """
 CREATE TABLE IF NOT EXISTS {table} (
     scripts text PRIMARY KEY,      -- sha256 of the scripts' fingerprint
-    heads text[] NOT NULL,
+    heads text[] NOT NULL,         -- the version table's rows at the scripts' heads
     version_table text NOT NULL,
     version_table_schema text,
     seal text NOT NULL,            -- HMAC of the rest, keyed by the fingerprint
     recorded_at timestamptz NOT NULL DEFAULT now()
-)
+);
+-- (added after the first version: a table an older version made gains them)
+ALTER TABLE {table} ADD COLUMN IF NOT EXISTS locations text[] NOT NULL DEFAULT '{{}}',
+                    ADD COLUMN IF NOT EXISTS locations_fingerprint text NOT NULL DEFAULT ''
 """
 
 
-def record_table(history_table: str | None) -> str | None:
-    """The table beside the history table that keeps what runs learned; none when history is off."""
-    return f"{history_table}_heads" if history_table else None
-
-
-def from_database(conn: Any, table: str | None, found: Scripts) -> Known | None:
-    """What an earlier run recorded for these exact scripts, if anything (and its seal holds)."""
+def from_database(conn: Any, own: tables.Own | None, found: Scripts) -> Known | None:
+    """What an earlier run recorded for these exact scripts, if anything (and its seal holds). The
+    row is read whole, as JSON: a table an older version made lacks the newer columns."""
+    table = tables.found(conn, own, "heads")
     if table is None:
         return None
     with conn.cursor() as cur:
-        if not db.table_exists(cur, sql.Identifier(table)):
-            return None
-        cur.execute(
-            sql.SQL("SELECT heads, version_table, version_table_schema, seal FROM {} WHERE scripts = %s")
-            .format(sql.Identifier(table)),
-            (_record_id(found),),
-        )
+        cur.execute(sql.SQL("SELECT to_jsonb(r) FROM {} r WHERE scripts = %s").format(table.identifier()),
+                    (_record_id(found),))
         row = cur.fetchone()
     if row is None:
         return None
-    heads, name, schema, seal = row
-    known = Known(tuple(sorted(heads)), VersionTable(name, schema))
-    return known if hmac.compare_digest(seal, _seal(found, known)) else None
+    record = row[0]
+    known = Known(tuple(sorted(record["heads"])), VersionTable(record["version_table"], record["version_table_schema"]),
+                  tuple(record.get("locations") or ()), record.get("locations_fingerprint") or "")
+    return known if hmac.compare_digest(record["seal"], _seal(found, known)) and known.holds() else None
 
 
-def remember(conn: Any, table: str | None, found: Scripts, known: Known) -> str | None:
+def remember(conn: Any, own: tables.Own | None, found: Scripts, known: Known) -> str | None:
     """Record what Alembic answered for these scripts; return why it could not be, if it could not.
     (Runs on the session holding the migration lock.)"""
-    if table is None:
+    if own is None:
         return None
 
     def write(cur: Any) -> None:
-        cur.execute(sql.SQL(RECORD_DDL).format(table=sql.Identifier(table)))
+        table = tables.prepare(cur, own, "heads").identifier()
+        cur.execute(sql.SQL(RECORD_DDL).format(table=table))
         cur.execute(
             sql.SQL(
-                "INSERT INTO {} (scripts, heads, version_table, version_table_schema, seal) "
-                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (scripts) DO UPDATE SET heads = EXCLUDED.heads, "
+                "INSERT INTO {} (scripts, heads, version_table, version_table_schema, locations, locations_fingerprint, "
+                "seal) VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (scripts) DO UPDATE SET heads = EXCLUDED.heads, "
                 "version_table = EXCLUDED.version_table, version_table_schema = EXCLUDED.version_table_schema, "
+                "locations = EXCLUDED.locations, locations_fingerprint = EXCLUDED.locations_fingerprint, "
                 "seal = EXCLUDED.seal, recorded_at = now()"
-            ).format(sql.Identifier(table)),
+            ).format(table),
             (_record_id(found), list(known.heads), known.version_table.name, known.version_table.schema,
-             _seal(found, known)),
+             list(known.locations), known.locations_fingerprint, _seal(found, known)),
         )
 
     return db.best_effort(conn, write)[1]
@@ -164,7 +203,8 @@ def _record_id(found: Scripts) -> str:
 def _seal(found: Scripts, known: Known) -> str:
     # (the format's version first: a record of a job that did not record lineage is not used, so the
     # first run after an upgrade loads Alembic once and records the lineage too)
-    payload = json.dumps(["v2", sorted(known.heads), known.version_table.name, known.version_table.schema])
+    payload = json.dumps(["v3", sorted(known.heads), known.version_table.name, known.version_table.schema,
+                          list(known.locations), known.locations_fingerprint])
     return hmac.new(found.fingerprint.encode(), payload.encode(), hashlib.sha256).hexdigest()
 
 
@@ -276,7 +316,7 @@ def known_scripts(settings: Settings, conn: Any, found: Scripts | None) -> Known
     run of these exact scripts (it asked env.py where the version table is), else the heads manifest."""
     if found is None:
         return None
-    return (from_database(conn, record_table(settings.history_table), found)
+    return (from_database(conn, tables.of(settings.history_table), found)
             or from_file(found, settings.version_table))
 
 
@@ -284,6 +324,6 @@ def learned(settings: Settings, conn: Any, found: Scripts | None, known: Known |
     """Record what Alembic said of these scripts, so that the next start need not load it."""
     if found is None or known == learned:
         return
-    problem = remember(conn, record_table(settings.history_table), found, learned)
+    problem = remember(conn, tables.of(settings.history_table), found, learned)
     if problem:
         log.warning("heads.unrecorded", error=problem)

@@ -10,6 +10,7 @@ and records each as it commits.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import inspect
 import io
@@ -22,8 +23,9 @@ import psycopg2
 from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
 from alembic.script import ScriptDirectory
+from alembic.script.revision import RevisionMap
 from alembic.util import CommandError
-from sqlalchemy import create_engine
+from sqlalchemy import Connection, create_engine
 from sqlalchemy.pool import StaticPool
 
 from job import commits, lineage, lock, logs, manifest, plan, stepper
@@ -71,15 +73,60 @@ class Project:
         try:
             with logs.project_code():
                 self.script = ScriptDirectory.from_config(self.config)
-                self.script.revision_map.heads  # imports every revision file now, not mid-plan
         except Exception as e:
             raise ConfigError(
                 f"the Alembic project in {str(files.main)!r} cannot be loaded: {type(e).__name__}: {e}"
             ) from None
+        self._load_revisions()
+        # where the scripts are as the config files say; env.py may move them (`_follow_env_py`)
+        self._configured = _whereabouts(self.script)
         self.raw_connection = raw_connection
         self._connection: Any = None
+        self._version_table: VersionTable | None = None
         # (revision, upgrade or downgrade) -> how it ends its transaction, if it does
         self._endings: dict[tuple[str, str], commits.Ending | None] = {}
+
+    def _load_revisions(self) -> None:
+        """Import every revision file now, not mid-plan."""
+        try:
+            with logs.project_code():
+                self.script.revision_map.heads
+        except Exception as e:
+            raise ConfigError(
+                f"the Alembic project in {str(self.files.main)!r} cannot be loaded: {type(e).__name__}: {e}"
+            ) from None
+
+    def _follow_env_py(self) -> None:
+        """Where env.py put the scripts: an env.py may set `context.script.version_locations` (or
+        the script directory's other options) in code, as Prefect's does; Alembic reads revisions
+        only when first asked, after env.py, so the plan must come from the same place."""
+        now = _whereabouts(self.script)
+        if now != self._configured:
+            self._configured = now
+            self.script.revision_map = RevisionMap(self.script._load_revisions)
+            self._endings.clear()
+            self._load_revisions()
+
+    def locations(self) -> tuple[str, ...]:
+        """The directories the revisions are read from, as env.py left them."""
+        return tuple(self.script._version_locations)
+
+    def moved_locations(self) -> tuple[str, ...]:
+        """The version locations, when env.py set them to other directories than the config files
+        name (what the heads manifest and the database's record must also fingerprint); else ()."""
+        configured = manifest.locations(self.files)
+        if configured is not None and {str(p) for p in configured} == {os.path.realpath(p) for p in self.locations()}:
+            return ()
+        return tuple(os.path.realpath(p) for p in self.locations())
+
+    def settle_offline(self) -> None:
+        """With no database (lint --all, manifest): run env.py offline once, emitting nothing, so
+        that the scripts are wherever it puts them. An env.py that has no offline mode leaves them
+        where the config files say."""
+        try:
+            self._offline(lambda rev, ctx: [], None, "heads")
+        except Exception:
+            pass
 
     def connection(self) -> Any:
         """A SQLAlchemy connection over the raw psycopg2 connection (the one holding the lock)."""
@@ -87,6 +134,7 @@ class Project:
             raw = self.raw_connection
             raw.autocommit = False
             engine = create_engine("postgresql+psycopg2://", creator=lambda: raw, poolclass=StaticPool)
+            engine._connection_cls = SharedConnection
             self._connection = engine.connect()
             self.config.attributes["connection"] = self._connection
         return self._connection
@@ -101,6 +149,8 @@ class Project:
 
         env.py may set `version_table` / `version_table_schema` in code: only running it tells.
         (Every connection it opens meanwhile is checked to be on the locked database: `_Sessions`.)"""
+        if self._version_table is not None:
+            return self._version_table
         seen: list[VersionTable] = []
 
         def found(rev: Any, context: Any) -> list[Any]:
@@ -118,6 +168,7 @@ class Project:
             self.rollback()
         if not seen:
             raise ConfigError("env.py ran no migrations online (it never called context.run_migrations())")
+        self._version_table = seen[0]
         return seen[0]
 
     def heads(self) -> tuple[str, ...]:
@@ -149,9 +200,19 @@ class Project:
                 found.append(revision)
         return found
 
+    def at_heads(self) -> tuple[str, ...]:
+        """What the version table holds once at every head: the heads, less those another head
+        depends on (expand/contract branches: Alembic keeps only the dependent one)."""
+        return lineage.at_heads(self.heads(), self.lineage())
+
     def validate_target(self, target: str) -> None:
-        """Refuse an ambiguous `head`, or a target the scripts lack."""
+        """Refuse scripts with no revision, an ambiguous `head`, or a target the scripts lack."""
         heads = self.heads()
+        if not heads:
+            raise ConfigError(
+                f"no revision found where the scripts are ({', '.join(self.locations())}): a run would migrate "
+                f"nothing and leave the database as it is. Check script_location and version_locations in "
+                f"{str(self.files.main)!r} (or what env.py sets in context.script.version_locations)")
         if target == "head" and len(heads) > 1:
             raise RevisionError(
                 f"the migration scripts have {len(heads)} heads ({', '.join(heads)}) and the target is "
@@ -202,8 +263,12 @@ class Project:
         each version row written); env.py never reconfigures logging."""
         if not as_sql:
             self.connection()
-        with logs.project_code(), _environment(self.config, self.script, on_version_apply, fn=fn, as_sql=as_sql, **kw):
-            self.script.run_env()
+        try:
+            with logs.project_code(), _environment(self.config, self.script, on_version_apply, fn=fn, as_sql=as_sql,
+                                                   **kw):
+                self.script.run_env()
+        finally:
+            self._follow_env_py()
 
     def offline_sql(self, current: tuple[str, ...], target: str) -> str:
         """The SQL `alembic upgrade --sql` would emit from `current` to `target`."""
@@ -294,6 +359,25 @@ class Project:
             sessions.end_leftovers(self.raw_connection)
 
 
+class SharedConnection(Connection):
+    """The locked session as env.py finds it in `config.attributes["connection"]`: a Connection (the
+    cookbook's "sharing a connection"), and for an env.py that takes it to be an Engine, as
+    pytest-alembic shares one (JupyterHub's `with connectable.connect() as connection:`), its own
+    `connect()`, which lends this very connection. What env.py closes stays open: the session, and
+    the lock on it, are the job's to end."""
+
+    def connect(self) -> SharedConnection:
+        return self
+
+    def close(self) -> None:
+        """(the job ends the session itself: `Project.close`)"""
+
+
+def _whereabouts(script: ScriptDirectory) -> tuple[Any, ...]:
+    """What decides which revision files a script directory reads."""
+    return (script.dir, tuple(script.version_locations or ()), script.recursive_version_locations, script.sourceless)
+
+
 def _breaking(marker: Any) -> str | None:
     """A revision's `breaks_previous_release`: True, or the reason, means older code must stop."""
     if not marker:
@@ -321,13 +405,18 @@ def _environment(config: Config, script: ScriptDirectory, on_version_apply: Call
 
 
 def _config(files: AlembicFiles) -> Config:
-    """Alembic's Config for alembic.ini and/or pyproject.toml (the latter needs Alembic 1.16+)."""
+    """Alembic's Config for alembic.ini and/or pyproject.toml (the latter needs Alembic 1.16+), as
+    `alembic -n SECTION -x ARG ... upgrade` makes it: env.py's `config.config_ini_section`,
+    `context.get_x_argument()` and `config.cmd_opts` read what they would under the alembic CLI."""
+    options = argparse.Namespace(config=str(files.main), name=files.section, x=list(files.x_args), raiseerr=False,
+                                 quiet=False)
     if files.toml is not None and files.toml_alembic:
         if "toml_file" not in inspect.signature(Config).parameters:
             raise ConfigError(f"{str(files.toml)!r} configures Alembic in [tool.alembic], which needs Alembic 1.16 "
                               f"or newer (installed: {alembic.__version__})")
-        return Config(file_=str(files.ini) if files.ini else None, toml_file=str(files.toml))
-    return Config(str(files.ini))
+        return Config(file_=str(files.ini) if files.ini else None, toml_file=str(files.toml),
+                      ini_section=files.section, cmd_opts=options)
+    return Config(str(files.ini), ini_section=files.section, cmd_opts=options)
 
 
 # --- what every command that loads Alembic shares ---------------------------------------------
@@ -413,5 +502,13 @@ def record_scripts(settings: Settings, conn: Any, project: Project, version_tabl
     Older code has nothing to add to what newer code recorded."""
     if the_plan.ahead:
         return
-    manifest.learned(settings, conn, scripts, known, manifest.Known(the_plan.heads, version_table))
+    manifest.learned(settings, conn, scripts, known, known_of(project, version_table))
     lineage.record_scripts(settings, conn, project.lineage().values(), version_table)
+
+
+def known_of(project: Project, version_table: VersionTable) -> manifest.Known:
+    """What the fast path needs to know of these scripts: the version table at their heads, where
+    it is, and the version locations env.py moved them to (fingerprinted), if it did."""
+    moved = project.moved_locations()
+    return manifest.Known(project.at_heads(), version_table, moved,
+                          manifest.fingerprint_locations(moved) if moved else "")

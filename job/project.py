@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Any
 
-from job import manifest
+from job import manifest, tables
 from job.config import Settings, VersionTable
 
 if TYPE_CHECKING:
@@ -46,13 +46,15 @@ class Alembic:
 
 
 def version_table_of(settings: Settings, conn: Any, project: Project | None = None) -> VersionTable:
-    """Where the version table is: as a run recorded it for these scripts, else asked of env.py
-    (the heads manifest only repeats what the config files say): Alembic loads only for that."""
-    found = manifest.scripts(settings.alembic)
-    recorded = found and manifest.from_database(conn, manifest.record_table(settings.history_table), found)
-    if recorded:
-        return recorded.version_table
+    """Where the version table is. With the project loaded, asked of env.py (which also puts the
+    scripts where it finds them, so the plan that follows reads the right ones); else as a run
+    recorded it for these scripts, else asked of env.py all the same (the heads manifest only
+    repeats what the config files say): Alembic loads only for that."""
     if project is not None:
         return project.locate()
+    found = manifest.scripts(settings.alembic)
+    recorded = found and manifest.from_database(conn, tables.of(settings.history_table), found)
+    if recorded:
+        return recorded.version_table
     with Alembic(settings, conn) as alembic:
         return alembic.version_table()

@@ -129,8 +129,8 @@ class Db:
         finally:
             conn.close()
 
-    def tables(self) -> set[str]:
-        return {r[0] for r in self.query("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+    def tables(self, schema: str = "public") -> set[str]:
+        return {r[0] for r in self.query("SELECT tablename FROM pg_tables WHERE schemaname = %s", (schema,))}
 
     def version(self) -> list[str]:
         if "alembic_version" not in self.tables():

@@ -42,7 +42,7 @@ def job_env(env: dict[str, str], db: Db, shape: Shape, project: Path) -> dict[st
 
 
 def history_rows(db: Db) -> list[tuple[str, str]]:
-    return db.query("SELECT revision, outcome FROM migrate_job_history WHERE kind = 'revision' ORDER BY id")
+    return db.query("SELECT revision, outcome FROM migrate_job.migrate_job_history WHERE kind = 'revision' ORDER BY id")
 
 
 @pytest.mark.parametrize("env_py", ENV_PY)

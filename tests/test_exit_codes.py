@@ -34,7 +34,7 @@ def test_a_revision_that_exits_is_a_failed_revision(body: str, db: Db, env: dict
     assert (6, True, ["b003"]) == (result.code, "revision b004" in result.event("run.failed")["error"], db.version())
     assert "half" not in db.tables()
     assert [("b004", "failed")] == db.query(
-        "SELECT revision, outcome FROM migrate_job_history WHERE kind = 'revision' AND revision = 'b004'")
+        "SELECT revision, outcome FROM migrate_job.migrate_job_history WHERE kind = 'revision' AND revision = 'b004'")
 
 
 @pytest.mark.parametrize("row", ["head", "heads", "b00"])
@@ -216,7 +216,7 @@ def test_a_locked_history_table_never_holds_up_the_run(db: Db, env: dict[str, st
     assert 0 == run_job("run", env={**env, "MIGRATE_TARGET": "0001"}).code
     operator = db.connect(application_name="operator")
     operator.autocommit = False
-    operator.cursor().execute("LOCK TABLE migrate_job_history IN SHARE MODE")
+    operator.cursor().execute("LOCK TABLE migrate_job.migrate_job_history IN SHARE MODE")
     started = time.monotonic()
 
     result = run_job("run", env={**env, "MIGRATE_STATEMENT_LOCK_TIMEOUT": "1"})
@@ -234,7 +234,7 @@ def test_sigterm_while_a_history_write_waits_is_not_swallowed(db: Db, env: dict[
     assert 0 == run_job("run", env={**env, "MIGRATE_TARGET": "0001"}).code
     operator = db.connect(application_name="operator")
     operator.autocommit = False
-    operator.cursor().execute("LOCK TABLE migrate_job_history IN SHARE MODE")
+    operator.cursor().execute("LOCK TABLE migrate_job.migrate_job_history IN SHARE MODE")
     out = tmp_path / "job.log"
     proc = start_logged({**env, "MIGRATE_STATEMENT_LOCK_TIMEOUT": "30"}, out)
     wait_for_event(out, "plan")  # the run row's write comes next, and waits on the lock

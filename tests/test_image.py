@@ -405,7 +405,7 @@ def test_init_container_mode_three_replicas_one_migration(cluster: Cluster, db: 
     runners = [f"{pod['metadata']['name']}-migrate" for pod in pods]
     assert [cluster.finished(r).code for r in runners] == [0, 0, 0], [cluster.outcome(r) for r in runners]
     assert sorted(cluster.outcome(r) for r in runners) == ["migrated (exit 0)"] + ["up-to-date (exit 0)"] * 2
-    assert db.query("SELECT count(*), count(backup_path) FROM migrate_job_history "
+    assert db.query("SELECT count(*), count(backup_path) FROM migrate_job.migrate_job_history "
                     "WHERE kind = 'run' AND outcome = 'migrated'") == [(1, 1)]
     assert db.version() == ["0006"]
     for pod in pods:

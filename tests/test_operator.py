@@ -8,6 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import (
     MIGRATE_JOB, ROOT, Db, create_database, drop_database, hold_lock, run_job, scenario
 )
@@ -15,11 +17,11 @@ from tests.events import wait_for_event
 
 
 def _runs(db: Db) -> list[tuple]:
-    return db.query("SELECT command, outcome, error FROM migrate_job_history WHERE kind = 'run' ORDER BY id")
+    return db.query("SELECT command, outcome, error FROM migrate_job.migrate_job_history WHERE kind = 'run' ORDER BY id")
 
 
 def _revisions(db: Db) -> list[tuple]:
-    return db.query("SELECT revision, direction, outcome FROM migrate_job_history WHERE kind = 'revision' ORDER BY id")
+    return db.query("SELECT revision, direction, outcome FROM migrate_job.migrate_job_history WHERE kind = 'revision' ORDER BY id")
 
 
 def _backup(env: dict[str, str]) -> str:
@@ -200,8 +202,8 @@ def test_downgrade_to_base_and_back_up_with_data(db: Db, env: dict[str, str]) ->
     assert ["0006", "0005", "0004", "0003", "0002", "0001"] == [
         e["revision"] for e in down.events("migration.done") if e["direction"] == "downgrade"]
     assert [] == db.version()
-    assert {"alembic_version", "migrate_job_history", "migrate_job_history_heads",
-            "migrate_job_history_lineage"} == db.tables()
+    assert ({"alembic_version"}, {"migrate_job_history", "migrate_job_history_heads", "migrate_job_history_lineage"}) == (
+        db.tables(), db.tables("migrate_job"))
     dump = down.event("backup.done")["path"]
     restored = create_database(db.admin_url, prefix="restored")
     try:
@@ -245,7 +247,7 @@ def test_history_records_a_successful_run_and_each_revision(db: Db, env: dict[st
     result = run_job("run", env=env)
     run_job("run", env=env)
 
-    rows = db.query("SELECT run_id, backup_path, host, seconds FROM migrate_job_history WHERE kind = 'run'")
+    rows = db.query("SELECT run_id, backup_path, host, seconds FROM migrate_job.migrate_job_history WHERE kind = 'run'")
     assert [("run", "migrated", None)] == _runs(db)
     assert [(f"000{i}", "upgrade", "applied") for i in range(1, 7)] == _revisions(db)
     assert result.lines[0]["run_id"] == rows[0][0]
@@ -281,14 +283,16 @@ def test_history_off_creates_no_table(db: Db, env: dict[str, str]) -> None:
     """MIGRATE_HISTORY_TABLE=off writes no history."""
     assert 0 == run_job("run", env={**env, "MIGRATE_HISTORY_TABLE": "off"}).code
 
-    assert "migrate_job_history" not in db.tables()
+    assert (set(), set()) == (db.tables("migrate_job"), {t for t in db.tables() if t.startswith("migrate_job")})
 
 
-def test_history_table_name_is_configurable(db: Db, env: dict[str, str]) -> None:
-    """MIGRATE_HISTORY_TABLE names the table."""
-    assert 0 == run_job("run", env={**env, "MIGRATE_HISTORY_TABLE": "schema_runs"}).code
+@pytest.mark.parametrize(("setting", "table"), [("schema_runs", "migrate_job.schema_runs"),
+                                              ("public.schema_runs", "public.schema_runs")])
+def test_history_table_name_is_configurable(setting: str, table: str, db: Db, env: dict[str, str]) -> None:
+    """MIGRATE_HISTORY_TABLE names the table: in the job's own schema, or in the schema it names."""
+    assert 0 == run_job("run", env={**env, "MIGRATE_HISTORY_TABLE": setting}).code
 
-    assert [("migrated",)] == db.query("SELECT outcome FROM schema_runs WHERE kind = 'run'")
+    assert [("migrated",)] == db.query(f"SELECT outcome FROM {table} WHERE kind = 'run'")
 
 
 # --- lint ------------------------------------------------------------------------------------
@@ -337,10 +341,10 @@ def test_a_history_table_that_refuses_revision_rows_never_fails_a_migration(db: 
     """Revision rows are written inside each revision's transaction; one that errors leaves the revision be."""
     assert 0 == run_job("run", env={**env, "MIGRATE_TARGET": "0001"}).code
     db.query("CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'no'; END $$")
-    db.query("CREATE TRIGGER refuse BEFORE INSERT ON migrate_job_history FOR EACH ROW WHEN (NEW.kind = 'revision') "
+    db.query("CREATE TRIGGER refuse BEFORE INSERT ON migrate_job.migrate_job_history FOR EACH ROW WHEN (NEW.kind = 'revision') "
              "EXECUTE FUNCTION refuse()")
 
     result = run_job("run", env=env)
 
     assert (0, ["0006"]) == (result.code, db.version())
-    assert [] == db.query("SELECT 1 FROM migrate_job_history WHERE kind = 'revision' AND revision <> '0001'")
+    assert [] == db.query("SELECT 1 FROM migrate_job.migrate_job_history WHERE kind = 'revision' AND revision <> '0001'")

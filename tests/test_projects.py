@@ -22,8 +22,8 @@ import pytest
 from tests.conftest import ADMIN_URL, MIGRATE_JOB, SCENARIOS, Db, create_database, drop_database, run_job
 
 ALEMBIC = str(Path(MIGRATE_JOB).parent / "alembic")
-# the job's own tables, which bare Alembic does not make
-JOB_TABLES = "migrate_job_history*"
+# the job's own schema, which bare Alembic does not make
+JOB_SCHEMA = "migrate_job"
 SHARED_VERSIONS = "%(here)s/../blog_versions"
 
 
@@ -101,9 +101,12 @@ def own_async_engine(project: Path) -> None:
 
 
 def imports_noisy_settings(project: Path) -> None:
-    """env.py imports the app's settings module, which configures logging (and prints) on import."""
-    replace(project / "migrations" / "env.py", "from alembic import context\n",
-            "from alembic import context\n\nimport noisy_settings  # noqa: F401\n")
+    """env.py imports the app's settings module, which configures logging (and prints) on import,
+    and relies on that configuration as it migrates."""
+    env_py = project / "migrations" / "env.py"
+    replace(env_py, "from alembic import context\n", "from alembic import context\n\nimport noisy_settings\n")
+    replace(env_py, "def run_migrations_online() -> None:\n", "def run_migrations_online() -> None:\n"
+                                                                  "    noisy_settings.check()\n")
 
 
 def in_a_package(project: Path) -> None:
@@ -196,7 +199,7 @@ def bare_alembic_upgrade(shape: Shape, db: Db, where: Path, edit: Callable[[Path
 
 def schema(db: Db) -> str:
     """The database's schema as pg_dump prints it, less comments, settings and the job's own tables."""
-    dump = subprocess.run(["pg_dump", "--schema-only", "--no-owner", "--no-privileges", "-T", JOB_TABLES, db.url],
+    dump = subprocess.run(["pg_dump", "--schema-only", "--no-owner", "--no-privileges", "-N", JOB_SCHEMA, db.url],
                           check=True, capture_output=True, text=True).stdout
     kept = [line for line in dump.splitlines()
             if line.strip() and not line.startswith(("--", "SET ", "SELECT pg_catalog.set_config", "\\restrict",
@@ -252,19 +255,36 @@ def _job_env(env: dict[str, str], db: Db, shape: Shape, project: Path, **extra: 
     return {**env, "DATABASE_URL": url_for(db, shape.scheme), "ALEMBIC_CONFIG": str(project / shape.config), **extra}
 
 
-def test_alembic_records_stay_json_when_the_app_configures_logging(db: Db, env: dict[str, str], tmp_path: Path) -> None:
-    """An app module's dictConfig, basicConfig, root handlers and print leave stdout one JSON object a line."""
+def test_the_apps_logging_configuration_stands_and_stdout_stays_json(db: Db, env: dict[str, str],
+                                                                    tmp_path: Path) -> None:
+    """An app module's dictConfig, basicConfig, root handlers and print take effect as under bare
+    Alembic (its code checks them as it migrates); what they write to stdout goes to stderr, and
+    stdout stays one JSON object a line."""
     shape = SHAPES["app-configures-logging"]
     project = make_project(shape, tmp_path)
 
     result = run_job("run", env=_job_env(env, db, shape, project), cwd=project)
 
-    assert 0 == result.code
+    assert 0 == result.code, result.stdout[-2000:] + result.stderr[-2000:]
     assert all(isinstance(line, dict) for line in result.lines)  # every line parsed as JSON
+    assert ["b001", "b002", "b003"] == [e["revision"] for e in result.events("migration.done")]
+    assert "settings loaded" in result.stderr and "app WARNING app.audit: migrating" in result.stderr
+    # Alembic's records go where the project sent them (env.py's fileConfig: its console handler), as under bare Alembic
+    assert "INFO  [alembic.runtime.migration] Running upgrade  -> b001, users" in result.stderr
+
+
+def test_alembic_records_go_through_the_jobs_renderer_when_the_project_sends_them_to_the_root(
+        db: Db, env: dict[str, str], tmp_path: Path) -> None:
+    """The stock template's fileConfig(alembic.ini): Alembic's records reach the job's JSON lines too."""
+    shape = SHAPES["sync-template-psycopg2"]
+    project = make_project(shape, tmp_path)
+
+    result = run_job("run", env=_job_env(env, db, shape, project), cwd=project)
+
+    assert 0 == result.code
     assert ["Running upgrade  -> b001, users", "Running upgrade b001 -> b002, posts, by user"] == [
         line["event"] for line in result.lines
         if line.get("logger") == "alembic.runtime.migration" and line["event"].startswith("Running")][:2]
-    assert "settings loaded" in result.stderr
 
 
 def test_version_table_set_in_env_py_is_the_one_read_and_written(db: Db, env: dict[str, str], tmp_path: Path) -> None:
@@ -302,7 +322,7 @@ def test_a_tampered_record_costs_speed_only(db: Db, env: dict[str, str], tmp_pat
     job_env = _job_env(env, db, shape, project)
     assert 0 == run_job("run", env=job_env, cwd=project).code
     assert "shared" == run_job("run", env=job_env, cwd=project).event("lock.acquired")["mode"]  # answered from it
-    db.query("UPDATE migrate_job_history_heads SET heads = '{b002}'")
+    db.query("UPDATE migrate_job.migrate_job_history_heads SET heads = '{b002}'")
     db.query("UPDATE alembic_version SET version_num = 'b002'")
     db.query("ALTER TABLE users DROP COLUMN display_name")
 
@@ -317,7 +337,7 @@ def test_a_changed_revision_file_is_not_answered_from_the_record(db: Db, env: di
     project = make_project(shape, tmp_path)
     job_env = _job_env(env, db, shape, project)
     assert 0 == run_job("run", env=job_env, cwd=project).code
-    assert 1 == db.query("SELECT count(*) FROM migrate_job_history_heads")[0][0]
+    assert 1 == db.query("SELECT count(*) FROM migrate_job.migrate_job_history_heads")[0][0]
     (tmp_path / "blog_versions" / "b004_tags.py").write_text(
         (SCENARIOS / "package_location" / "blog_migrations" / "migrations" / "versions" / "p004_tags.py")
         .read_text().replace("p004", "b004"))

@@ -139,8 +139,7 @@ def schema_and_rows(db: Db) -> tuple[str, list[tuple]]:
     counts = db.query(
         "SELECT c.relname, (xpath('/row/n/text()', query_to_xml(format('SELECT count(*) AS n FROM %I.%I', "
         "n.nspname, c.relname), false, true, '')))[1]::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
-        "AND c.relname NOT LIKE 'migrate_job_history%%' ORDER BY 1")
+        "WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'migrate_job') ORDER BY 1")
     return schema(db), counts
 
 

@@ -205,7 +205,7 @@ def test_lineage_is_recorded_before_anything_is_applied(db: Db, env: dict[str, s
     new = release(tmp_path, "n1", "0006")
     ran = job(env, new)
     assert ran.code == 0
-    rows = db.query("SELECT revision, down_revisions, breaking FROM migrate_job_history_lineage "
+    rows = db.query("SELECT revision, down_revisions, breaking FROM migrate_job.migrate_job_history_lineage "
                     "WHERE version_table = 'alembic_version' ORDER BY revision")
     assert [(r, d) for r, d, _ in rows] == [("0001", []), ("0002", ["0001"]), ("0003", ["0002"]),
                                             ("0004", ["0003"]), ("0005", ["0004"]), ("0006", ["0005"])]

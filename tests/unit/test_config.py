@@ -113,7 +113,9 @@ def _settings(env: dict[str, str] | None = None, flags: dict[str, object] | None
 
 def test_every_option_has_a_field_a_flag_and_a_variable() -> None:
     """Each setting is declared once: its Settings field exists, its flag and variable are unique."""
-    fields = set(config.Settings._fields) | {"database_url", "config", "databases", "log_format", "log_level"}
+    # (the ini section and -x arguments are how Alembic is invoked: Settings.alembic holds them)
+    fields = set(config.Settings._fields) | {"database_url", "config", "databases", "log_format", "log_level",
+                                             "ini_section", "x_args"}
     assert [] == [o.field for o in config.OPTIONS if o.field not in fields]
     assert len({o.flag for o in config.OPTIONS}) == len({o.variable for o in config.OPTIONS}) == len(config.OPTIONS)
 
