@@ -91,6 +91,10 @@ class AlembicFiles(NamedTuple):
             return self.ini.parent
         return (self.toml or self.main).parent
 
+    def section_option(self, section: str, name: str) -> str | None:
+        """An option of another section of alembic.ini (a multidb project's `[engine1]`)."""
+        return self._ini(section, name) if self.ini is not None else None
+
     def migrate_job_option(self, name: str) -> str | None:
         """Our own options: alembic.ini's [migrate_job], else pyproject.toml's [tool.migrate-job]."""
         value = self._ini("migrate_job", name, raw=True)

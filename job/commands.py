@@ -153,7 +153,7 @@ def backup_now(settings: Settings) -> str:
     """Take a backup under the lock, labelled with the current revision; return its path."""
     from job import backup
 
-    with connected(settings) as conn, lock.locked(settings, conn), lock.other_databases(settings) as others:
+    with connected(settings) as conn, lock.locked(settings, conn), lock.other_databases(settings, conn) as others:
         version_table = version_table_of(settings, conn)
         current = plan.current_revisions(conn, version_table)
         with history.of(settings, conn).run("backup") as record:
@@ -211,7 +211,7 @@ def downgrade(settings: Settings, target: str) -> str:
     """Back up, then downgrade to `target` one revision per transaction, under the lock."""
     from job import backup, migrate
 
-    with connected(settings) as conn, lock.locked(settings, conn), lock.other_databases(settings) as others, \
+    with connected(settings) as conn, lock.locked(settings, conn), lock.other_databases(settings, conn) as others, \
             migrate.project_of(settings, conn) as project:
         version_table = version_table_of(settings, conn, project)
         current = plan.current_revisions(conn, version_table)
@@ -230,7 +230,7 @@ def downgrade(settings: Settings, target: str) -> str:
             taken = backup.before_changing(settings, conn, others, current, tuple(final), record)
             migrate.apply_steps(settings, conn, project, steps, absolute, "downgrade", record, version_table,
                                 rows_within=not others, recovery=taken.recovery())
-            migrate.verify(settings, conn, project, version_table, "downgrade", absolute, others=others)
+            migrate.verify(settings, conn, project, version_table, undone=steps, others=others)
             backup.succeeded(settings, taken)
             record.outcome = "downgraded"
             return "downgraded"
@@ -243,20 +243,25 @@ def lint(settings: Settings, everything: bool = False, allow: str | None = None)
     from job import lint as linter
 
     allowed = linter.allowances(settings.alembic, allow)
+    start_after = settings.lint_start_after or settings.alembic.migrate_job_option("lint_start_after")
     if everything:
         with migrate.project_of(settings, None) as project:
             project.settle_offline()
-            steps = project.steps((), "heads")
-            sql = [(s, project.step_sql(s.revision)) for s in steps]
             graph = project.lineage()
+            steps = linter.after(project.steps((), "heads"), start_after, graph)
+            sql = [(s, project.step_sql(s.revision)) for s in steps]
+            endings = project.transaction_endings(steps, "upgrade")
         pg_version = "15"
     else:
         with connected(settings) as conn, migrate.project_of(settings, conn) as project:
-            steps = migrate.plan_for(settings, conn, project, version_table_of(settings, conn, project)).pending
-            sql = [(s, project.step_sql(s.revision)) for s in steps]
             graph = project.lineage()
+            steps = migrate.plan_for(settings, conn, project, version_table_of(settings, conn, project)).pending
+            steps = linter.after(steps, start_after, graph)
+            sql = [(s, project.step_sql(s.revision)) for s in steps]
+            endings = project.transaction_endings(steps, "upgrade")
             pg_version = str(conn.server_version // 10000)
-    findings, suggestions = linter.check(sql, allowed, pg_version, {r for r, rev in graph.items() if rev.breaking})
+    findings, suggestions = linter.check(sql, allowed, pg_version, {r for r, rev in graph.items() if rev.breaking},
+                                         endings.values())
     for suggestion in suggestions:
         log.warning("lint.suggestion", revision=suggestion.revision, rule=suggestion.rule, message=suggestion.message,
                     line=suggestion.line)

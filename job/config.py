@@ -257,6 +257,7 @@ class Settings(NamedTuple):
     allow_ahead: bool
     termination_log: str | None
     lint_allow: str | None
+    lint_start_after: str | None
     # names our sessions in pg_stat_activity: the pod's hostname
     application_name: str
     # a multidb env.py: the alembic.ini sections it reads its engines' URLs from, and the database
@@ -316,13 +317,17 @@ def load(env: Mapping[str, str], flags: Mapping[str, object], need_database: boo
     values = {o.field: (o.parse(raw, o.variable) if (raw := _given(o, env, flags)) is not None else o.default)
               for o in OPTIONS if o.parse is not None}
     # the settings that depend on others or on more than one variable
+    alembic = AlembicFiles.find(Path(_given(_OPTION["config"], env, flags) or "alembic.ini"),
+                                values.pop("ini_section"), values.pop("x_args"))
     url = _given(_OPTION["database_url"], env, flags)
-    if need_database or url or env.get("DATABASE_URL_FILE"):
+    listed = _given(_OPTION["databases"], env, flags)
+    multidb = _multidb_urls(alembic) if listed is None else {}
+    if multidb and url is None and not env.get("DATABASE_URL_FILE") and not _libpq_env(env):
+        database = next(iter(multidb.values()))  # (a multidb project that names its databases itself)
+    elif need_database or url or env.get("DATABASE_URL_FILE"):
         database = _database(url, env)
     else:
         database = Database.from_libpq_env(env)
-    alembic = AlembicFiles.find(Path(_given(_OPTION["config"], env, flags) or "alembic.ini"),
-                                values.pop("ini_section"), values.pop("x_args"))
     log_options(env, flags, strict=True)  # logging is already set up (leniently): refuse bad values
     return Settings(
         database=database,
@@ -330,7 +335,8 @@ def load(env: Mapping[str, str], flags: Mapping[str, object], need_database: boo
         version_table=version_table_of(alembic),
         **values,
         application_name=f"migrate-job/{socket.gethostname()}"[:63],
-        sections=_sections(_given(_OPTION["databases"], env, flags), database),
+        sections=(_sections(listed, database) if listed is not None else
+                  _distinct(tuple((name, url or database) for name, url in multidb.items()), "alembic.ini")),
         cloud_secrets=tuple(env[v] for v in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN") if env.get(v)),
     )
 
@@ -388,7 +394,44 @@ def _sections(value: str | None, database: Database) -> tuple[tuple[str, Databas
         sections.append((name, Database.from_url(url) if url else database))
     if len({name for name, _ in sections}) != len(sections):
         raise ConfigError("MIGRATE_DATABASES names a section more than once")
-    return tuple(sections)
+    return _distinct(tuple(sections), "MIGRATE_DATABASES")
+
+
+def _multidb_urls(files: AlembicFiles) -> dict[str, Database | None]:
+    """A multidb project's own word (`alembic init -t multidb`): the sections its `databases = ...`
+    option lists, each with the URL of its `sqlalchemy.url` (None where that is not a PostgreSQL
+    URL, such as the template's `driver://...`: DATABASE_URL's database then)."""
+    listed = files.option("databases")
+    if not isinstance(listed, str) or not listed.strip():
+        return {}
+    urls: dict[str, Database | None] = {}
+    for name in re.split(r"[,\s]+", listed.strip()):
+        url = files.section_option(name, "sqlalchemy.url")
+        urls[name] = Database.from_url(url) if url and url.split("://")[0].split("+")[0] in ("postgres", "postgresql") \
+            else None
+    return urls
+
+
+def _distinct(sections: tuple[tuple[str, Database], ...], where: str) -> tuple[tuple[str, Database], ...]:
+    """Refuse two sections that name one database: env.py would hold two sessions on it, each
+    waiting for the other's locks (its own transaction around each)."""
+    for index, (name, database) in enumerate(sections):
+        for other, same in sections[:index]:
+            if _where(same) == _where(database):
+                raise ConfigError(
+                    f"{where}: the multidb sections {other!r} and {name!r} both name the database "
+                    f"{_where(database)[2] or 'of DATABASE_URL'}: give each section its own database (its "
+                    "sqlalchemy.url in alembic.ini, or MIGRATE_DATABASES='section=postgresql://...')")
+    return sections
+
+
+def _where(database: Database) -> tuple[str, str, str]:
+    params = database.params
+    return params.get("host", ""), params.get("port", ""), params.get("dbname", "")
+
+
+def _libpq_env(env: Mapping[str, str]) -> bool:
+    return any(env.get(v) for v in ("PGHOST", "PGDATABASE", "PGSERVICE"))
 
 
 def log_options(env: Mapping[str, object], flags: Mapping[str, object], strict: bool = False) -> tuple[str, str]:
@@ -432,7 +475,7 @@ def _database(url: str | None, env: Mapping[str, str]) -> Database:
             raise ConfigError(f"DATABASE_URL_FILE {str(path)!r} is empty")
     if url is not None:
         return Database.from_url(url)
-    if any(env.get(v) for v in ("PGHOST", "PGDATABASE", "PGSERVICE")):
+    if _libpq_env(env):
         return Database.from_libpq_env(env)
     raise ConfigError(
         "no database configured: set DATABASE_URL (postgresql://user:password@host:5432/dbname), "
@@ -583,6 +626,8 @@ OPTIONS: tuple[Option, ...] = (
            "where the one-line outcome is written (default /dev/termination-log, when it exists)"),
     Option("lint_allow", "--lint-allow", "MIGRATE_LINT_ALLOW", _text, None,
            "lint findings accepted on purpose: rule or revision:rule, comma-separated"),
+    Option("lint_start_after", "--lint-start-after", "MIGRATE_LINT_START_AFTER", _text, None,
+           "lint only the revisions after this one (history up to it already ran in production)"),
     Option("log_format", "--log-format", "MIGRATE_LOG_FORMAT", None, None, "json, or console (the default on a TTY)",
            ("json", "console")),
     Option("log_level", "--log-level", "MIGRATE_LOG_LEVEL", None, "info", "debug, info, warning or error",

@@ -9,10 +9,12 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Collection, NamedTuple
+from typing import Any, Collection, Iterable, Mapping, NamedTuple
 
 from job.alembic_files import AlembicFiles
+from job.commits import ADVICE, Ending
 from job.errors import ConfigError
+from job.lineage import ancestry
 from job.plan import Step
 
 # Rules the job itself takes care of, for every revision.
@@ -59,11 +61,33 @@ def squawk() -> str:
     return found
 
 
+# A rule of the job's own, beside squawk's: a revision that commits part of its work before it
+# ends (job.commits). The job runs such revisions, as Alembic does (history cannot be rewritten);
+# lint says it of new ones, where it can still be written atomically.
+NONATOMIC = "nonatomic-revision"
+
+
+def after(steps: list[Step], start_after: str | None, graph: Mapping[str, Any]) -> list[Step]:
+    """The steps lint checks: those after `start_after` (MIGRATE_LINT_START_AFTER: the revision
+    history is taken to end at, as strong_migrations' `start_after`, by revision rather than by
+    timestamp), that is every one but it and what it stands on; all without it."""
+    if not start_after:
+        return steps
+    if start_after not in graph:
+        raise ConfigError(f"MIGRATE_LINT_START_AFTER={start_after!r} is not a revision of these scripts")
+    history = set(ancestry([start_after], graph))
+    return [s for s in steps if s.revision not in history]
+
+
 def check(sql_by_step: list[tuple[Step, str]], allowed: set[str], pg_version: str,
-          marked_breaking: Collection[str] = ()) -> tuple[list[Finding], list[Finding]]:
-    """Run squawk over each revision's SQL. Return the findings no allowance covers, and the
-    operations that break the previous release's code in revisions not marked `breaks_previous_release`
-    (suggestions, whether or not allowed: an allowance says the lock is acceptable, not that old code copes)."""
+          marked_breaking: Collection[str] = (), endings: Iterable[Ending] = ()) -> tuple[list[Finding], list[Finding]]:
+    """Run squawk over each revision's SQL, and the job's own rule over how each ends its
+    transaction (`endings`). Return the findings no allowance covers, and the operations that break
+    the previous release's code in revisions not marked `breaks_previous_release` (suggestions,
+    whether or not allowed: an allowance says the lock is acceptable, not that old code copes)."""
+    own = [Finding(e.revision, NONATOMIC, f"{e.problem}: a failure after its commit leaves committed work a "
+                   f"re-run trips over. Instead: {ADVICE}", 0) for e in endings if e.problem]
+    own = [f for f in own if f.rule not in allowed and f"{f.revision}:{f.rule}" not in allowed]
     with tempfile.TemporaryDirectory(prefix="migrate-job-lint-") as tmp:
         files = {}
         for index, (step, text) in enumerate(sql_by_step):
@@ -71,7 +95,7 @@ def check(sql_by_step: list[tuple[Step, str]], allowed: set[str], pg_version: st
             path.write_text(text)
             files[str(path)] = step
         if not files:
-            return [], []
+            return own, []
         result = subprocess.run(
             [squawk(), "--reporter", "json", f"--pg-version={pg_version}", *files],
             capture_output=True, text=True,
@@ -93,4 +117,4 @@ def check(sql_by_step: list[tuple[Step, str]], allowed: set[str], pg_version: st
         if rule in allowed or f"{step.revision}:{rule}" in allowed:
             continue
         findings.append(Finding(step.revision, rule, item["message"], item["line"] + 1))
-    return findings, suggestions
+    return own + findings, suggestions

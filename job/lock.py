@@ -324,16 +324,29 @@ class Other(NamedTuple):
 
 
 @contextmanager
-def other_databases(settings: Settings) -> Iterator[list[Other]]:
+def other_databases(settings: Settings, main: Any) -> Iterator[list[Other]]:
     """Wait for and lock each other database env.py migrates, in the order they are listed (every
-    runner takes them in the same order, after DATABASE_URL's); release them at the end."""
+    runner takes them in the same order, after DATABASE_URL's, on `main`); release them at the end.
+    Two sections that reach one database however spelt (an address and a name for one server) are
+    refused: env.py would hold two sessions on it, each waiting for the other's locks."""
     with ExitStack() as stack:
         others = []
+        seen = {_identity(main): "DATABASE_URL's"} if settings.other_databases else {}
         for section, database in settings.other_databases:
             conn = stack.enter_context(connected(settings._replace(database=database)))
+            reached = _identity(conn)
+            if reached in seen:
+                raise ConfigError(f"the multidb section {section!r} reaches the same database as {seen[reached]} "
+                                  f"({db.database_name(conn)}): give each section its own database")
+            seen[reached] = repr(section)
             stack.enter_context(advisory_lock(conn, key_of(settings, conn), settings.lock_timeout))
             others.append(Other(section, database, conn))
         yield others
+
+
+def _identity(conn: Any) -> tuple[str, str]:
+    """Which database a connection reached: its name on a server (its system identifier)."""
+    return db.database_name(conn), db.server_identity(conn)
 
 
 class Held(NamedTuple):

@@ -103,13 +103,14 @@ class Project:
         now = _whereabouts(self.script)
         if now != self._configured:
             self._configured = now
+            self.script.__dict__.pop("_version_locations", None)  # (memoized by Alembic 1.15+)
             self.script.revision_map = RevisionMap(self.script._load_revisions)
             self._endings.clear()
             self._load_revisions()
 
     def locations(self) -> tuple[str, ...]:
         """The directories the revisions are read from, as env.py left them."""
-        return tuple(self.script._version_locations)
+        return tuple(str(p) for p in self.script._version_locations)
 
     def moved_locations(self) -> tuple[str, ...]:
         """The version locations, when env.py set them to other directories than the config files
@@ -210,7 +211,7 @@ class Project:
         heads = self.heads()
         if not heads:
             raise ConfigError(
-                f"no revision found where the scripts are ({', '.join(self.locations())}): a run would migrate "
+                f"no revision found where the scripts are ({', '.join(map(str, self.locations()))}): a run would migrate "
                 f"nothing and leave the database as it is. Check script_location and version_locations in "
                 f"{str(self.files.main)!r} (or what env.py sets in context.script.version_locations)")
         if target == "head" and len(heads) > 1:
@@ -276,10 +277,28 @@ class Project:
                              current[0] if len(current) == 1 else None, target)
 
     def _offline(self, fn: Callable[[Any, Any], list[Any]], starting_rev: str | None, destination_rev: str) -> str:
-        """Run env.py in offline (--sql) mode and return what it wrote."""
+        """Run env.py in offline (--sql) mode and return what it wrote. A revision that needs a live
+        database to be written out (it reads rows through get_bind(), commits on it) is a
+        configuration error naming it, not a traceback."""
         buffer = io.StringIO()
         self.config.output_buffer = buffer
-        self.run_env(fn, as_sql=True, starting_rev=starting_rev, destination_rev=destination_rev)
+        rendering: list[str] = []
+
+        def one_by_one(rev: Any, context: Any) -> Iterator[Any]:
+            for step in fn(rev, context):
+                rendering[:] = [getattr(getattr(step, "revision", None), "revision", "?")]
+                yield step
+            rendering.clear()
+
+        try:
+            self.run_env(one_by_one, as_sql=True, starting_rev=starting_rev, destination_rev=destination_rev)
+        except ConfigError:
+            raise
+        except Exception as e:
+            where = f"revision {rendering[0]}" if rendering else "env.py"
+            raise ConfigError(f"{where} cannot be written out as SQL without a database (offline, as `alembic "
+                              f"upgrade --sql`): {type(e).__name__}: {first_line(e)}. It needs a live database "
+                              "(it reads rows or commits through op.get_bind()): run it, or rehearse it, instead") from None
         return buffer.getvalue()
 
     def long_transactions(self) -> list[dict[str, Any]]:
@@ -457,13 +476,20 @@ def apply_steps(settings: Settings, conn: Any, project: Project, steps: list[Ste
 
 
 def verify(settings: Settings, conn: Any, project: Project, version_table: VersionTable,
-           direction: str = "upgrade", target: str | None = None, others: list[lock.Other] = ()) -> None:
-    """Read the version table again: the database (and every other one env.py migrates) must now be at the target."""
+           undone: list[Step] = (), others: list[lock.Other] = ()) -> None:
+    """Read the version table again: the database (and every other one env.py migrates) must now be
+    at the target; after a downgrade, none of the `undone` revisions may still be applied (a revision
+    another branch depends on stays, as Alembic leaves it)."""
     project.close()
     lock.confirm(conn, lock.key_of(settings, conn))
+    direction = "downgrade" if undone else "upgrade"
     current = plan.current_revisions(conn, version_table)
     plan.refuse_out_of_step(conn, others, version_table, current, f"after the {direction}, run the job again")
-    left = project.steps(current, target or settings.target, direction)
+    if undone:
+        applied = set(lineage.ancestry(current, project.lineage()))
+        left = [s for s in undone if s.revision in applied]
+    else:
+        left = project.steps(current, settings.target, direction)
     if left:
         raise MigrationFailed(
             f"after the {direction}, the database is at {', '.join(current) or 'base'} with "

@@ -30,7 +30,7 @@ def run_once(settings: Settings, started: float) -> str:
         with lock.for_migration(settings, conn, since=started, shared_first=known is not None,
                                 settled=lambda: plan.settled(settings, conn, scripts, known),
                                 while_waiting=None if known else alembic.load) as held, \
-                lock.other_databases(settings) as others:
+                lock.other_databases(settings, conn) as others:
             if held.settled:
                 plan.log_plan(held.settled)
                 return "up-to-date"

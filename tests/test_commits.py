@@ -4,6 +4,7 @@ only once committed, keep one history row each, and a failure is completed by a 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -240,3 +241,39 @@ def test_a_failure_after_the_commit_on_a_database_that_held_nothing_says_to_star
     error = failed.event("run.failed")["error"]
     assert (6, ["b003"], []) == (failed.code, db.version(), failed.events("backup.done")), failed.stdout[-2000:]
     assert "users_email_plain" in error and "held nothing of its own before this run" in error
+
+
+def test_lint_flags_the_shape_in_new_revisions_only(env: dict[str, str], tmp_path: Path) -> None:
+    """`lint --all` names a revision that commits part of its work (nonatomic-revision); with
+    MIGRATE_LINT_START_AFTER at it (history that already ran), it and what it stands on are not checked."""
+    project = project_with(ENV_PY["own-engine"], tmp_path, TWO_IN_AUTOCOMMIT)
+    lint_env = {**env, "ALEMBIC_CONFIG": str(project / "alembic.ini")}
+
+    flagged = run_job("lint", "--all", env=lint_env, cwd=project)
+    since = run_job("lint", "--all", env={**lint_env, "MIGRATE_LINT_START_AFTER": "b004"}, cwd=project)
+
+    assert (9, [("b004", "nonatomic-revision")]) == (flagged.code, [
+        (f["revision"], f["rule"]) for f in flagged.events("lint.finding") if f["rule"] == "nonatomic-revision"])
+    assert {f["revision"] for f in since.events("lint.finding")} <= {"b005"}
+    assert 1 == since.event("lint.done")["revisions"]
+    unknown = run_job("lint", "--all", env={**lint_env, "MIGRATE_LINT_START_AFTER": "nope"}, cwd=project)
+    assert (2, True) == (unknown.code, "MIGRATE_LINT_START_AFTER" in unknown.event("run.failed")["error"])
+
+
+def test_a_revision_that_needs_a_database_to_be_written_out_is_named(db: Db, env: dict[str, str],
+                                                                    tmp_path: Path) -> None:
+    """Offline SQL (`plan --sql`, `lint`) of warehouse's commit() on the connection, or of a revision
+    reading rows through get_bind(): exit 2 naming the revision, no traceback; lint of what comes
+    after history (MIGRATE_LINT_START_AFTER) is unaffected."""
+    reads = 'count = op.get_bind().execute(sa.text("SELECT count(*) FROM users")).scalar()\n    print(count)'
+    for body in (WAREHOUSE, reads):
+        project = project_with(WAREHOUSE_SHAPE, tmp_path / str(len(body)), body)
+        job = job_env(env, db, WAREHOUSE_SHAPE, project)
+        for argv in (("plan", "--sql"), ("lint", "--all")):
+            result = run_job(*argv, env=job, cwd=project)
+            logged = [json.loads(line) for line in result.stderr.splitlines() + result.stdout.splitlines()
+                      if line.startswith("{")]
+            (error,) = [line["error"] for line in logged if line["event"] == "run.failed"]
+            assert (2, True, "traceback" not in error) == (
+                result.code, error.startswith("revision b004 cannot be written out as SQL"), True), error
+        assert 2 != run_job("lint", "--all", env={**job, "MIGRATE_LINT_START_AFTER": "b004"}, cwd=project).code

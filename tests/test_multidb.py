@@ -13,7 +13,7 @@ from typing import Iterator
 import pytest
 
 from tests.conftest import ADMIN_URL, Db, create_database, drop_database, run_job
-from tests.test_projects import ALEMBIC
+from tests.test_projects import ALEMBIC, schema
 
 pytestmark = pytest.mark.faults
 
@@ -130,17 +130,68 @@ def test_check_sees_a_database_left_behind(db: Db, second_db: Db, env: dict[str,
     assert 8 == run_job("check", env=job_env, cwd=project).code
 
 
-def test_a_database_not_listed_is_refused_before_anything_changes(db: Db, second_db: Db, env: dict[str, str],
-                                                                  tmp_path: Path) -> None:
-    """URLs written into alembic.ini's sections: the unlisted second database is refused, exit 2, nothing changed."""
-    project = multidb_project(tmp_path / "project")
+def urls_in_the_ini(project: Path, first: Db, second: Db) -> Path:
+    """The template's two `sqlalchemy.url = driver://...` placeholders set to the databases, as a user
+    must for bare `alembic upgrade head` to work at all."""
     ini = project / "alembic.ini"
     text = ini.read_text()
-    text = re.sub(r"(?m)^sqlalchemy\.url = driver://user:pass@localhost/dbname$", f"sqlalchemy.url = {db.url}", text)
-    text = re.sub(r"(?m)^sqlalchemy\.url = driver://user:pass@localhost/dbname2$", f"sqlalchemy.url = {second_db.url}", text)
+    text = re.sub(r"(?m)^sqlalchemy\.url = driver://user:pass@localhost/dbname$", f"sqlalchemy.url = {first.url}", text)
+    text = re.sub(r"(?m)^sqlalchemy\.url = driver://user:pass@localhost/dbname2$", f"sqlalchemy.url = {second.url}", text)
     ini.write_text(text)
+    return ini
 
-    result = run_job("run", env={**env, "ALEMBIC_CONFIG": str(ini)}, cwd=project)
+
+@pytest.mark.parametrize("database_url", ["given", "unset"])
+def test_the_unchanged_template_needs_only_its_own_databases_list(database_url: str, db: Db, second_db: Db,
+                                                                   env: dict[str, str], tmp_path: Path) -> None:
+    """`databases = engine1, engine2` and each section's URL, as the project already says them: both
+    databases reach head as bare Alembic leaves them, a re-run is a no-op; DATABASE_URL may name the
+    first or be left out."""
+    project = multidb_project(tmp_path / "project")
+    ini = urls_in_the_ini(project, db, second_db)
+    job_env = {**env, "ALEMBIC_CONFIG": str(ini)}
+    if database_url == "unset":
+        del job_env["DATABASE_URL"]
+
+    first = run_job("run", env=job_env, cwd=project)
+
+    assert (0, ["m002"], ["m002"]) == (first.code, version(db), version(second_db)), first.stdout[-1500:]
+    assert ([], 2) == (first.events("migration.retry"), len(first.events("lock.acquired")))
+    again = run_job("run", env=job_env, cwd=project)
+    assert (0, []) == (again.code, again.events("migration.start"))
+    bare_one, bare_two = create_database(ADMIN_URL, prefix="r1"), create_database(ADMIN_URL, prefix="r2")
+    try:
+        bare = multidb_project(tmp_path / "bare")
+        urls_in_the_ini(bare, bare_one, bare_two)
+        subprocess.run([ALEMBIC, "upgrade", "head"], cwd=bare, check=True, capture_output=True)
+        assert (schema(bare_one), schema(bare_two)) == (schema(db), schema(second_db))
+    finally:
+        drop_database(bare_one), drop_database(bare_two)
+
+
+def test_two_sections_naming_one_database_are_refused_before_anything_changes(db: Db, second_db: Db,
+                                                                             env: dict[str, str], tmp_path: Path) -> None:
+    """MIGRATE_DATABASES="engine1 engine2" (both DATABASE_URL's), or two spellings of one database:
+    exit 2 naming the sections, no lock wait, nothing changed."""
+    project = multidb_project(tmp_path / "project")
+    ini = urls_in_the_ini(project, db, second_db)
+    same = db.url.replace("127.0.0.1", "localhost")
+    for setting in ("engine1 engine2", f"engine1 engine2={same}"):
+        result = run_job("run", env={**env, "ALEMBIC_CONFIG": str(ini), "MIGRATE_DATABASES": setting}, cwd=project)
+
+        error = result.event("run.failed")["error"]
+        assert (2, True, []) == (result.code, "'engine2'" in error, result.events("migration.start")), error
+        assert ([], []) == (version(db), version(second_db))
+
+
+def test_a_database_not_listed_is_refused_before_anything_changes(db: Db, second_db: Db, env: dict[str, str],
+                                                                  tmp_path: Path) -> None:
+    """MIGRATE_DATABASES lists engine1 only, while env.py reaches engine2's database (its URL in
+    alembic.ini): the unlisted database is refused, exit 2, nothing changed."""
+    project = multidb_project(tmp_path / "project")
+    ini = urls_in_the_ini(project, db, second_db)
+
+    result = run_job("run", env={**env, "ALEMBIC_CONFIG": str(ini), "MIGRATE_DATABASES": "engine1"}, cwd=project)
 
     error = result.event("run.failed")["error"]
     assert (2, True, True) == (result.code, repr(second_db.name) in error, "MIGRATE_DATABASES" in error)

@@ -10,6 +10,7 @@ bare `alembic upgrade head` gives on a second database.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -109,6 +110,40 @@ def imports_noisy_settings(project: Path) -> None:
                                                                   "    noisy_settings.check()\n")
 
 
+def version_locations_in_env_py(project: Path) -> None:
+    """env.py says where the revisions are, in code (Prefect's `context.script.version_locations =
+    [...]`, online and offline); alembic.ini names none (its default, an empty versions/)."""
+    ini = project / "alembic.ini"
+    ini.write_text("\n".join(line for line in ini.read_text().splitlines() if not line.startswith("version_locations")))
+    env_py = project / "migrations" / "env.py"
+    located = ('    import os\n    context.script.version_locations = '
+               '[os.path.join(os.path.dirname(__file__), "..", "..", "blog_versions")]\n')
+    replace(env_py, "def run_migrations_offline() -> None:\n", "def run_migrations_offline() -> None:\n" + located)
+    replace(env_py, "def run_migrations_online() -> None:\n", "def run_migrations_online() -> None:\n" + located)
+
+
+def more_versions_beside(project: Path) -> None:
+    """The shape's folder brings revisions in `versions/` beside alembic.ini: a second version location."""
+    set_options(project / "alembic.ini", version_locations=f"{SHARED_VERSIONS}{os.pathsep}%(here)s/versions",
+                version_path_separator="os")
+
+
+def in_an_ini_section_of_its_own(project: Path) -> None:
+    """The project's options in `[blog]` (`alembic -n blog`); `[alembic]` points nowhere."""
+    ini = project / "alembic.ini"
+    ini.write_text(ini.read_text().replace("[alembic]\n", "[alembic]\nscript_location = nowhere\n\n[blog]\n", 1))
+
+
+def connection_taken_for_an_engine(project: Path) -> None:
+    """JupyterHub's env.py: what `config.attributes["connection"]` holds is connected to, as an Engine."""
+    replace(project / "migrations" / "env.py",
+            '    connectable = engine_from_config(\n        config.get_section(config.config_ini_section, {}),\n'
+            '        prefix="sqlalchemy.",\n        poolclass=pool.NullPool,\n    )\n',
+            '    connectable = config.attributes.get("connection", None)\n    if connectable is None:\n'
+            '        connectable = engine_from_config(\n            config.get_section(config.config_ini_section, {}),\n'
+            '            prefix="sqlalchemy.",\n            poolclass=pool.NullPool,\n        )\n')
+
+
 def in_a_package(project: Path) -> None:
     """script_location and a second version location inside a package (tests/scenarios/package_location)."""
     set_options(project / "alembic.ini", script_location="blog_migrations:migrations", path_separator="space",
@@ -131,6 +166,12 @@ class Shape(NamedTuple):
     version_table: str = "public.alembic_version"
     # where `alembic init` puts the scripts
     scripts: str = "migrations"
+    # how the project runs `alembic`: its arguments before the command, the target; and the job's settings for the same
+    alembic_args: tuple[str, ...] = ()
+    target: str = "head"
+    settings: tuple[tuple[str, str], ...] = ()
+    # the revisions a run from empty applies, in order
+    applied: tuple[str, ...] = ("b001", "b002", "b003")
 
 
 # [tool.alembic] in pyproject.toml is read by Alembic 1.16 and newer (the lowest-versions run has older)
@@ -149,8 +190,18 @@ SHAPES = {
     "pyproject-template-via-toml": Shape("pyproject", "postgresql+psycopg", config="pyproject.toml"),
     "version-table-in-env-py": Shape("generic", "postgresql", version_table_in_code, version_table="app.schema_version"),
     "package-script-location": Shape("generic", "postgresql", in_a_package, "package_location", heads=("p004",),
-                                     scripts="blog_migrations/migrations"),
+                                     scripts="blog_migrations/migrations", applied=("b001", "b002", "b003", "p004")),
     "app-configures-logging": Shape("generic", "postgresql", imports_noisy_settings, "noisy_logging"),
+    "version-locations-in-env-py": Shape("generic", "postgresql", version_locations_in_env_py),
+    "x-data-argument": Shape("generic", "postgresql", more_versions_beside, "x_data", heads=("x004",),
+                             alembic_args=("-x", "data=true"), settings=(("MIGRATE_X_ARGS", "data=true"),),
+                             applied=("b001", "b002", "b003", "x004")),
+    "ini-section": Shape("generic", "postgresql", in_an_ini_section_of_its_own, alembic_args=("-n", "blog"),
+                         settings=(("MIGRATE_INI_SECTION", "blog"),)),
+    "connection-taken-for-an-engine": Shape("generic", "postgresql", connection_taken_for_an_engine),
+    "expand-contract-heads": Shape("generic", "postgresql", more_versions_beside, "expand_contract", heads=("c004",),
+                                   target="heads", settings=(("MIGRATE_TARGET", "heads"),),
+                                   applied=("b001", "b002", "b003", "e004", "c004")),
 }
 OWN_ENGINE = Shape("generic", "postgresql", own_engine)
 # env.py building its own engine from the app's settings, in each driver
@@ -194,7 +245,17 @@ def bare_alembic_upgrade(shape: Shape, db: Db, where: Path, edit: Callable[[Path
     # (SQLAlchemy itself does not take the `postgres://` spelling some platforms hand out)
     url = url_for(db, "postgresql" if shape.scheme == "postgres" else shape.scheme)
     ini.write_text(re.sub(r"(?m)^sqlalchemy\.url = .*$", "sqlalchemy.url = " + url.replace("%", "%%"), ini.read_text()))
-    subprocess.run([ALEMBIC, "upgrade", "head"], cwd=project, check=True, capture_output=True, text=True)
+    subprocess.run([ALEMBIC, *shape.alembic_args, "upgrade", shape.target], cwd=project, check=True, capture_output=True,
+                   text=True)
+
+
+def contents(db: Db) -> str:
+    """The schema and the rows, as pg_dump prints them, less the job's own tables."""
+    dump = subprocess.run(["pg_dump", "--no-owner", "--no-privileges", "-N", JOB_SCHEMA, db.url],
+                          check=True, capture_output=True, text=True).stdout
+    return "\n".join(line for line in dump.splitlines()
+                     if line.strip() and not line.startswith(("--", "SET ", "SELECT pg_catalog.set_config", "\\restrict",
+                                                               "\\unrestrict")))
 
 
 def schema(db: Db) -> str:
@@ -221,19 +282,20 @@ def reference_db() -> Db:
 @pytest.mark.parametrize("name", SHAPES)
 def test_project_shape_migrates_like_bare_alembic(name: str, db: Db, reference_db: Db, env: dict[str, str],
                                                   tmp_path: Path) -> None:
-    """The shape migrates, re-runs as a no-op, checks, reports, goes down one and back, like bare Alembic."""
+    """The shape migrates, re-runs as a no-op through the fast path, checks, reports, goes down one
+    and back, and ends with the schema and rows bare Alembic makes of it."""
     shape = SHAPES[name]
     project = make_project(shape, tmp_path / "job")
-    job_env = {**env, "DATABASE_URL": url_for(db, shape.scheme), "ALEMBIC_CONFIG": str(project / shape.config)}
+    job_env = _job_env(env, db, shape, project)
 
     first = run_job("run", env=job_env, cwd=project)
     assert (0, "migrated") == (first.code, first.event("run.done")["outcome"]), first.stdout + first.stderr
-    assert ["b001", "b002", "b003", *(["p004"] if "p004" in shape.heads else [])] == [
-        e["revision"] for e in first.events("migration.done")]
+    assert list(shape.applied) == [e["revision"] for e in first.events("migration.done")]
     assert list(shape.heads) == version_rows(db, shape.version_table)
 
     again = run_job("run", env=job_env, cwd=project)
-    assert (0, "up-to-date", []) == (again.code, again.event("run.done")["outcome"], again.events("backup.done"))
+    assert (0, "up-to-date", [], "shared") == (again.code, again.event("run.done")["outcome"],
+                                               again.events("backup.done"), again.event("lock.acquired")["mode"])
 
     assert 0 == run_job("check", env=job_env, cwd=project).code
     status = run_job("status", "--format", "json", env=job_env, cwd=project)
@@ -248,11 +310,12 @@ def test_project_shape_migrates_like_bare_alembic(name: str, db: Db, reference_d
     assert (0, 1) == (back.code, len(back.events("migration.done")))
 
     bare_alembic_upgrade(shape, reference_db, tmp_path / "bare")
-    assert schema(reference_db) == schema(db)
+    assert contents(reference_db) == contents(db)
 
 
 def _job_env(env: dict[str, str], db: Db, shape: Shape, project: Path, **extra: str) -> dict[str, str]:
-    return {**env, "DATABASE_URL": url_for(db, shape.scheme), "ALEMBIC_CONFIG": str(project / shape.config), **extra}
+    return {**env, "DATABASE_URL": url_for(db, shape.scheme), "ALEMBIC_CONFIG": str(project / shape.config),
+            **dict(shape.settings), **extra}
 
 
 def test_the_apps_logging_configuration_stands_and_stdout_stays_json(db: Db, env: dict[str, str],
@@ -446,3 +509,79 @@ def test_check_wait_passes_once_the_version_table_in_env_py_is_at_head(db: Db, e
     assert 0 == run_job("run", env=job_env, cwd=project).code
 
     assert 0 == run_job("check", "--wait", env=job_env, cwd=project).code
+
+
+NEXT = '''"""tags
+
+Revision ID: b004
+Revises: b003
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "b004"
+down_revision = "b003"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table("tags", sa.Column("name", sa.Text, primary_key=True))
+
+
+def downgrade() -> None:
+    op.drop_table("tags")
+'''
+
+
+@pytest.mark.parametrize("recorded_by", ["database", "manifest"])
+def test_a_revision_added_where_env_py_looks_is_migrated_never_up_to_date(recorded_by: str, db: Db, env: dict[str, str],
+                                                                         tmp_path: Path) -> None:
+    """Revisions where env.py sets version_locations in code (Prefect's shape): what the fast path
+    knows holds only while those files are as they were, so a new revision there is applied, from
+    the database's record or from a manifest written by `migrate-job manifest` (which asks env.py too)."""
+    shape = SHAPES["version-locations-in-env-py"]
+    project = make_project(shape, tmp_path)
+    job_env = _job_env(env, db, shape, project)
+    assert 0 == run_job("run", env=job_env, cwd=project).code
+    if recorded_by == "manifest":
+        db.query("DELETE FROM migrate_job.migrate_job_history_heads")
+        written = run_job("manifest", env=job_env, cwd=project)
+        assert 0 == written.code, written.stdout
+        assert (0, "shared") == (lambda r: (r.code, r.event("lock.acquired")["mode"]))(
+            run_job("run", env=job_env, cwd=project))
+        db.query("DELETE FROM migrate_job.migrate_job_history_heads")
+    (tmp_path / "blog_versions" / "b004_tags.py").write_text(NEXT)
+
+    result = run_job("run", env=job_env, cwd=project)
+
+    assert (0, "migrated", ["b004"]) == (result.code, result.event("run.done")["outcome"], db.version())
+
+
+def test_scripts_with_no_revision_are_an_error_never_up_to_date(db: Db, env: dict[str, str], tmp_path: Path) -> None:
+    """A version location that holds nothing (a wrong path): exit 2 naming where it looked; `check` too."""
+    shape = SHAPES["sync-template-psycopg2"]
+    project = make_project(shape, tmp_path)
+    shutil.rmtree(tmp_path / "blog_versions")
+    (tmp_path / "blog_versions").mkdir()
+
+    for command in ("run", "check"):
+        result = run_job(command, env=_job_env(env, db, shape, project), cwd=project)
+        error = result.event("run.failed")["error"]
+        assert (2, True) == (result.code, "no revision found" in error and "blog_versions" in error), error
+    assert [] == db.version()
+
+
+def test_python_warnings_are_log_lines(db: Db, env: dict[str, str], tmp_path: Path) -> None:
+    """A warning the project's code raises is a JSON line (`python.warning`), not raw text on stderr."""
+    shape = SHAPES["sync-template-psycopg2"]
+    project = make_project(shape, tmp_path)
+    replace(project / "migrations" / "env.py", "from alembic import context\n",
+            "from alembic import context\nimport warnings\nwarnings.warn('this env.py is old', UserWarning)\n")
+
+    result = run_job("run", env=_job_env(env, db, shape, project), cwd=project)
+
+    warnings = {(w["category"], w["message"]) for w in result.events("python.warning")}  # (each time env.py runs)
+    assert (0, {("UserWarning", "this env.py is old")}) == (result.code, warnings)
+    assert "UserWarning" not in result.stderr
