@@ -66,7 +66,8 @@ def ending(source: str, revision: str, function: str) -> Ending | None:
     if body is None:
         return None
     statements = [s for s in body if not _inert(s)]
-    found = [(index, _idiom(s)) for index, s in enumerate(statements) if _idiom(s)]
+    binds = _connections(body)
+    found = [(index, _idiom(s, binds)) for index, s in enumerate(statements) if _idiom(s, binds)]
     if not found:
         return None
     index, idiom = found[0]
@@ -94,7 +95,26 @@ def _inert(statement: ast.stmt) -> bool:
     return False
 
 
-def _idiom(statement: ast.stmt) -> str | None:
+def _connections(body: list[ast.stmt]) -> set[str]:
+    """The names a function binds to the migration's connection (`bind = op.get_bind()`): a commit()
+    on one of them ends the transaction; a commit() on anything else (an ORM Session made on it,
+    which joins the connection's transaction and leaves it open) does not."""
+    names = set()
+    for node in body:
+        for assigned in ast.walk(node):
+            if isinstance(assigned, ast.Assign) and _is_bind(assigned.value):
+                names.update(target.id for target in assigned.targets if isinstance(target, ast.Name))
+    return names
+
+
+def _is_bind(node: ast.AST) -> bool:
+    """`op.get_bind()`, `context.get_bind()`, `op.get_context().bind`, `...connection`."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get_bind":
+        return True
+    return isinstance(node, ast.Attribute) and node.attr in ("bind", "connection")
+
+
+def _idiom(statement: ast.stmt, binds: set[str] = frozenset()) -> str | None:
     """The transaction-ending idiom `statement` is or holds, if any."""
     if isinstance(statement, ast.With):
         for item in statement.items:
@@ -104,7 +124,8 @@ def _idiom(statement: ast.stmt) -> str | None:
     for node in ast.walk(statement):
         if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
             continue
-        if node.func.attr == "commit" and not node.args:
+        if node.func.attr == "commit" and not node.args and (
+                _is_bind(node.func.value) or (isinstance(node.func.value, ast.Name) and node.func.value.id in binds)):
             return "commit()"
         if node.func.attr == "autocommit_block":
             return "autocommit_block()"

@@ -17,6 +17,14 @@ def test_a_revision_that_keeps_its_transaction_is_not_flagged() -> None:
     assert ending(revision('op.add_column("t", sa.Column("c", sa.Text))'), "r1", "upgrade") is None
 
 
+def test_an_orm_session_committing_on_the_connection_does_not_end_its_transaction() -> None:
+    """Optuna's data migrations: `session = orm.Session(bind=op.get_bind())` ... `session.commit()`
+    joins the connection's transaction and leaves it open: not a commit of the revision's."""
+    body = ('bind = op.get_bind()\nsession = orm.Session(bind=bind)\nop.add_column("t", sa.Column("c", sa.Text))\n'
+            'session.execute(sa.text("UPDATE t SET c = 1"))\nsession.commit()')
+    assert ending(revision(body), "r1", "upgrade") is None
+
+
 @pytest.mark.parametrize(("body", "idiom"), [
     ('op.get_bind().commit()\nop.create_table("t")\nop.add_column("t", sa.Column("c", sa.Text))', "commit()"),
     ('bind = op.get_bind()\nbind.commit()\nop.create_table("t")', "commit()"),
