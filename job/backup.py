@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 from job import archive, db, tables
 from job.archive import first_error
-from job.config import S3_SCHEME, Database, Settings, parse_s3
+from job.config import S3_SCHEME, Database, Settings, milliseconds, parse_s3
 from job.errors import BackupFailed, DumpExited, RestoreFailed
 from job.logs import log
 
@@ -191,7 +191,7 @@ def take(
         "--no-password",
         # pg_dump takes a share lock on every table: never wait forever behind an app's transaction
         # (0 would mean "wait forever" to pg_dump, where MIGRATE_LOCK_TIMEOUT=0 means "try once")
-        f"--lock-wait-timeout={max(int(lock_wait_timeout * 1000), 1)}",
+        f"--lock-wait-timeout={max(milliseconds(lock_wait_timeout), 1)}",
         # the job's own history is not the application's data: a restore must not rewind it
         # (and its id sequence, which pg_restore --clean would otherwise try to drop from under it)
         *_excluded(own),

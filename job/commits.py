@@ -13,7 +13,8 @@ work. So the job:
   why;
 - keeps a ledger of what the running revision has committed, statement by statement, on whichever
   connection and driver env.py gave it (`Ledger`), so that a failure names exactly what stayed and
-  how to recover (the backup this run took), and is never retried over it;
+  how to recover (the backup this run took), and is never retried over it. It listens when a
+  pending revision ends its transaction by one of the idioms above;
 - drops the INVALID index a failed `CREATE INDEX CONCURRENTLY` leaves, as PostgreSQL's
   documentation recommends, so that the re-run builds it again.
 
@@ -184,11 +185,18 @@ class Ledger:
         self._pending: list[str] = []
         self._outside = False  # after a literal COMMIT: the server runs each statement on its own
         self._version_table: VersionTable | None = None
+        # whether a statement is Alembic's own on the version table (not the revision's work)
+        self._version_row: Any = lambda statement: None
         self._listening = False
 
     def open(self, revision: str, version_table: VersionTable | None) -> None:
         """Start the ledger of `revision` (its transaction has not begun)."""
-        self.revision, self._version_table = revision, version_table
+        self.revision = revision
+        if version_table != self._version_table:
+            name = version_table.name if version_table is not None else "alembic_version"
+            self._version_row = re.compile(
+                rf'\s*(INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+("?\w+"?\.)?"?{re.escape(name)}"?[\s(]', re.IGNORECASE).match
+            self._version_table = version_table
         self.committed, self._pending, self._outside = [], [], False
 
     def close(self) -> None:
@@ -236,10 +244,6 @@ class Ledger:
         if self.revision is not None:
             self._pending, self._outside = [], False
 
-    def _version_row(self, statement: str) -> bool:
-        table = self._version_table.name if self._version_table is not None else "alembic_version"
-        return bool(re.match(rf'\s*(INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+("?\w+"?\.)?"?{re.escape(table)}"?[\s(]',
-                             statement, re.IGNORECASE))
 
 
 def _autocommit(conn: Any) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import socket
 import sys
@@ -483,17 +484,46 @@ def _database(url: str | None, env: Mapping[str, str]) -> Database:
     )
 
 
-def _number(value: str | None, name: str, default: float, minimum: float = 0, integer: bool = False) -> float:
-    if value is None:
-        return default
-    try:
-        number = int(value) if integer else float(value)
-    except ValueError:
-        kind = "a whole number" if integer else "a number of seconds"
-        raise ConfigError(f"{name}={value!r} is not {kind}") from None
-    if number < minimum:
-        raise ConfigError(f"{name}={value!r} must be at least {minimum:g}")
-    return number
+# The most seconds any setting may say: what every place a value goes takes. PostgreSQL keeps its
+# timeouts (lock_timeout, statement_timeout) and pg_dump its --lock-wait-timeout as whole
+# milliseconds in a 32-bit integer: 2147483647 ms, 24.8 days. (time_t, select() and sleep() take more.)
+MAX_SECONDS = 2_147_483.647
+# the smallest non-zero time PostgreSQL keeps (a millisecond): less would round to 0, "no limit"
+RESOLUTION = 0.001
+
+
+def seconds(low: float = 0.0, high: float = MAX_SECONDS, zero: bool = True) -> Callable[[str, str], float]:
+    """A parser of a number of seconds between `low` and `high`; 0 allowed (with its own meaning)
+    when `zero`, and otherwise nothing below a millisecond (it would reach PostgreSQL as 0)."""
+    def parse(value: str, name: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        floor = max(low, RESOLUTION)
+        if not math.isfinite(number) or not (number == 0 and zero or floor <= number <= high):
+            allowed = f"{'0 or ' if zero else ''}{floor:g} to {high:g}"
+            raise ConfigError(f"{name}={value!r} must be a number of seconds: {allowed}")
+        return number
+    return parse
+
+
+def count(low: int, high: int) -> Callable[[str, str], int]:
+    """A parser of a whole number between `low` and `high`."""
+    def parse(value: str, name: str) -> int:
+        try:
+            number = int(value.strip())
+        except ValueError:
+            number = low - 1
+        if not low <= number <= high:
+            raise ConfigError(f"{name}={value!r} must be a whole number from {low} to {high}")
+        return number
+    return parse
+
+
+def milliseconds(value: float) -> int:
+    """Seconds as PostgreSQL and pg_dump take them: whole milliseconds, never rounded down to 0."""
+    return math.ceil(round(value * 1000, 6))
 
 
 def _boolean(value: str | None, name: str, default: bool) -> bool:
@@ -538,14 +568,6 @@ class Option(NamedTuple):
 
 def _text(value: str, _name: str) -> str:
     return value
-
-
-def _seconds(value: str, name: str) -> float:
-    return _number(value, name, 0)
-
-
-def _whole(value: str, name: str) -> int:
-    return int(_number(value, name, 0, integer=True))
 
 
 def _one_of(*choices: str) -> Callable[[str, str], str]:
@@ -596,9 +618,9 @@ OPTIONS: tuple[Option, ...] = (
            "an argument for env.py, as `alembic -x KEY=VALUE` (repeatable; the variable: space-separated)",
            short="-x", repeat=True),
     Option("target", "--target", "MIGRATE_TARGET", _text, "head", "revision to migrate to"),
-    Option("wait_timeout", "--wait-timeout", "MIGRATE_WAIT_TIMEOUT", _seconds, 60.0,
+    Option("wait_timeout", "--wait-timeout", "MIGRATE_WAIT_TIMEOUT", seconds(), 60.0,
            "seconds to wait for the database to accept queries"),
-    Option("lock_timeout", "--lock-timeout", "MIGRATE_LOCK_TIMEOUT", _seconds, 300.0,
+    Option("lock_timeout", "--lock-timeout", "MIGRATE_LOCK_TIMEOUT", seconds(), 300.0,
            "seconds to wait for the lock (and for pg_dump's and restore's table locks)"),
     Option("lock_key", "--lock-key", "MIGRATE_LOCK_KEY", lambda value, _name: parse_lock_key(value), None,
            "advisory lock key: a 64-bit integer or any string (default: from the database and version table)"),
@@ -610,13 +632,14 @@ OPTIONS: tuple[Option, ...] = (
            "how the bucket is addressed: path (most S3-compatible servers), virtual (bucket.host) or auto",
            ("auto", "path", "virtual")),
     Option("backup_keep", "--backup-keep", "MIGRATE_BACKUP_KEEP",
-           lambda value, name: int(_number(value, name, 5, minimum=1, integer=True)), 5,
+           count(1, 10_000), 5,
            "newest backups kept per database"),
-    Option("statement_lock_timeout", "--statement-lock-timeout", "MIGRATE_STATEMENT_LOCK_TIMEOUT", _seconds, 5.0,
+    Option("statement_lock_timeout", "--statement-lock-timeout", "MIGRATE_STATEMENT_LOCK_TIMEOUT", seconds(zero=False),
+           5.0,
            "seconds a DDL statement may wait for a table lock before its revision is retried"),
-    Option("lock_retries", "--lock-retries", "MIGRATE_LOCK_RETRIES", _whole, 5,
+    Option("lock_retries", "--lock-retries", "MIGRATE_LOCK_RETRIES", count(0, 1000), 5,
            "retries of a revision that hit that lock timeout"),
-    Option("statement_timeout", "--statement-timeout", "MIGRATE_STATEMENT_TIMEOUT", _seconds, 0.0,
+    Option("statement_timeout", "--statement-timeout", "MIGRATE_STATEMENT_TIMEOUT", seconds(), 0.0,
            "seconds any statement may run; 0 is no limit"),
     Option("history_table", "--history-table", "MIGRATE_HISTORY_TABLE", _history, "migrate_job_history",
            "run history table (and the job's other tables beside it); off disables them"),

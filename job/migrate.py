@@ -69,7 +69,6 @@ class Project:
             os.environ.update(named.driver_environment())
         self.config.attributes["configure_logger"] = False
         sessions.start(session or {}, [identity(raw_connection)] if raw_connection is not None else None)
-        commits.ledger.listen()  # (before env.py makes an engine: a connection takes in the events it finds then)
         try:
             with logs.project_code():
                 self.script = ScriptDirectory.from_config(self.config)
@@ -83,6 +82,7 @@ class Project:
         self.raw_connection = raw_connection
         self._connection: Any = None
         self._version_table: VersionTable | None = None
+        self._lineage: dict[str, lineage.Revision] | None = None
         # (revision, upgrade or downgrade) -> how it ends its transaction, if it does
         self._endings: dict[tuple[str, str], commits.Ending | None] = {}
 
@@ -106,6 +106,7 @@ class Project:
             self.script.__dict__.pop("_version_locations", None)  # (memoized by Alembic 1.15+)
             self.script.revision_map = RevisionMap(self.script._load_revisions)
             self._endings.clear()
+            self._lineage = None
             self._load_revisions()
 
     def locations(self) -> tuple[str, ...]:
@@ -241,12 +242,15 @@ class Project:
     def lineage(self) -> dict[str, lineage.Revision]:
         """The scripts' revision graph as job.lineage records it: each revision, what must be applied
         before it (parents and `depends_on`), its description, and whether it breaks the previous
-        release's code (its module's `breaks_previous_release`)."""
-        return {
-            s.revision: lineage.Revision(s.revision, tuple(s._all_down_revisions), s.doc or "",
-                                         _breaking(getattr(s.module, lineage.MARKER, None)))
-            for s in self.script.walk_revisions()
-        }
+        release's code (its module's `breaks_previous_release`). Read once (again only if env.py
+        moves the scripts)."""
+        if self._lineage is None:
+            self._lineage = {
+                s.revision: lineage.Revision(s.revision, tuple(s._all_down_revisions), s.doc or "",
+                                             _breaking(getattr(s.module, lineage.MARKER, None)))
+                for s in self.script.walk_revisions()
+            }
+        return self._lineage
 
     def _revs(self, direction: str, target: str, current: tuple[str, ...]) -> list[Any]:
         # ScriptDirectory._upgrade_revs / _downgrade_revs are what alembic.command.upgrade and

@@ -50,6 +50,10 @@ def apply(
     pending = list(steps)
     retried: dict[str, int] = {}
     endings = project.transaction_endings(pending, direction)
+    if endings:
+        # (only then: listening to every statement costs a long history of plain revisions about 9%,
+        # `make bench`; before env.py runs, since a connection takes in the listeners there are then)
+        commits.ledger.listen()
     while pending:
         stepper = Stepper(project, pending, target, direction, history, endings, rows_within, confirm_lock)
         try:

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator, Mapping
 import psycopg2
 
 from job import db
-from job.config import Settings
+from job.config import Settings, milliseconds
 from job.errors import ConfigError, DatabaseUnavailable, first_line
 from job.logs import log
 
@@ -171,8 +171,8 @@ def session_options(settings: Settings) -> dict[str, str]:
     """Server settings for every migrating session: ours, and every one env.py opens (job.migrate)."""
     return {
         "application_name": settings.application_name,
-        "lock_timeout": f"{int(settings.statement_lock_timeout * 1000)}ms",
-        "statement_timeout": f"{int(settings.statement_timeout * 1000)}ms",
+        "lock_timeout": f"{milliseconds(settings.statement_lock_timeout)}ms",
+        "statement_timeout": f"{milliseconds(settings.statement_timeout)}ms",
         # never sit on locks in an abandoned transaction
         "idle_in_transaction_session_timeout": "60000ms",
     }

@@ -4,9 +4,11 @@ in. Pure parsing: no database, no subprocess."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from job import config
 from job.config import Database
@@ -136,8 +138,14 @@ def test_a_flag_overrides_the_variable() -> None:
 
 
 @pytest.mark.parametrize("variable, value, says", [
-    ("MIGRATE_WAIT_TIMEOUT", "soon", "not a number of seconds"),
-    ("MIGRATE_BACKUP_KEEP", "0", "must be at least 1"),
+    ("MIGRATE_WAIT_TIMEOUT", "soon", "must be a number of seconds: 0 or 0.001 to 2.14748e+06"),
+    ("MIGRATE_WAIT_TIMEOUT", "nan", "must be a number of seconds"),
+    ("MIGRATE_LOCK_TIMEOUT", "inf", "must be a number of seconds"),
+    ("MIGRATE_STATEMENT_LOCK_TIMEOUT", "1e9", "must be a number of seconds"),
+    ("MIGRATE_STATEMENT_LOCK_TIMEOUT", "0", "must be a number of seconds: 0.001 to"),
+    ("MIGRATE_STATEMENT_TIMEOUT", "0.0004", "must be a number of seconds: 0 or 0.001 to"),
+    ("MIGRATE_BACKUP_KEEP", "0", "must be a whole number from 1 to 10000"),
+    ("MIGRATE_LOCK_RETRIES", "2.5", "must be a whole number from 0 to 1000"),
     ("MIGRATE_BACKUP", "sometimes", "must be one of: auto, always, off"),
     ("MIGRATE_ALLOW_AHEAD", "maybe", "must be true or false"),
     ("MIGRATE_HISTORY_TABLE", "a-b", "plain SQL identifier"),
@@ -163,3 +171,39 @@ def test_the_default_lock_key_is_per_database_and_version_table() -> None:
     assert default == config._hash_key("migrate-job:blog:alembic_version")
     assert len({default, config.lock_key_for("shop", config.VersionTable()),
                 config.lock_key_for("blog", config.VersionTable("alembic_version", "tenant"))}) == 3
+
+
+# --- every numeric setting, whatever it is given --------------------------------------------------
+
+NUMERIC = [o for o in config.OPTIONS if o.parse is not None and isinstance(o.default, (int, float))
+           and not isinstance(o.default, bool)]
+# what a value may reach: PostgreSQL's int milliseconds, time_t, a count
+INT32_MS = 2**31 - 1
+
+
+def _reaches(option: config.Option, value: float) -> None:
+    """Where a parsed value goes, it fits: a non-zero time stays non-zero in milliseconds, and
+    every one fits PostgreSQL's 32-bit milliseconds (and so time_t, select() and sleep())."""
+    assert math.isfinite(value)
+    if isinstance(option.default, float):
+        ms = config.milliseconds(value)
+        assert 0 <= ms <= INT32_MS and (ms > 0) == (value > 0)
+    else:
+        assert float(value).is_integer() and 0 <= value <= 10_000
+
+
+@pytest.mark.parametrize("option", NUMERIC, ids=lambda o: o.variable)
+@settings(max_examples=300, deadline=None)
+@given(raw=st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(repr), st.integers().map(str),
+                     st.text(max_size=12), st.sampled_from(["nan", "inf", "-inf", "1e9", "0.0004", "1e-9", " 5 ",
+                                                            "1_000", "0x10", "5s", "", "-0", "2147483.648"])))
+def test_every_numeric_setting_is_a_value_that_fits_or_exit_2_naming_it(option: config.Option, raw: str) -> None:
+    """Variable and flag alike: either a value that fits wherever it goes, or a ConfigError naming
+    the variable and the allowed range; never another exception."""
+    for env, flags in (({option.variable: raw}, {}), ({}, {option.field: raw})):
+        try:
+            loaded = _settings(env, flags)
+        except ConfigError as e:
+            assert option.variable in str(e) and (" to " in str(e)), str(e)
+            continue
+        _reaches(option, getattr(loaded, option.field))
