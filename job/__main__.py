@@ -25,14 +25,19 @@ def launch() -> None:
 
     from job.cli import main
 
+    from job import db, logs
+
     code = main()
     import logging  # loaded by then: every run ends with a line through structlog, which sets it up
 
     logging.shutdown()
+    # the lines still queued get a moment: shorter once a signal asked the job to end (a reader
+    # that stopped reading must not keep it past its grace period; the lock is released by now)
+    logs.drain(db.AFTER_SIGNAL if db.received_signal() else 10.0)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except OSError:  # a reader that went away (`| head`) is not the job's failure
+        except (OSError, ValueError, AttributeError):  # gone, closed, or never there: not the job's failure
             pass
     os._exit(code)
 

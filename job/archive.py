@@ -11,6 +11,7 @@ import tempfile
 import threading
 from typing import IO, Iterable, Mapping, NamedTuple
 
+from job import children
 from job.errors import BackupFailed
 
 
@@ -28,7 +29,7 @@ class Lister:
 
     def __init__(self, pg_restore: str, env: Mapping[str, str]) -> None:
         self._stderr = tempfile.TemporaryFile()
-        self._process = subprocess.Popen([pg_restore, "--list"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        self._process = children.spawn([pg_restore, "--list"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=self._stderr, env=dict(env))
         self._output: list[bytes] = []
         self._reader = threading.Thread(target=lambda: self._output.append(self._process.stdout.read()), daemon=True)

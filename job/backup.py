@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import functools
 import hashlib
 import json
 import os
@@ -29,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
 
-from job import archive, db, tables
+from job import archive, children, db, tables
 from job.archive import first_error
 from job.config import S3_SCHEME, Database, Settings, milliseconds, parse_s3
 from job.errors import BackupFailed, DumpExited, RestoreFailed
@@ -243,7 +242,7 @@ def _dump(store: Any, name: str, argv: list[str], env: dict[str, str], pg_restor
     deadline = time.monotonic() + wait_timeout
     while True:
         try:
-            return store.dump(name, argv, env, _spawn, pg_restore, prepare)
+            return store.dump(name, argv, env, children.spawn, pg_restore, prepare)
         except DumpExited as e:
             if e.returncode < 0:
                 killer = signal.Signals(-e.returncode).name
@@ -311,9 +310,9 @@ def restore(database: Database, store: Any, name: str, sha256: str, application_
     child = child_env(database, env)
     # (stderr in files: a NOTICE per dropped object could fill a pipe nobody reads yet)
     script_errors, psql_errors = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-    script = _spawn([pg_restore, "--clean", "--if-exists", "--file=-"], env=child, stdin=subprocess.PIPE,
+    script = children.spawn([pg_restore, "--clean", "--if-exists", "--file=-"], env=child, stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE, stderr=script_errors)
-    runner = _spawn(
+    runner = children.spawn(
         [psql, "--no-psqlrc", "--quiet", "--single-transaction", "--set=ON_ERROR_STOP=1", "--file=-",
          f"--dbname={database.conninfo_without_password(session)}"],
         env=child, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=psql_errors)
@@ -556,22 +555,6 @@ def remove_leftovers(store: Any, set_key: str, writing: str) -> None:
         if NAME.match(name) and ours(name) and name + SIDECAR not in names:
             store.delete(name)
             log.warning("backup.partial_removed", path=store.path_of(name))
-
-
-def _dies_with_job() -> None:
-    """In the child, before exec: die when the job dies (Linux's PR_SET_PDEATHSIG). A SIGKILLed job
-    must not leave its pg_dump holding share locks on every table, or its pg_restore running."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: nothing to ask for
-
-
-# every pg_dump, pg_restore and psql the job starts
-_spawn = functools.partial(subprocess.Popen, preexec_fn=_dies_with_job)
 
 
 def _server_full(stderr: str) -> bool:

@@ -171,12 +171,17 @@ def main(argv: list[str] | None = None) -> int:
         settings = config.load(env, vars(args), need_database=not offline)
         logs.redactor.add(settings.secrets)
         outcome, code = COMMANDS[args.command](settings, args)
-    except (JobError, Interrupted) as e:
-        return _failed(e, started, termination)
-    except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:  # the job's own session, outside a revision
-        return _failed(DatabaseUnavailable(f"the connection to the database was lost: {first_line(e)}; "
-                                           "nothing was left half-done: run the job again"), started, termination)
-    except Exception as e:
+    except BaseException as e:
+        signum = db.received_signal()
+        if isinstance(e, Interrupted) or (signum is not None and (not isinstance(e, JobError)
+                                                                  or isinstance(e, DatabaseUnavailable))):
+            # whatever a signal's cancel made fail (a read waiting on a lock, a connection), the signal ends the run
+            return _failed(e if isinstance(e, Interrupted) else Interrupted(signum), started, termination)
+        if isinstance(e, JobError):
+            return _failed(e, started, termination)
+        if isinstance(e, (psycopg2.OperationalError, psycopg2.InterfaceError)):  # the job's own session, outside a revision
+            return _failed(DatabaseUnavailable(f"the connection to the database was lost: {first_line(e)}; "
+                                               "nothing was left half-done: run the job again"), started, termination)
         import traceback
 
         return _failed(e, started, termination, detail=traceback.format_exc())
@@ -206,9 +211,7 @@ def _failed(error: BaseException, started: float, termination: str | None, detai
 
 
 def _out(text: str) -> None:
-    out = logs.Output(sys.stdout)
-    out.write(text if text.endswith("\n") else text + "\n")
-    out.flush()
+    logs.output_for(sys.stdout).write(text if text.endswith("\n") else text + "\n")
 
 
 def _since(started: float) -> float:

@@ -446,7 +446,7 @@ def log_options(env: Mapping[str, object], flags: Mapping[str, object], strict: 
         _choice(fmt or "json", fmt_option.variable, fmt_option.choices)
         _choice(level, level_option.variable, level_option.choices)
     if fmt not in fmt_option.choices:
-        fmt = "console" if sys.stdout.isatty() else "json"
+        fmt = "console" if sys.stdout is not None and sys.stdout.isatty() else "json"
     return fmt, level if level in level_option.choices else level_option.default
 
 

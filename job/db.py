@@ -35,13 +35,33 @@ def _on_signal(signum: int, _frame: Any) -> None:
         raise Interrupted(signum)
 
 
+# Every signal a container runtime or a terminal sends to end a process, and that a process can
+# catch: each ends the run the same way (exit 128 + the signal's number). SIGKILL and SIGSTOP cannot
+# be caught; a SIGKILLed job's session and children end with it (keepalives, client_connection_check_interval,
+# PR_SET_PDEATHSIG).
+ENDING = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+
+
 def install_signal_handlers() -> None:
-    """Make SIGTERM and SIGINT raise `Interrupted` once, wherever the job is, and make DB waits interruptible."""
+    """Make every ending signal raise `Interrupted` once, wherever the job is, and make DB waits interruptible."""
     _received.clear()
     _signalled_at.clear()
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    psycopg2.extensions.set_wait_callback(_wait)
+    keep_signal_handlers()
+
+
+def keep_signal_handlers() -> None:
+    """(Again) after the project's code ran, which may have set handlers of its own (a framework's
+    SIGTERM handler, imported by env.py), or its own psycopg2 wait callback: the job's come back,
+    and what was received stays received."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return  # (only the main thread may set handlers; env.py may run the migrations in a thread)
+    for signum in ENDING:
+        if signal.getsignal(signum) is not _on_signal:
+            signal.signal(signum, _on_signal)
+    if psycopg2.extensions.get_wait_callback() is not _wait:
+        psycopg2.extensions.set_wait_callback(_wait)
 
 
 def received_signal() -> int | None:
@@ -221,9 +241,31 @@ def execute_literal(connection: Any, statement: str) -> None:
         cursor.close()
 
 
+# the dollar-quote tag of the job's DO blocks
+DO_TAG = "$migrate_job$"
+
+
+def plpgsql(connection: Any, body: str) -> None:
+    """Run PL/pgSQL statements in one round trip, as a DO block, on a SQLAlchemy connection of any
+    driver (inside whatever transaction it is in)."""
+    execute_literal(connection, f"DO {DO_TAG} BEGIN {body} END {DO_TAG}")
+
+
+def fetch_literal(connection: Any, statement: str) -> tuple[Any, ...]:
+    """The first row of literal SQL run on a SQLAlchemy connection's DBAPI cursor (any driver)."""
+    cursor = connection.connection.cursor()
+    try:
+        cursor.execute(statement)
+        return tuple(cursor.fetchone())
+    finally:
+        cursor.close()
+
+
 # SQLSTATEs the job tells apart, whichever driver raised them
 QUERY_CANCELED = "57014"
 LOCK_NOT_AVAILABLE = "55P03"
+# raised by the job's own check, inside a revision's transaction, that its session still holds the lock
+LOCK_LOST = "MJ001"
 
 
 def _chain(error: BaseException | None) -> Iterator[BaseException]:

@@ -39,10 +39,6 @@ CREATE TABLE IF NOT EXISTS {table} (
 """
 
 
-# the dollar-quote tag of the DO block that writes a revision's row inside its transaction
-DO_TAG = "$migrate_job_history$"
-
-
 class History:
     """Writes to the history table on `conn`; no tables of the job's (None) turns it off."""
 
@@ -128,17 +124,15 @@ class History:
         if self.table is None or not self._created:
             return False
         values = [self.run_id, revision, direction, started.isoformat(), repr(float(seconds)), self.host]
-        if any(DO_TAG in value for value in values):
+        if any(db.DO_TAG in value for value in values):
             return False
         run_id, revision, direction, started_at, seconds_text, host = (db.literal(v) for v in values)
-        statement = (
-            f"DO {DO_TAG} BEGIN {prelude} BEGIN INSERT INTO {self.table.as_string(self.conn)} (run_id, kind, revision, direction, "
+        db.plpgsql(connection, (
+            f"{prelude} BEGIN INSERT INTO {self.table.as_string(self.conn)} (run_id, kind, revision, direction, "
             f"started_at, finished_at, seconds, outcome, host) VALUES ({run_id}, 'revision', {revision}, {direction}, "
             f"{started_at}::timestamptz, {started_at}::timestamptz + make_interval(secs => {seconds_text}::float8), "
             f"{seconds_text}::float8, 'applied', {host}); EXCEPTION WHEN OTHERS THEN "
-            f"RAISE WARNING USING MESSAGE = 'migrate-job history: ' || SQLERRM; END; END {DO_TAG}"
-        )
-        db.execute_literal(connection, statement)
+            f"RAISE WARNING USING MESSAGE = 'migrate-job history: ' || SQLERRM; END;"))
         return True
 
 

@@ -249,6 +249,21 @@ def confirm(conn: Any, key: int) -> None:
                        "nothing more was run: run the job again") from None
 
 
+def held_sql(key: int, holder_pid: int) -> str:
+    """PL/pgSQL that raises LOCK_LOST unless the session `holder_pid` still holds lock `key`
+    exclusively: run inside each revision's transaction, from whichever session env.py migrates on
+    (pg_locks shows every session's locks), so that a revision whose job lost the lock (it ran
+    pg_advisory_unlock_all(), or the server ended the job's session) rolls back rather than commits."""
+    unsigned = key & 0xFFFFFFFFFFFFFFFF
+    return (
+        "IF NOT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1 "
+        f"AND mode = 'ExclusiveLock' AND pid = {int(holder_pid)} AND classid::bigint = {unsigned >> 32} "
+        f"AND objid::bigint = {unsigned & 0xFFFFFFFF} "
+        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())) THEN "
+        f"RAISE EXCEPTION 'the migration lock {key} is no longer held by the job''s session (pid {int(holder_pid)})' "
+        f"USING ERRCODE = '{db.LOCK_LOST}'; END IF;")
+
+
 def release(conn: Any, key: int, mode: str = EXCLUSIVE) -> None:
     """Release the lock (waking the waiters after an exclusive hold); a broken session releases it by ending."""
     if conn.closed:

@@ -14,10 +14,12 @@ or an error, and the end of the run release the held lines too.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import json
 import os
 import sys
+import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -137,30 +139,100 @@ def _capped(text: str) -> str:
 
 
 class Output:
-    """A stream for log lines that outlives its reader: a reader that went away (`| head`, a crashed
-    log shipper) must not abort a migration half-way. From the first broken pipe on, lines are dropped."""
+    """A stream for the job's lines that never blocks it and never breaks it: a reader that stopped
+    reading (a full pipe), went away (`| head`, a crashed log shipper) or a stream that was closed
+    from the start costs lines, never the lock, the exit code or the termination message.
+
+    Lines are queued and written by a thread of their own, in order; past QUEUED bytes waiting,
+    lines are dropped (and the drop said when the writer catches up); from the first broken pipe on,
+    everything is dropped. At exit, `drain` gives the writer a bounded moment to finish."""
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
-        self.gone = False
+        self.gone = stream is None or getattr(stream, "closed", False)
+        self._lines: collections.deque[str] = collections.deque()
+        self._queued = 0
+        self._dropped = 0
+        self._busy = False  # a line is being written
+        self._ready = threading.Condition()
+        self._writer: threading.Thread | None = None
+        outputs.append(self)
 
     def write(self, text: str) -> int:
-        if not self.gone:
-            try:
-                self.stream.write(text)
-            except BrokenPipeError:
-                self.gone = True
+        if self.gone or not text:
+            return len(text)
+        with self._ready:
+            if self._queued + len(text) > QUEUED:
+                self._dropped += 1
+                return len(text)
+            self._lines.append(text)
+            self._queued += len(text)
+            self._ready.notify()
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_out, name="output", daemon=True)
+            self._writer.start()
         return len(text)
 
     def flush(self) -> None:
-        if not self.gone:
-            try:
-                self.stream.flush()
-            except BrokenPipeError:
-                self.gone = True
+        """(the writer flushes as it goes)"""
 
     def isatty(self) -> bool:
-        return self.stream.isatty()
+        try:
+            return not self.gone and self.stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+    def drain(self, timeout: float) -> None:
+        """Wait up to `timeout` seconds for the queued lines to be written."""
+        deadline = time.monotonic() + timeout
+        with self._ready:
+            while (self._lines or self._busy) and not self.gone:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._ready.wait(min(remaining, 0.05))
+
+    def _write_out(self) -> None:
+        while not self.gone:
+            with self._ready:
+                while not self._lines:
+                    self._ready.wait()
+                text = self._lines.popleft()
+                self._queued -= len(text)
+                self._busy = True
+                dropped, self._dropped = self._dropped, 0
+            if dropped:
+                text = json.dumps({"event": "log.dropped", "lines": dropped, "run_id": _run_id,
+                                   "level": "warning", "timestamp": _now()}) + "\n" + text
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except (OSError, ValueError, AttributeError):  # a broken pipe, a closed stream
+                self.gone = True
+            with self._ready:
+                self._busy = False
+                self._ready.notify_all()
+
+
+# every Output made, for `drain` at exit
+outputs: list[Output] = []
+# the most bytes of lines waiting to be written to one stream
+QUEUED = 4 << 20
+
+
+def output_for(stream: Any) -> Output:
+    """The one Output of `stream` (stdout or stderr), made on first use."""
+    for output in outputs:
+        if output.stream is stream:
+            return output
+    return Output(stream)
+
+
+def drain(timeout: float) -> None:
+    """At exit: give every output's writer up to `timeout` seconds in all to finish."""
+    deadline = time.monotonic() + timeout
+    for output in outputs:
+        output.drain(max(deadline - time.monotonic(), 0))
 
 
 def new_run_id() -> str:
@@ -175,7 +247,7 @@ def configure(log_format: str = "json", level: str = "info", run_id: str | None 
     has); with `hold`, lines wait for `log.release()`. Return the run_id every line carries."""
     global _run_id
     _run_id = run_id or new_run_id()
-    _options.update(log_format=log_format, level=level, stream=Output(stream or sys.stdout))
+    _options.update(log_format=log_format, level=level, stream=output_for(stream or sys.stdout))
     if hold:
         log.hold()
     if log._logger is not None:

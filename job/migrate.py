@@ -28,7 +28,7 @@ from alembic.util import CommandError
 from sqlalchemy import Connection, create_engine
 from sqlalchemy.pool import StaticPool
 
-from job import commits, lineage, lock, logs, manifest, plan, stepper
+from job import commits, db, lineage, lock, logs, manifest, plan, stepper
 from job.alembic_files import AlembicFiles
 from job.config import Database, Settings
 from job.errors import ConfigError, MigrationFailed, RevisionError, first_line
@@ -182,6 +182,7 @@ class Project:
 
     def validate(self, current: tuple[str, ...], target: str) -> None:
         """Refuse a database at an unknown revision, an ambiguous `head`, or a target the scripts lack."""
+        self.refuse_redundant(current)
         for revision in self.unknown(current):
             raise RevisionError(
                 f"the database is at revision {revision!r}, which these migration scripts do not "
@@ -189,6 +190,21 @@ class Project:
                 "or the version table holds a name rather than an id"
             )
         self.validate_target(target)
+
+    def refuse_redundant(self, current: tuple[str, ...]) -> None:
+        """Refuse, before anything changes, version rows Alembic would never leave: two on one line of
+        history (one descends from the other, through its parents or what it depends on). Alembic's
+        own planning would take such a table to mean something else (a downgrade, a branch)."""
+        graph = self.lineage()
+        known = [c for c in current if c in graph]
+        for newer in known:
+            older = [c for c in known if c != newer and c in lineage.ancestry([newer], graph)]
+            if older:
+                raise RevisionError(
+                    f"the version table holds {', '.join(older)} and {newer}, and {newer} comes after "
+                    f"{', '.join(older)}: one line of history has two rows (added by hand, or by a tool that does "
+                    f"not keep the table as Alembic does). Nothing was changed: delete the row(s) the schema is "
+                    f"not at ({', '.join(older)}, if it is at {newer}), then run the job again")
 
     def unknown(self, current: tuple[str, ...]) -> list[str]:
         """The revisions the database is at that these scripts do not have (as ids)."""
@@ -234,6 +250,7 @@ class Project:
         """Validate the database against the scripts and list the pending revisions; a database
         ahead of the scripts is judged by its recorded lineage (job.lineage)."""
         self.validate_target(target)
+        self.refuse_redundant(current)
         if self.unknown(current):
             ahead = lineage.ahead_of(current, self.lineage(), self.targets(target), recorded(), allow_ahead)
             return plan.Plan(current=current, target=target, heads=self.heads(), ahead=plan.steps_of(ahead))
@@ -273,6 +290,7 @@ class Project:
                                                    **kw):
                 self.script.run_env()
         finally:
+            db.keep_signal_handlers()
             self._follow_env_py()
 
     def offline_sql(self, current: tuple[str, ...], target: str) -> str:
@@ -476,7 +494,8 @@ def apply_steps(settings: Settings, conn: Any, project: Project, steps: list[Ste
     confirmed before each; `recovery` says how to get back if one fails having committed part of its work."""
     key = lock.key_of(settings, conn)
     stepper.apply(project, steps, target, direction, settings.lock_retries, record, version_table, rows_within,
-                  confirm_lock=lambda: lock.confirm(conn, key), recovery=recovery)
+                  confirm_lock=lambda: lock.confirm(conn, key), recovery=recovery,
+                  lock_held=lock.held_sql(key, conn.server_pid or conn.get_backend_pid()))
 
 
 def verify(settings: Settings, conn: Any, project: Project, version_table: VersionTable,

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Sequence
 
+import psycopg2
 from psycopg2 import sql
 
 from job import db, lineage, manifest
 from job.config import Settings, VersionTable
-from job.errors import MigrationFailed, RevisionError
+from job.errors import MigrationFailed, RevisionError, first_line
 from job.logs import log
 
 if TYPE_CHECKING:
@@ -58,8 +59,16 @@ def current_revisions(conn: Any, version_table: VersionTable) -> tuple[str, ...]
     with conn.cursor() as cur:
         if not db.table_exists(cur, table):
             return ()
-        cur.execute(sql.SQL("SELECT version_num FROM {}").format(table))
-        return tuple(sorted(row[0] for row in cur.fetchall()))
+        try:
+            cur.execute(sql.SQL("SELECT version_num FROM {}").format(table))
+            rows = cur.fetchall()
+        except (psycopg2.ProgrammingError, psycopg2.DataError) as e:  # (no version_num column, ...)
+            raise RevisionError(f"the version table {version_table} is not one Alembic keeps: {first_line(e)}; "
+                                "nothing was changed") from None
+    if any(not isinstance(row[0], str) or not row[0] for row in rows):
+        raise RevisionError(f"the version table {version_table} holds an empty or NULL revision: nothing was changed; "
+                            "delete that row (or stamp the real revision with `alembic stamp`)")
+    return tuple(sorted(row[0] for row in rows))
 
 
 def known_at_target(heads: tuple[str, ...] | None, current: tuple[str, ...], target: str,

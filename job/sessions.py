@@ -107,3 +107,27 @@ def identity(conn: Any) -> tuple[Any, ...]:
 def describe(name: str, started: str, address: str | None, port: int | None) -> str:
     where = f"{address.split('/')[0]}:{port}" if address else "a local socket"
     return f"database {name!r} on {where} (server started {started})"
+
+
+# What a revision may change in its session and leave for the next one: the search path, the role,
+# timeouts, any setting. Read before the first revision (what the job and env.py set up), and put
+# back inside each revision's transaction, so every revision starts from it.
+BASELINE_SQL = """
+SELECT current_user = session_user, current_user::text,
+       coalesce(json_object_agg(name, setting) FILTER (WHERE source = 'session'), '{}')::text
+FROM pg_settings
+WHERE name NOT LIKE 'transaction\\_%' AND name NOT IN ('role', 'session_authorization')
+"""
+
+
+def baseline(connection: Any) -> str:
+    """PL/pgSQL that puts the session of `connection` (a SQLAlchemy connection, any driver) back as
+    it is now: every setting reset, then those set in the session set again, the role too."""
+    import json
+
+    own_role, role, settings = db.fetch_literal(connection, BASELINE_SQL)
+    restore = [f"PERFORM set_config({db.literal(name)}, {db.literal(value)}, false);"
+               for name, value in sorted(json.loads(settings).items())]
+    if not own_role:
+        restore.append(f"PERFORM set_config('role', {db.literal(role)}, false);")
+    return "RESET ALL; RESET ROLE; " + " ".join(restore)

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import psycopg2
 
-from job import commits, db, plan
-from job.errors import ConfigError, Interrupted, JobError, MigrationFailed, first_line
+from job import commits, db, plan, sessions
+from job.errors import ConfigError, Interrupted, JobError, LockLost, MigrationFailed, first_line
 from job.history import History
 from job.logs import log
 from job.plan import Step, VersionTable
@@ -36,6 +36,7 @@ def apply(
     rows_within: bool = True,
     confirm_lock: Callable[[], None] | None = None,
     recovery: str = UNDO_BY_HAND,
+    lock_held: str = "",
 ) -> None:
     """Apply `steps` (upgrade or downgrade) one per transaction, logging each and recording it in
     `history`; raise MigrationFailed naming the one that failed.
@@ -55,7 +56,7 @@ def apply(
         # `make bench`; before env.py runs, since a connection takes in the listeners there are then)
         commits.ledger.listen()
     while pending:
-        stepper = Stepper(project, pending, target, direction, history, endings, rows_within, confirm_lock)
+        stepper = Stepper(project, pending, target, direction, history, endings, rows_within, confirm_lock, lock_held)
         try:
             project.run_env(stepper, on_version_apply=stepper.applied)
         except Interrupted as e:
@@ -65,7 +66,7 @@ def apply(
             stepper.failed("interrupted", e.left_behind)
             stepper.clean_up()
             raise
-        except (Exception, SystemExit, KeyboardInterrupt) as e:  # a revision's sys.exit() is its failure
+        except BaseException as e:  # whatever a revision raises (sys.exit() included) is its failure
             committed = commits.ledger.stop()
             stepper.clean_up()
             step = stepper.running
@@ -77,7 +78,7 @@ def apply(
                 ) from None
             if isinstance(e, JobError) and not isinstance(e, MigrationFailed):
                 raise  # the job's own verdict (a refused connection, a lost lock), not the revision's
-            if (step is not None and not committed and _is_lock_timeout(e)
+            if (step is not None and not committed and _is_transient(e)
                     and retried.get(step.revision, 0) < lock_retries):
                 retried[step.revision] = retried.get(step.revision, 0) + 1
                 _back_off(project, step, retried[step.revision], lock_retries, e)
@@ -109,9 +110,13 @@ class Stepper:
 
     def __init__(self, project: Project, pending: list[Step], target: str, direction: str,
                  history: History | None, endings: Mapping[str, commits.Ending], rows_within: bool = True,
-                 confirm_lock: Callable[[], None] | None = None) -> None:
+                 confirm_lock: Callable[[], None] | None = None, lock_held: str = "") -> None:
         self.project, self.pending, self.target, self.direction, self.history = project, pending, target, direction, history
         self.endings, self.rows_within, self.confirm_lock = endings, rows_within, confirm_lock
+        # PL/pgSQL that fails a revision's transaction if the job's session lost the lock (job.lock.held_sql)
+        self.lock_held = lock_held
+        # PL/pgSQL that puts env.py's session back as it was before the first revision (job.sessions.baseline)
+        self._baseline: str | None = None
         self.done: list[Step] = []
         self.running: Step | None = None
         self._started = (0.0, dt.datetime.now(dt.timezone.utc))
@@ -131,8 +136,9 @@ class Stepper:
     def _one_at_a_time(self, planned: list[Any], context: Any) -> Iterator[Any]:
         for script_step, step in zip(planned, self.pending):
             db.raise_if_signalled()  # a signal that landed between revisions: no next one
+            db.keep_signal_handlers()  # (env.py, or the revision before, may have set its own)
             if step != self.running:  # (a multidb env.py asks again for each of its databases)
-                if self.confirm_lock is not None:
+                if self.confirm_lock is not None and not self.lock_held:
                     self.confirm_lock()  # never run a revision on a lock the server has taken back
                 log.info("migration.start", revision=step.revision, description=step.description,
                          direction=self.direction)
@@ -143,6 +149,8 @@ class Stepper:
             if step.revision in self.endings and self.project.raw_connection is not None:
                 self._invalid_before = commits.invalid_indexes(self.project.raw_connection)
             connection = context.connection
+            if self._baseline is None and connection is not None and self.rows_within:
+                self._baseline = sessions.baseline(connection)
             before = connection.get_transaction() if connection is not None else None
             yield script_step
             # The revision's transaction has ended, as far as Alembic knows. One still open is either
@@ -189,7 +197,10 @@ class Stepper:
 
     def applied(self, ctx: Any, **_: Any) -> None:
         """Alembic's on_version_apply: the running revision's version row is written, its transaction
-        not yet committed. Its history row goes into that same transaction.
+        not yet committed. In that same transaction, in one round trip: the lock is confirmed held
+        (a revision whose job lost it rolls back), the session is put back as it was before the
+        first revision (a `SET search_path`, `SET ROLE` or timeout of this revision's does not reach
+        the next), and its history row is written.
 
         Every revision but the last commits without waiting for its WAL to reach disk
         (`synchronous_commit` off for that transaction only): the last one's commit, synchronous,
@@ -205,12 +216,14 @@ class Stepper:
         # back, an index built concurrently: its version row must not be the one a crash loses)
         defer = ("PERFORM set_config('synchronous_commit', 'off', true);"
                  if self.running != self.pending[-1] and self.running.revision not in self.endings else "")
+        prelude = " ".join(part for part in (self.lock_held if self.rows_within else "",
+                                             self._baseline or "", defer) if part)
         if self.history is not None and self.rows_within:
             started, started_at = self._started
             self._recorded = self.history.revision_within(ctx.connection, self.running.revision, self.direction,
-                                                          started_at, time.monotonic() - started, prelude=defer)
-        if defer and not self._recorded:
-            db.execute_literal(ctx.connection, "SELECT set_config('synchronous_commit', 'off', true)")
+                                                          started_at, time.monotonic() - started, prelude=prelude)
+        if prelude and not self._recorded:
+            db.plpgsql(ctx.connection, prelude)
 
     def _committed(self) -> None:
         step, (started, started_at) = self.running, self._started
@@ -246,11 +259,19 @@ def _back_off(project: Project, step: Step, attempt: int, retries: int, error: B
     time.sleep(delay)
 
 
-def _is_lock_timeout(error: BaseException) -> bool:
-    return db.received_signal() is None and db.sqlstate(error) == db.LOCK_NOT_AVAILABLE
+# What PostgreSQL documents as worth trying again, the transaction rolled back whole first: a lock
+# not granted within lock_timeout, a serialization failure and a deadlock (class 40, "transaction
+# rollback": "the transaction can be retried"). Everything else is the revision's own failure.
+TRANSIENT = {db.LOCK_NOT_AVAILABLE: "could not take its table locks within MIGRATE_STATEMENT_LOCK_TIMEOUT",
+             "40001": "could not be serialized with a concurrent transaction",
+             "40P01": "was chosen as the victim of a deadlock"}
 
 
-def _failure(step: Step, error: Exception, project: Project) -> BaseException:
+def _is_transient(error: BaseException) -> bool:
+    return db.received_signal() is None and db.sqlstate(error) in TRANSIENT
+
+
+def _failure(step: Step, error: BaseException, project: Project) -> BaseException:
     """Tell a signal's cancel from a revision's own failure, and say what state the database is in
     (for every driver: the job's psycopg2 session, or env.py's psycopg 3 or asyncpg)."""
     signum = db.received_signal()
@@ -259,15 +280,17 @@ def _failure(step: Step, error: Exception, project: Project) -> BaseException:
         return Interrupted(signum)
     cause = db.root_error(error)
     message = first_line(cause)
-    if code == db.LOCK_NOT_AVAILABLE:
+    if code == db.LOCK_LOST:
+        return LockLost(f"revision {step.revision} ({step.description}) was rolled back: {message} (a revision "
+                        "released it, or the server ended the job's session); run the job again")
+    if code in TRANSIENT:
         blockers = ", ".join(
             f"pid {b['pid']} ({b['application_name'] or 'no application_name'}, {b['state']} since {b['xact_start']})"
             for b in project.long_transactions()
         )
         return MigrationFailed(
-            f"revision {step.revision} ({step.description}) could not take its table locks within "
-            f"MIGRATE_STATEMENT_LOCK_TIMEOUT, after all MIGRATE_LOCK_RETRIES; rolled back. "
-            f"Blocking: {blockers or 'no transaction is open any more'}",
+            f"revision {step.revision} ({step.description}) {TRANSIENT[code]}, after all MIGRATE_LOCK_RETRIES; "
+            f"rolled back. Blocking: {blockers or 'no transaction is open any more'}",
             revision=step.revision,
         )
     if db.is_disconnect(error):

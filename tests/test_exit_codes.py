@@ -106,7 +106,8 @@ def test_idle_session_timeout_does_not_take_the_lock_from_its_holder(db: Db, env
 
 def test_a_lock_lost_mid_run_stops_before_the_next_revision_with_4(db: Db, env: dict[str, str],
                                                                    tmp_path: Path) -> None:
-    """The session holding the lock is ended while env.py's engine runs b004: b004 commits, b005 never starts, exit 4."""
+    """The session holding the lock is ended while env.py's engine runs b004: b004 finds it lost
+    inside its transaction and rolls back, b005 never starts, exit 4."""
     job_env = at_head_with_next(OWN_ENGINE, db, env, tmp_path, body='op.execute("SELECT pg_sleep(1.5)")')
     (tmp_path / "blog_versions" / "b005_after.py").write_text(
         (tmp_path / "blog_versions" / "b004_next.py").read_text().replace("b004", "b005").replace('"b003"', '"b004"')
@@ -118,7 +119,7 @@ def test_a_lock_lost_mid_run_stops_before_the_next_revision_with_4(db: Db, env: 
              "AND database = (SELECT oid FROM pg_database WHERE datname = %s)", (db.name,))
     result = finish_logged(proc, out)
 
-    assert (4, "LockLost", ["b004"]) == (result.code, result.event("run.failed")["error_type"], db.version())
+    assert (4, "LockLost", ["b003"]) == (result.code, result.event("run.failed")["error_type"], db.version())
     assert ["b004"] == [e["revision"] for e in result.events("migration.start")]
 
 

@@ -69,7 +69,12 @@ def lines() -> Iterator[Callable[[], list[dict]]]:
     saved = (logs.log._logger, logs.log._held, dict(logs._options))
     logs.log._logger = None
     logs.configure("json", "info", run_id="r1", stream=buffer, hold=True)
-    yield lambda: [json.loads(line) for line in buffer.getvalue().splitlines()]
+
+    def written() -> list[dict]:
+        logs.drain(5)  # (a thread of its own writes them)
+        return [json.loads(line) for line in buffer.getvalue().splitlines()]
+
+    yield written
     logs.log._logger, logs.log._held = saved[0], saved[1]
     logs._options.clear()
     logs._options.update(saved[2])
@@ -108,3 +113,37 @@ def test_a_known_secret_never_reaches_a_line(lines: Callable[[], list[dict]]) ->
 
     (line,) = lines()
     assert "hunter2-pw" not in json.dumps(line) and "other-pw" not in json.dumps(line)
+
+
+def test_a_stream_nobody_reads_never_blocks_the_job() -> None:
+    """A pipe that fills up: writing lines returns at once, whatever is queued (past the bound,
+    lines are dropped), and drain gives up at its timeout."""
+    import os
+    import time
+
+    from job.logs import Output
+
+    reading, writing = os.pipe()
+    stream = os.fdopen(writing, "w")
+    out = Output(stream)
+    started = time.monotonic()
+    for _ in range(200_000):  # far more than the pipe (64 KiB) and the queue (4 MiB) hold
+        out.write("x" * 60 + "\n")
+    out.drain(0.5)
+    assert time.monotonic() - started < 10
+    os.close(reading)
+
+
+@pytest.mark.parametrize("stream", ["closed", "none"])
+def test_a_closed_or_missing_stream_costs_lines_only(stream: str) -> None:
+    """stdout closed before the job started (None in Python), or closed under it: writes are dropped."""
+    from job.logs import Output
+
+    target = None
+    if stream == "closed":
+        target = io.StringIO()
+        target.close()
+    out = Output(target)
+
+    assert (5, False) == (out.write("line\n"), out.isatty())
+    out.drain(1)
