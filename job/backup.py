@@ -4,7 +4,7 @@ S3-compatible bucket (job.bucket), which both promise that a backup's name holds
 archive or nothing.
 
 A store offers: str() (where it is), path_of(name), locate(what an operator typed), ready() (what
-can be checked before a request), names(), read/write/delete/size(name), chunks(name) (a stream
+can be checked before a request), names(), read/write/delete/size(name), free_space() (None: no limit), chunks(name) (a stream
 of its bytes), remove_partials(matches) and dump(name, pg_dump argv, env, spawn, pg_restore,
 prepare) -> archive.Read.
 A backup is its archive and a JSON sidecar beside it (the archive's name + ".json"), written
@@ -196,10 +196,18 @@ def take(
         *_excluded(own),
         f"--dbname={database.conninfo_without_password(application_name)}",
     ]
-    dumped = _dump(store, name, argv, child, pg_restore, server_version, wait_timeout,
-                   prepare=lambda: remove_leftovers(store, set_key, name))
+    earlier = listing(store, database_name, set_key)
+    coming = {"path": store.path_of(name), "from_revision": from_revision, "to_revision": to_revision}
+
+    def prepare() -> None:
+        remove_leftovers(store, set_key, name)
+        make_room(store, coming, earlier, keep)
+
     try:
-        earlier = listing(store, database_name, set_key)
+        dumped = _dump(store, name, argv, child, pg_restore, server_version, wait_timeout, prepare=prepare)
+    except BackupFailed as e:
+        raise _no_room(e, store, earlier, keep) or e from None
+    try:
         sequence = 1 + max((b.get("sequence") or 0 for b in earlier), default=0)
         backup = Backup(
             path=store.path_of(name),
@@ -223,6 +231,18 @@ def take(
     log.info("backup.done", path=backup.path, bytes=backup.bytes, seconds=backup.seconds, sha256=backup.sha256)
     prune(store, [backup._asdict(), *earlier], keep)  # (the set as listed, without reading it again)
     return backup
+
+
+def _no_room(error: BackupFailed, store: Any, earlier: list[dict[str, Any]], keep: int) -> BackupFailed | None:
+    """A backup that ran out of space, said with the sizes: what is free, and what retention keeps."""
+    if "no space left" not in str(error).lower():
+        return None
+    kept = [b for b in earlier if b not in expendable(earlier, keep)]
+    return BackupFailed(
+        f"{error}: the backup volume {store} has {store.free_space()} bytes free after making room within "
+        f"MIGRATE_BACKUP_KEEP={keep}; the {len(kept)} backup(s) retention keeps hold "
+        f"{sum(b.get('bytes') or 0 for b in kept)} bytes, the newest {(earlier[0].get('bytes') if earlier else 0)}. "
+        "Give the volume more room, or lower MIGRATE_BACKUP_KEEP")
 
 
 def _excluded(own: tables.Own | None) -> list[str]:
@@ -509,15 +529,14 @@ def _descending(text: str) -> str:
     return "".join(chr(0x10FFFF - ord(c)) for c in text)
 
 
-def prune(store: Any, backups: list[dict[str, Any]], keep: int) -> None:
-    """Delete the backups of one set (`backups`: as `listing` gives them, newest first) that are no
-    longer a way back. Newest first, kept are: the newest (just taken); the newest backup of each
-    migration (the same from and to revisions: a retry replaces its own earlier backup) until
-    `keep` are kept; and, whatever `keep` says, the first backup taken since the last migration
-    that succeeded: the way back from a migration that keeps failing. Only backups found in the
-    store by name are deleted: the sidecar first, so that a backup listed is never half gone."""
+def expendable(backups: list[dict[str, Any]], keep: int) -> list[dict[str, Any]]:
+    """The backups of one set (`backups`: as `listing` gives them, newest first) that are no longer
+    a way back, newest first. Kept are: the newest (just taken); the newest backup of each migration
+    (the same from and to revisions: a retry replaces its own earlier backup) until `keep` are kept;
+    and, whatever `keep` says, the first backup taken since the last migration that succeeded: the
+    way back from a migration that keeps failing."""
     if not backups:
-        return
+        return []
     since_success = []
     for meta in backups:
         if meta.get("succeeded"):
@@ -534,12 +553,41 @@ def prune(store: Any, backups: list[dict[str, Any]], keep: int) -> None:
         if len(regular) < keep:
             regular.append(meta["path"])
     kept.update(regular)
-    for meta in backups:
-        if meta["path"] not in kept:
-            name = meta["path"].rsplit("/", 1)[-1]
-            store.delete(name + SIDECAR)
-            store.delete(name)
-            log.info("backup.pruned", path=store.path_of(name))
+    return [meta for meta in backups if meta["path"] not in kept]
+
+
+def prune(store: Any, backups: list[dict[str, Any]], keep: int) -> None:
+    """Delete the backups of one set that are no longer a way back (`expendable`). Only backups
+    found in the store by name are deleted: the sidecar first, so that a backup listed is never half gone."""
+    for meta in expendable(backups, keep):
+        _delete(store, meta, "no longer a way back")
+
+
+def _delete(store: Any, meta: dict[str, Any], reason: str) -> None:
+    name = meta["path"].rsplit("/", 1)[-1]
+    store.delete(name + SIDECAR)
+    store.delete(name)
+    log.info("backup.pruned", path=store.path_of(name), reason=reason)
+
+
+# the room a new backup is taken to need: its set's newest, and some for growth
+GROWTH = 1.25
+
+
+def make_room(store: Any, coming: dict[str, Any], earlier: list[dict[str, Any]], keep: int) -> None:
+    """Before a backup is written to a volume sized for MIGRATE_BACKUP_KEEP of them: if the free
+    space is less than the set's newest backup needs (GROWTH), delete now, oldest first, what
+    retention would delete once this backup is taken, until it is enough. Never more than that:
+    what retention keeps stays, and a volume still short then fails the backup with the sizes."""
+    free = store.free_space()
+    if free is None or not earlier:
+        return
+    needed = int(max(b.get("bytes") or 0 for b in earlier[:1]) * GROWTH)
+    for meta in reversed(expendable([coming, *earlier], keep)):
+        if free >= needed:
+            return
+        _delete(store, meta, f"making room: {free} bytes free, the newest backup of this database needs about {needed}")
+        free = store.free_space() or 0
 
 
 def remove_leftovers(store: Any, set_key: str, writing: str) -> None:

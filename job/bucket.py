@@ -99,6 +99,10 @@ class Bucket:
     def delete(self, name: str) -> None:
         self._call("delete_object", Bucket=self.location.bucket, Key=self.location.key(name))
 
+    def free_space(self) -> int | None:
+        """A bucket has no room to run out of."""
+        return None
+
     def size(self, name: str) -> int | None:
         try:
             return int(self._call("head_object", Bucket=self.location.bucket, Key=self.location.key(name))["ContentLength"])

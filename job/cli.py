@@ -13,7 +13,8 @@ from typing import Any, Callable
 import psycopg2
 
 from job import __version__, commands, config, db, logs, pipeline, text
-from job.errors import ConfigError, DatabaseUnavailable, Interrupted, JobError, Pending, RevisionError, first_line
+from job.errors import (ConfigError, DatabaseUnavailable, Interrupted, JobError, LockTimeout, Pending, RevisionError,
+                        first_line)
 from job.logs import log
 
 class _Parser(argparse.ArgumentParser):
@@ -179,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
             return _failed(e if isinstance(e, Interrupted) else Interrupted(signum), started, termination)
         if isinstance(e, JobError):
             return _failed(e, started, termination)
+        if db.sqlstate(e) == db.LOCK_NOT_AVAILABLE:  # the job's own read waited out its lock_timeout
+            return _failed(LockTimeout(f"the job's own statement waited longer than MIGRATE_STATEMENT_LOCK_TIMEOUT for a "
+                                       f"table lock ({first_line(e)}): another session holds one on the job's or "
+                                       "Alembic's tables; nothing was changed, run the job again"), started, termination)
         if isinstance(e, (psycopg2.OperationalError, psycopg2.InterfaceError)):  # the job's own session, outside a revision
             return _failed(DatabaseUnavailable(f"the connection to the database was lost: {first_line(e)}; "
                                                "nothing was left half-done: run the job again"), started, termination)

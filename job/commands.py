@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
+
+import psycopg2
 
 from job import db, history, lock, manifest, plan, tables
 from job.config import Settings
@@ -28,25 +31,44 @@ def wait(settings: Settings) -> str:
 
 
 def check(settings: Settings, block: bool = False) -> plan.Plan:
-    """The plan from the database's current revision; with `block`, wait until nothing is pending."""
+    """The plan from the database's current revision; with `block`, wait until nothing is pending.
+    Read-only: it answers on a hot standby and with a read-only role. While it waits (every app
+    pod's init container does), it gives its connection back to a server that is nearly full, as a
+    lock waiter does (job.lock.MakeRoom): the migration's own connections come first."""
     deadline = time.monotonic() + settings.wait_timeout
     scripts = manifest.scripts(settings.alembic)
-    # (a dead network does not outlast the wait)
-    with connected(settings) as conn, Alembic(settings, conn) as alembic, db.answered_by(deadline + 5):
-        if block:
-            # the migrating job NOTIFYs when it releases the lock; poll anyway every second
-            with conn.cursor() as cur:
-                cur.execute(f"LISTEN {lock.channel(lock.key_of(settings, conn))}")
-        while True:
-            known = manifest.known_scripts(settings, conn, scripts)
-            the_plan = known and plan.known_plan(settings, conn, known)
-            if the_plan is None or settings.other_databases:
-                the_plan = alembic_plan(settings, conn, alembic)
-            if not block or not the_plan.pending or time.monotonic() >= deadline:
-                plan.log_ahead(the_plan)
-                return the_plan
-            log.info("check.waiting", current=list(the_plan.current), pending=len(the_plan.pending))
-            lock.sleep_or_notified(conn, min(1.0, max(deadline - time.monotonic(), 0.0)))
+    while True:
+        # (a dead network does not outlast the wait)
+        with connected(settings, primary=False) as conn, Alembic(settings, conn) as alembic, \
+                db.answered_by(deadline + 5):
+            listening = block and _listen(conn, lock.channel(lock.key_of(settings, conn)))
+            while True:
+                known = manifest.known_scripts(settings, conn, scripts)
+                the_plan = known and plan.known_plan(settings, conn, known)
+                if the_plan is None or settings.other_databases:
+                    the_plan = alembic_plan(settings, conn, alembic)
+                if not block or not the_plan.pending or time.monotonic() >= deadline:
+                    plan.log_ahead(the_plan)
+                    return the_plan
+                log.info("check.waiting", current=list(the_plan.current), pending=len(the_plan.pending))
+                if lock.free_slots(conn) < lock.ROOM:
+                    log.info("check.making_room", reason="the server is nearly out of connection slots: this "
+                             "waiter gives its own back to the migration for a moment")
+                    break
+                pause = min(1.0, max(deadline - time.monotonic(), 0.0))
+                lock.sleep_or_notified(conn, pause) if listening else time.sleep(pause)
+        time.sleep(min(random.uniform(0.5, 2.0), max(deadline - time.monotonic(), 0.0)))
+
+
+def _listen(conn: Any, channel: str) -> bool:
+    """LISTEN for the migrating job's release; False where the server does not allow it (a hot
+    standby): then the waiter polls."""
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"LISTEN {channel}")
+        return True
+    except psycopg2.Error:
+        return False
 
 
 def alembic_plan(settings: Settings, conn: Any, alembic: Alembic) -> plan.Plan:
@@ -66,7 +88,7 @@ def others_current(settings: Settings, version_table: plan.VersionTable) -> list
     """Where each other database a multidb env.py migrates is (MIGRATE_DATABASES), read without a lock."""
     found = []
     for section, database in settings.other_databases:
-        with connected(settings._replace(database=database)) as conn:
+        with connected(settings._replace(database=database), primary=False) as conn:
             found.append((section, plan.current_revisions(conn, version_table)))
     return found
 
@@ -75,7 +97,7 @@ def plan_of(settings: Settings, sql: bool = False) -> tuple[plan.Plan, str | Non
     """The plan, and with `sql` the offline SQL the pending revisions would run; changes nothing."""
     from job import migrate
 
-    with connected(settings) as conn, migrate.project_of(settings, conn) as project:
+    with connected(settings, primary=False) as conn, migrate.project_of(settings, conn) as project:
         the_plan = migrate.plan_for(settings, conn, project, version_table_of(settings, conn, project))
         return the_plan, project.offline_sql(the_plan.current, settings.target) if sql else None
 
@@ -109,7 +131,7 @@ def status(settings: Settings) -> Status:
     """Revisions, pending work, the lock's holder, the newest backups and the last runs."""
     from job import migrate
 
-    with connected(settings) as conn, migrate.project_of(settings, conn) as project:
+    with connected(settings, primary=False) as conn, migrate.project_of(settings, conn) as project:
         name = db.database_name(conn)
         version_table = version_table_of(settings, conn, project)
         current = plan.current_revisions(conn, version_table)
@@ -253,7 +275,7 @@ def lint(settings: Settings, everything: bool = False, allow: str | None = None)
             endings = project.transaction_endings(steps, "upgrade")
         pg_version = "15"
     else:
-        with connected(settings) as conn, migrate.project_of(settings, conn) as project:
+        with connected(settings, primary=False) as conn, migrate.project_of(settings, conn) as project:
             graph = project.lineage()
             steps = migrate.plan_for(settings, conn, project, version_table_of(settings, conn, project)).pending
             steps = linter.after(steps, start_after, graph)

@@ -62,6 +62,14 @@ class Directory:
     def delete(self, name: str) -> None:
         (self.path / name).unlink(missing_ok=True)
 
+    def free_space(self) -> int | None:
+        """Bytes an unprivileged writer may still write on the volume."""
+        try:
+            stat = os.statvfs(self.path)
+        except OSError:
+            return None
+        return stat.f_bavail * stat.f_frsize
+
     def size(self, name: str) -> int | None:
         try:
             return (self.path / name).stat().st_size

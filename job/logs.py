@@ -336,11 +336,11 @@ def reclaim() -> None:
     root = logging.getLogger()
     if handler not in root.handlers:
         root.addHandler(handler)
-    stdout = {id(sys.__stdout__), id(_options["stream"].stream)}
+    stdout = {id(s) for s in (sys.__stdout__, _options["stream"].stream) if s is not None}
     loggers = [root, *(lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger))]
     for logger in loggers:
         for other in logger.handlers:
-            if other is not handler and id(getattr(other, "stream", None)) in stdout:
+            if other is not handler and isinstance(other, logging.StreamHandler) and id(other.stream) in stdout:
                 other.setStream(sys.stderr)
     level = LEVELS[_options["level"]]
     for name in SECRET_BEARING:

@@ -82,6 +82,8 @@ class Project:
         self.raw_connection = raw_connection
         self._connection: Any = None
         self._version_table: VersionTable | None = None
+        # the version table env.py last configured (for a failure before it ran anything)
+        self._configured_table: VersionTable | None = None
         self._lineage: dict[str, lineage.Revision] | None = None
         # (revision, upgrade or downgrade) -> how it ends its transaction, if it does
         self._endings: dict[tuple[str, str], commits.Ending | None] = {}
@@ -164,6 +166,9 @@ class Project:
         except ConfigError:
             raise
         except Exception as e:
+            self.rollback()
+            if self._configured_table is not None and self.raw_connection is not None:
+                plan.current_revisions(self.raw_connection, self._configured_table)  # (a table that is not Alembic's: 7)
             raise ConfigError(f"the Alembic environment (env.py) failed: {type(e).__name__}: {first_line(e)}"
                               f"{stepper.async_hint(e)}") from None
         finally:
@@ -282,16 +287,18 @@ class Project:
     def run_env(self, fn: Callable[[Any, Any], Any], as_sql: bool = False,
                 on_version_apply: Callable[..., None] | None = None, **kw: Any) -> None:
         """Run the project's env.py once with `fn` choosing the steps (and `on_version_apply` hearing of
-        each version row written); env.py never reconfigures logging."""
+        each version row written); then the job's signal handlers are its own again, and the
+        scripts are wherever env.py put them."""
         if not as_sql:
             self.connection()
+        environment = _environment(self.config, self.script, on_version_apply, fn=fn, as_sql=as_sql, **kw)
         try:
-            with logs.project_code(), _environment(self.config, self.script, on_version_apply, fn=fn, as_sql=as_sql,
-                                                   **kw):
+            with logs.project_code(), environment:
                 self.script.run_env()
         finally:
             db.keep_signal_handlers()
             self._follow_env_py()
+            self._configured_table = environment.configured
 
     def offline_sql(self, current: tuple[str, ...], target: str) -> str:
         """The SQL `alembic upgrade --sql` would emit from `current` to `target`."""
@@ -439,9 +446,12 @@ def _environment(config: Config, script: ScriptDirectory, on_version_apply: Call
         callbacks = list(options.get("on_version_apply") or ())
         if on_version_apply is not None:
             callbacks.append(on_version_apply)
+        environment.configured = VersionTable(options.get("version_table") or "alembic_version",
+                                              options.get("version_table_schema"))
         configure(*args, **{**options, "transaction_per_migration": True, "on_version_apply": callbacks})
 
     environment.configure = per_migration  # type: ignore[method-assign]
+    environment.configured = None  # (the version table env.py configured, once it has: for errors)
     return environment
 
 

@@ -107,22 +107,69 @@ def _retry(attempt: Callable[[], Any], first: Exception, started: float, timeout
     return retrying(attempt)
 
 
-def wait_for_database(connect_kwargs: dict[str, str], timeout: float, session: Mapping[str, str] = {}) -> Any:
+def resolved(kwargs: dict[str, str], within: float) -> dict[str, str]:
+    """libpq looks host names up itself, in C, where neither a signal nor the job's timeouts reach
+    it: a name server that does not answer holds it for as long as the system resolver retries. So
+    the job looks them up first, in a thread it waits for (a signal interrupts the wait) no longer
+    than `within` seconds, and hands libpq the addresses (`hostaddr`) beside the names (`host`: still
+    what TLS verifies and what messages name)."""
+    host = kwargs.get("host")
+    if not host or kwargs.get("hostaddr"):
+        return kwargs
+    ports = (kwargs.get("port") or "5432").split(",")
+    addresses = [
+        "" if not name or name.startswith("/") or _is_address(name) else _look_up(name, ports[min(i, len(ports) - 1)], within)
+        for i, name in enumerate(host.split(","))
+    ]
+    return {**kwargs, "hostaddr": ",".join(addresses)} if any(addresses) else kwargs
+
+
+def _is_address(name: str) -> bool:
+    return ":" in name or bool(re.fullmatch(r"\d{1,3}(\.\d{1,3}){3}", name))
+
+
+def _look_up(name: str, port: str, within: float) -> str:
+    import socket
+    import threading
+
+    found: list[Any] = []
+
+    def look_up() -> None:
+        try:
+            found.append(socket.getaddrinfo(name, port or None, type=socket.SOCK_STREAM)[0][4][0])
+        except (OSError, UnicodeError) as e:
+            found.append(e)
+
+    thread = threading.Thread(target=look_up, name="resolve", daemon=True)
+    thread.start()
+    thread.join(within)
+    if not found:
+        raise psycopg2.OperationalError(f'could not translate host name "{name}" to address: no answer from the '
+                                        f"name server within {within:g} s")
+    if isinstance(found[0], BaseException):
+        raise psycopg2.OperationalError(f'could not translate host name "{name}" to address: '
+                                        f"{getattr(found[0], 'strerror', None) or found[0]}")
+    return str(found[0])
+
+
+def wait_for_database(connect_kwargs: dict[str, str], timeout: float, session: Mapping[str, str] = {},
+                      primary: bool = True) -> Any:
     """Return an autocommit connection once the database answers queries, retrying for `timeout`
     seconds; `session` settings are set in its first round trip, so that every statement of the run
-    (the version read and the history writes included) runs under them."""
+    (the version read and the history writes included) runs under them. Unless `primary` is asked
+    for (anything that may write), a hot standby answers too."""
     started = time.monotonic()
 
     def attempt() -> Any:
         remaining = timeout - (time.monotonic() - started)
         # libpq's smallest useful connect_timeout is 2 s
         kwargs = {**connect_kwargs, "connect_timeout": str(max(2, min(int(remaining) or 2, 5)))}
-        conn = db.connect(kwargs)
+        conn = db.connect(resolved(kwargs, float(kwargs["connect_timeout"])))
         with conn.cursor() as cur:
             cur.execute(SESSION_SQL + "".join(", set_config(%s, %s, false)" for _ in session),
                         [part for item in session.items() for part in item])
             in_recovery, conn.server_pid = cur.fetchone()[:2]
-        if in_recovery:
+        if in_recovery and primary:
             conn.close()
             raise _StillInRecovery("the server is in recovery (a read-only standby); migrations need the primary")
         return conn
@@ -157,10 +204,11 @@ def wait_for_database(connect_kwargs: dict[str, str], timeout: float, session: M
 
 
 @contextlib.contextmanager
-def connected(settings: Settings) -> Iterator[Any]:
-    """A connection once the database answers, closed at the end."""
+def connected(settings: Settings, primary: bool = True) -> Iterator[Any]:
+    """A connection once the database answers, closed at the end; `primary=False` for what only reads
+    (check, status, plan), which a hot standby may answer."""
     conn = wait_for_database(settings.database.connect_kwargs(settings.application_name), settings.wait_timeout,
-                             session_options(settings))
+                             session_options(settings), primary)
     try:
         yield conn
     finally:
