@@ -426,7 +426,7 @@ def archive_database(store: Any, name: str) -> str | None:
 
 # Everything of the database's own, as DROP statements: schemas other than public (with what is in
 # them), extensions, then in the schemas left the relations, routines and types that are not the
-# job's own or an extension's. Run before the archive's script, in its transaction.
+# job's own or an extension's, and every large object. Run before the archive's script, in its transaction.
 CLEARING_SQL = """
 WITH kept AS (  -- the job's own tables, and the sequences they own
     SELECT c.oid FROM pg_class c WHERE c.oid = ANY(%(kept)s::regclass[])
@@ -462,6 +462,8 @@ SELECT format('DROP %%s IF EXISTS %%I.%%I CASCADE;', CASE t.typtype WHEN 'd' THE
   FROM pg_type t JOIN user_schemas n ON n.oid = t.typnamespace
  WHERE t.typtype IN ('e', 'd', 'r', 'm', 'b') AND t.typelem = 0 AND t.oid NOT IN (SELECT objid FROM extension_owned)
    AND (n.nspname = 'public' OR n.oid IN (SELECT oid FROM kept_schemas))
+UNION ALL
+SELECT format('SELECT pg_catalog.lo_unlink(%%s);', oid) FROM pg_largeobject_metadata
 UNION ALL
 SELECT format('DROP TYPE IF EXISTS %%I.%%I CASCADE;', n.nspname, t.typname)
   FROM pg_type t JOIN user_schemas n ON n.oid = t.typnamespace JOIN pg_class c ON c.oid = t.typrelid

@@ -143,6 +143,14 @@ class Cluster:
             shutil.chown(crt, self.user)
             shutil.chown(key, self.user)
 
+    def replicate(self, primary: "Cluster") -> None:
+        """Make this (not yet made) cluster a hot standby of `primary`, streaming from it."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if self.user is not None:
+            shutil.chown(self.directory, self.user)
+        self._as_server_user([str(BIN / "pg_basebackup"), "-D", str(self.data), "-R", "-X", "stream", "--checkpoint=fast",
+                              "-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres"])
+
     def start(self, wait: bool = True) -> None:
         self.init()
         self.port_file.write_text(str(self.port))

@@ -298,6 +298,34 @@ def test_fifty_runs_on_twenty_connection_slots_all_migrate(tmp_path: Path, env: 
     assert (1, ["0006"]) == (sum(len(r.events("backup.done")) for r in results), versions)
 
 
+def test_app_pods_waiting_for_migrations_leave_the_slots_the_migration_needs(tmp_path: Path,
+                                                                              env: dict[str, str]) -> None:
+    """Twenty `check --wait` pollers (every app pod's init container) on max_connections=20, then the
+    run: the pollers give their connections back to a nearly full server, so the run's pg_dump and
+    env.py get theirs; it migrates, and every poller then sees the target."""
+    cluster = Cluster(Path(tempfile.mkdtemp(prefix="migrate-job-full-")), max_connections=20)
+    cluster.start()
+    try:
+        cluster.psql("CREATE DATABASE polled")
+        cluster.psql("CREATE TABLE legacy (id int)", database="polled")  # something to back up
+        url = cluster.url("polled", password="password")
+        runs = {**env, "DATABASE_URL": url, "MIGRATE_WAIT_TIMEOUT": "120", "MIGRATE_LOCK_TIMEOUT": "120"}
+        outs = [tmp_path / f"poller{n}.log" for n in range(20)]
+        pollers = [start_logged(runs, out, "check", "--wait") for out in outs]
+        deadline = time.monotonic() + 60
+        while int(cluster.psql("SELECT count(*) FROM pg_stat_activity WHERE datname = 'polled'")) < 15:
+            assert time.monotonic() < deadline, "the pollers never connected"
+            time.sleep(0.2)
+        migrated = run_job("run", env=runs, timeout=180)
+        polled = [finish_logged(p, out, timeout=180) for p, out in zip(pollers, outs)]
+    finally:
+        cluster.destroy()
+
+    assert (0, 1) == (migrated.code, len(migrated.events("backup.done"))), migrated.stdout[-1500:]
+    assert [0] * 20 == [r.code for r in polled]
+    assert any(r.events("check.making_room") for r in polled)
+
+
 def test_lock_timeout_zero_tries_the_lock_once(db: Db, env: dict[str, str]) -> None:
     """MIGRATE_LOCK_TIMEOUT=0 with the lock held elsewhere: exit 4 at once."""
     from tests.conftest import hold_lock

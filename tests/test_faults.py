@@ -20,8 +20,8 @@ from job.config import Database
 from tests.conftest import (
     ROOT, Db, Result, finish, finish_logged, run_job, scenario, start_job, start_logged,
 )
-from tests.events import wait_for_event
-from tests.pgcluster import server_user
+from tests.events import events, wait_for_event
+from tests.pgcluster import Cluster, server_user
 
 pytestmark = pytest.mark.faults
 
@@ -391,3 +391,44 @@ def test_pgbouncer_session_pooling_works(db: Db, env: dict[str, str], pgbouncer)
     assert 0 == result.code, result.stdout
     assert ["0006"] == db.version()
     assert 0 == db.advisory_locks()
+
+
+def test_a_server_crash_at_any_point_of_a_long_history_leaves_what_a_plain_rerun_completes(
+        cluster: Cluster, env: dict[str, str], tmp_path: Path) -> None:
+    """The server stopped dead (immediate shutdown: no checkpoint, the newest commits not yet
+    flushed when synchronous_commit was off) in the middle of 120 revisions, some of which build an
+    index concurrently: after its restart a plain re-run reaches head, with no repair, and every
+    index is valid."""
+    project = tmp_path / "long"
+    (project / "versions").mkdir(parents=True)
+    shutil.copy(ROOT / "tests" / "scenarios" / "slow" / "env.py", project / "env.py")
+    (project / "alembic.ini").write_text(f"[alembic]\nscript_location = %(here)s\nprepend_sys_path = {ROOT}\n")
+    previous = None
+    for i in range(1, 121):
+        rev = f"r{i:04d}"
+        body = (f'    op.execute("CREATE TABLE t{i} (id int)")\n' if i % 10 else
+                f'    with op.get_context().autocommit_block():\n'
+                f'        op.execute("CREATE INDEX CONCURRENTLY t{i - 1}_id ON t{i - 1} (id)")\n')
+        (project / "versions" / f"{rev}.py").write_text(
+            f'"""step {i}"""\nfrom alembic import op\n\nrevision = "{rev}"\ndown_revision = {previous!r}\n'
+            f"branch_labels = None\ndepends_on = None\n\n\ndef upgrade():\n{body}\n\ndef downgrade():\n    pass\n")
+        previous = rev
+    cluster.start()
+    cluster.psql("CREATE DATABASE crash")
+    job_env = {**env, "DATABASE_URL": cluster.url("crash"), "ALEMBIC_CONFIG": str(project / "alembic.ini"),
+               "MIGRATE_BACKUP": "off", "MIGRATE_WAIT_TIMEOUT": "30"}
+    out = tmp_path / "job.log"
+    proc = start_logged(job_env, out)
+    deadline = time.monotonic() + 60
+    while sum(e == "migration.done" for e in events(out.read_text())) < 45:
+        assert time.monotonic() < deadline and proc.poll() is None, out.read_text()[-2000:]
+        time.sleep(0.01)
+    cluster.stop(mode="immediate")
+    crashed = finish_logged(proc, out)
+    cluster.start()
+
+    rerun = run_job("run", env=job_env)
+
+    assert (True, 0) == (crashed.code != 0, rerun.code), rerun.stdout[-2000:]
+    assert ("r0120", "0") == (cluster.psql("SELECT version_num FROM alembic_version", "crash"),
+                              cluster.psql("SELECT count(*) FROM pg_index WHERE NOT indisvalid", "crash"))

@@ -151,10 +151,12 @@ def results(podman: Podman, container: str) -> Result:
 
 # --- the job image, locked down ---------------------------------------------------------------
 
-def run_image(podman: Podman, db: Db, backups: Path, *args: str) -> Result:
-    done = podman("run", "--rm", "--network", NETWORK, "--user", "10001:10001", "--read-only", "--cap-drop", "ALL",
-                  "--security-opt", "no-new-privileges", "--volume", f"{backups}:/backups",
-                  "--env", f"DATABASE_URL={in_pod(db)}", JOB_IMAGE, *args, check=False)
+def run_image(podman: Podman, db: Db, backups: Path, *args: str, user: str = "10001:10001") -> Result:
+    """The job image as the restricted Pod Security profile runs it: the root filesystem read-only,
+    writable only what is mounted (the backups volume, and an emptyDir at /tmp, as the chart mounts)."""
+    done = podman("run", "--rm", "--network", NETWORK, "--user", user, "--read-only", "--read-only-tmpfs=false",
+                  "--tmpfs", "/tmp", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+                  "--volume", f"{backups}:/backups", "--env", f"DATABASE_URL={in_pod(db)}", JOB_IMAGE, *args, check=False)
     return Result(done.returncode, done.stdout, done.stderr)
 
 
@@ -194,6 +196,29 @@ def test_the_app_image_is_ready_at_head(podman: Podman, images: tuple[str, str],
         assert _ready(f"http://127.0.0.1:{port}/readyz") == 200
     finally:
         podman("rm", "--force", name, check=False)
+
+
+def test_every_command_runs_as_any_uid_with_only_its_volumes_writable(podman: Podman, images: tuple[str, str],
+                                                                      db: Db, tmp_path: Path) -> None:
+    """A uid the image has never heard of (OpenShift's kind), root read-only: run, backup, status,
+    check, and a restore that brings the data back."""
+    db.holds_data()
+    backups = tmp_path / "backups"
+    backups.mkdir(mode=0o700)
+    os.chown(backups, 54321, 0)
+    stranger = "54321:0"
+
+    assert 0 == run_image(podman, db, backups, "run", user=stranger).code
+    taken = run_image(podman, db, backups, "backup", user=stranger)
+    assert 0 == taken.code, taken.stdout[-1500:] + taken.stderr[-1500:]
+    db.query("DELETE FROM legacy_notes")
+    restored = run_image(podman, db, backups, "restore", Path(taken.event("backup.done")["path"]).name, "--yes",
+                         user=stranger)
+
+    assert 0 == restored.code, restored.stdout[-1500:] + restored.stderr[-1500:]
+    assert [(1, "kept")] == db.query("SELECT id, body FROM legacy_notes")
+    assert (0, 0) == (run_image(podman, db, backups, "status", user=stranger).code,
+                      run_image(podman, db, backups, "check", user=stranger).code)
 
 
 def _ready(url: str, timeout: float = 60) -> int:

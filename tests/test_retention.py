@@ -197,3 +197,84 @@ def test_restore_compares_the_archives_own_database_name(db: Db, env: dict[str, 
         drop_database(other)
 
     assert (2, True) == (result.code, repr(other.name) in result.event("run.failed")["error"])
+
+
+def large_objects(db: Db) -> list[tuple]:
+    return db.query("SELECT oid::text, encode(lo_get(oid), 'escape') FROM pg_largeobject_metadata ORDER BY 1")
+
+
+def test_restore_brings_back_every_kind_of_object_the_database_held(db: Db, env: dict[str, str]) -> None:
+    """Large objects (those made later gone, those of backup time back), an unlogged table's rows, a
+    column of an extension's type: as they were at backup time."""
+    assert 0 == run_job("run", env={**env, "MIGRATE_TARGET": "0003"}).code
+    db.query("CREATE EXTENSION hstore; CREATE UNLOGGED TABLE cache (k text PRIMARY KEY, v hstore); "
+             "INSERT INTO cache VALUES ('a', 'x=>1'), ('b', 'y=>2'); SELECT lo_from_bytea(0, 'kept blob')")
+    at_backup = (schema_and_rows(db), large_objects(db), db.query("SELECT k, v::text FROM cache ORDER BY k"))
+    backup = run_job("backup", env=env).event("backup.done")["path"]
+    db.query("DELETE FROM cache WHERE k = 'a'; SELECT lo_unlink(oid) FROM pg_largeobject_metadata; "
+             "SELECT lo_from_bytea(0, 'a later blob')")
+    assert at_backup != (schema_and_rows(db), large_objects(db), db.query("SELECT k, v::text FROM cache ORDER BY k"))
+
+    result = run_job("restore", Path(backup).name, "--yes", env=env)
+
+    assert 0 == result.code, result.stdout[-1500:]
+    assert at_backup == (schema_and_rows(db), large_objects(db), db.query("SELECT k, v::text FROM cache ORDER BY k"))
+
+
+# --- a volume sized for MIGRATE_BACKUP_KEEP backups -------------------------------------------------
+
+@pytest.fixture
+def small_volume(tmp_path: Path) -> Path:
+    """A filesystem of its own, 1.6 MiB (tmpfs: mounting needs root, as CI runs)."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small filesystem needs root (CI runs as root)")
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1600k", "tmpfs", str(volume)], check=True)
+    yield volume
+    subprocess.run(["umount", str(volume)], check=True)
+
+
+def _sized(db: Db, kilobytes: int) -> None:
+    """Rows whose dump takes about `kilobytes` (random hex: pg_dump's compression takes off about 40%)."""
+    db.query("CREATE TABLE IF NOT EXISTS payload (id int, v text)")
+    db.query("TRUNCATE payload")
+    db.query("INSERT INTO payload SELECT g, md5(random()::text) || md5(random()::text) FROM generate_series(1, %s) g",
+             (kilobytes * 1024 // 40,))
+
+
+def test_a_volume_full_of_the_backups_retention_keeps_makes_room_for_the_next(db: Db, env: dict[str, str],
+                                                                             small_volume: Path) -> None:
+    """MIGRATE_BACKUP_KEEP=2 on a volume that holds two backups and a little: the third and every
+    later one first deletes what retention would delete after it (`backup.pruned`, making room),
+    never what it keeps, and succeeds."""
+    _sized(db, 650)
+    keep2 = {**env, "MIGRATE_BACKUP_DIR": str(small_volume), "MIGRATE_BACKUP_KEEP": "2"}
+    taken = [run_job("backup", env=keep2) for _ in range(4)]
+
+    assert [0, 0, 0, 0] == [r.code for r in taken], taken[-1].stdout[-1500:]
+    made_room = [e for r in taken for e in r.events("backup.pruned") if e["reason"].startswith("making room")]
+    assert made_room and all(Path(e["path"]).name != Path(taken[-1].event("backup.done")["path"]).name
+                             for e in made_room)
+    assert sorted(Path(r.event("backup.done")["path"]).name for r in taken[-2:]) == dumps(small_volume)
+
+
+def test_what_retention_cannot_free_is_exit_5_with_the_sizes(db: Db, env: dict[str, str], small_volume: Path) -> None:
+    """A backup bigger than the whole volume: exit 5 saying what is free and what retention keeps;
+    the backup retention keeps is still there, nothing was migrated."""
+    keep1 = {**env, "MIGRATE_BACKUP_DIR": str(small_volume), "MIGRATE_BACKUP_KEEP": "1"}
+    assert 0 == run_job("run", env={**keep1, "MIGRATE_TARGET": "0005"}).code
+    _sized(db, 300)
+    first = run_job("backup", env=keep1)
+    assert 0 == first.code
+    _sized(db, 6000)
+
+    result = run_job("run", env=keep1)
+
+    error = result.event("run.failed")["error"]
+    assert (5, ["0005"], True, True) == (result.code, db.version(), "bytes free" in error, "MIGRATE_BACKUP_KEEP=1" in error), \
+        error
+    assert [Path(first.event("backup.done")["path"]).name] == dumps(small_volume)

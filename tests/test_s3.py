@@ -271,3 +271,22 @@ def test_the_server_stopped_mid_upload_exits_5(db: Db, s3_env: dict[str, str]) -
     assert 5 == result.code, result.stdout
     assert "endpoint" in result.event("run.failed")["error"]
     assert ["0004"] == db.version()
+
+
+def test_a_sigkilled_job_leaves_no_pg_dump_behind_mid_upload(db: Db, s3_env: dict[str, str], server: Server,
+                                                             bucket: str) -> None:
+    """SIGKILL while parts stream to the bucket: pg_dump dies with the job (no share locks left on the
+    tables), and the next run aborts the upload it left and migrates."""
+    big(db, s3_env)
+    proc = start_job("run", env=s3_env)
+    upload_started(server, bucket, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    deadline = time.monotonic() + 10
+    while db.query("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND application_name LIKE "
+                   "'migrate-job/%%'", (db.name,))[0][0]:
+        assert time.monotonic() < deadline, "a session of the job's (pg_dump's) is still there"
+        time.sleep(0.1)
+    rerun = run_job("run", env=s3_env)
+    assert (0, [HEAD], []) == (rerun.code, db.version(), uploads(server, bucket)), rerun.stdout[-1500:]
