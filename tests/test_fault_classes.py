@@ -7,7 +7,6 @@ may raise."""
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import signal
 import subprocess
@@ -18,7 +17,7 @@ from typing import Any, Callable
 import pytest
 
 from job import config
-from tests.conftest import MIGRATE_JOB, ROOT, Db, Result, finish_logged, hold_lock, run_job, scenario, start_logged
+from tests.conftest import MIGRATE_JOB, ROOT, Db, finish_logged, hold_lock, run_job, scenario, start_logged
 from tests.events import wait_for_event
 from tests.test_env_sessions import REVISION, at_head_with_next
 from tests.test_projects import SHAPES
