@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import Db, finish_logged, start_logged
 from tests.events import wait_for_event
-from tests.test_projects import SHAPES, Shape, make_project, run_job, url_for
+from tests.test_projects import REVISION, SHAPES, Shape, make_project, run_job, url_for
 
 pytestmark = pytest.mark.faults
 
@@ -24,28 +24,6 @@ OWN_ENGINES = {
     "asyncpg": SHAPES["async-template"],
 }
 
-REVISION = '''"""{doc}
-
-Revision ID: b004
-Revises: b003
-"""
-
-import sqlalchemy as sa
-from alembic import op
-
-revision = "b004"
-down_revision = "b003"
-branch_labels = None
-depends_on = None
-
-
-def upgrade() -> None:
-    {body}
-
-
-def downgrade() -> None:
-    pass
-'''
 
 
 def at_head_with_next(shape: Shape, db: Db, env: dict[str, str], where: Path, body: str) -> dict[str, str]:

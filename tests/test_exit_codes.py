@@ -3,12 +3,14 @@ name, a full server, a connection or a lock lost outside a revision; and nothing
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -275,22 +277,29 @@ def test_a_wait_ends_by_its_timeout_when_the_network_dies(command: str, db: Db, 
     assert (3, True) == (result.code, took < 12), (took, result.stdout[-600:])
 
 
-def test_fifty_runs_on_twenty_connection_slots_all_migrate(tmp_path: Path, env: dict[str, str]) -> None:
-    """Fifty runs at once on max_connections=20, backup included: waiters give their slots back so the
-    holder's pg_dump gets one; every run exits 0 and the migrations ran once."""
+@contextlib.contextmanager
+def twenty_slots(env: dict[str, str]) -> Iterator[tuple[Cluster, dict[str, str]]]:
+    """A server of max_connections=20 with a database holding something to back up, and the
+    environment of runs that wait two minutes for it and for the lock."""
     cluster = Cluster(Path(tempfile.mkdtemp(prefix="migrate-job-full-")), max_connections=20)
     cluster.start()
     try:
         cluster.psql("CREATE DATABASE full_server")
-        cluster.psql("CREATE TABLE legacy (id int)", database="full_server")  # something to back up
+        cluster.psql("CREATE TABLE legacy (id int)", database="full_server")
         url = cluster.url("full_server", password="password")
-        runs = {**env, "DATABASE_URL": url, "MIGRATE_WAIT_TIMEOUT": "120", "MIGRATE_LOCK_TIMEOUT": "120"}
+        yield cluster, {**env, "DATABASE_URL": url, "MIGRATE_WAIT_TIMEOUT": "120", "MIGRATE_LOCK_TIMEOUT": "120"}
+    finally:
+        cluster.destroy()
+
+
+def test_fifty_runs_on_twenty_connection_slots_all_migrate(tmp_path: Path, env: dict[str, str]) -> None:
+    """Fifty runs at once on max_connections=20, backup included: waiters give their slots back so the
+    holder's pg_dump gets one; every run exits 0 and the migrations ran once."""
+    with twenty_slots(env) as (cluster, runs):
         outs = [tmp_path / f"job{n}.log" for n in range(50)]
         procs = [start_logged(runs, out) for out in outs]
         results = [finish_logged(p, out, timeout=300) for p, out in zip(procs, outs)]
         versions = cluster.psql("SELECT version_num FROM alembic_version", database="full_server").split()
-    finally:
-        cluster.destroy()
 
     codes = [r.code for r in results]
     assert {0: 50} == {code: codes.count(code) for code in set(codes)}, [
@@ -303,23 +312,15 @@ def test_app_pods_waiting_for_migrations_leave_the_slots_the_migration_needs(tmp
     """Twenty `check --wait` pollers (every app pod's init container) on max_connections=20, then the
     run: the pollers give their connections back to a nearly full server, so the run's pg_dump and
     env.py get theirs; it migrates, and every poller then sees the target."""
-    cluster = Cluster(Path(tempfile.mkdtemp(prefix="migrate-job-full-")), max_connections=20)
-    cluster.start()
-    try:
-        cluster.psql("CREATE DATABASE polled")
-        cluster.psql("CREATE TABLE legacy (id int)", database="polled")  # something to back up
-        url = cluster.url("polled", password="password")
-        runs = {**env, "DATABASE_URL": url, "MIGRATE_WAIT_TIMEOUT": "120", "MIGRATE_LOCK_TIMEOUT": "120"}
+    with twenty_slots(env) as (cluster, runs):
         outs = [tmp_path / f"poller{n}.log" for n in range(20)]
         pollers = [start_logged(runs, out, "check", "--wait") for out in outs]
         deadline = time.monotonic() + 60
-        while int(cluster.psql("SELECT count(*) FROM pg_stat_activity WHERE datname = 'polled'")) < 15:
+        while int(cluster.psql("SELECT count(*) FROM pg_stat_activity WHERE datname = 'full_server'")) < 15:
             assert time.monotonic() < deadline, "the pollers never connected"
             time.sleep(0.2)
         migrated = run_job("run", env=runs, timeout=180)
         polled = [finish_logged(p, out, timeout=180) for p, out in zip(pollers, outs)]
-    finally:
-        cluster.destroy()
 
     assert (0, 1) == (migrated.code, len(migrated.events("backup.done"))), migrated.stdout[-1500:]
     assert [0] * 20 == [r.code for r in polled]

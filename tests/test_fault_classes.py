@@ -41,26 +41,19 @@ def no_session_of_the_job(db: Db) -> bool:
 
 # --- every ending signal, at every step -------------------------------------------------------------
 
-def _waits_on_a_lock(db: Db) -> Callable[[Path], None]:
-    """Reached once one of the job's sessions waits for a table lock."""
+def _once_the_job(db: Db, condition: str) -> Callable[[Path], None]:
+    """Reached once one of the job's sessions in `db` matches `condition` (on pg_stat_activity)."""
     def reached(out: Path) -> None:
         deadline = time.monotonic() + 30
-        while not db.query("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock' "
-                           "AND application_name LIKE 'migrate-job/%%'", (db.name,))[0][0]:
-            assert time.monotonic() < deadline, out.read_text()
+        while not db.query(f"SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND {condition}", (db.name,))[0][0]:
+            assert time.monotonic() < deadline, out.read_text() if out.exists() else "never reached"
             time.sleep(0.05)
     return reached
 
 
-def _runs_its_statement(db: Db) -> Callable[[Path], None]:
-    """Reached once the slow revision's pg_sleep runs."""
-    def reached(out: Path) -> None:
-        deadline = time.monotonic() + 30
-        while not db.query("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND query LIKE 'SELECT pg_sleep%%'",
-                           (db.name,))[0][0]:
-            assert time.monotonic() < deadline, out.read_text()
-            time.sleep(0.05)
-    return reached
+# the job's session waits for a table lock; the slow revision's statement runs
+WAITS_ON_A_LOCK = "wait_event_type = 'Lock' AND application_name LIKE 'migrate-job/%%'"
+RUNS_ITS_STATEMENT = "query LIKE 'SELECT pg_sleep%%'"
 
 
 def _waiting_for_the_server(db: Db, env: dict[str, str], tmp_path: Path) -> tuple[dict[str, str], Any, Any, list[str]]:
@@ -80,7 +73,7 @@ def _reading_a_locked_version_table(db: Db, env: dict[str, str], tmp_path: Path)
     app = db.connect(application_name="app")
     app.autocommit = False
     app.cursor().execute("LOCK TABLE alembic_version IN ACCESS EXCLUSIVE MODE")
-    return {**env, "MIGRATE_STATEMENT_LOCK_TIMEOUT": "30"}, _waits_on_a_lock(db), app, ["0005"]
+    return {**env, "MIGRATE_STATEMENT_LOCK_TIMEOUT": "30"}, _once_the_job(db, WAITS_ON_A_LOCK), app, ["0005"]
 
 
 def _backing_up(db: Db, env: dict[str, str], tmp_path: Path) -> tuple[dict[str, str], Any, Any, list[str]]:
@@ -91,7 +84,8 @@ def _backing_up(db: Db, env: dict[str, str], tmp_path: Path) -> tuple[dict[str, 
 
 def _in_a_revision(db: Db, env: dict[str, str], tmp_path: Path) -> tuple[dict[str, str], Any, Any, list[str]]:
     # (s001 commits before s002 sleeps in its statement)
-    return {**env, "ALEMBIC_CONFIG": scenario("slow"), "SCENARIO_SLEEP": "30"}, _runs_its_statement(db), None, ["s001"]
+    return ({**env, "ALEMBIC_CONFIG": scenario("slow"), "SCENARIO_SLEEP": "30"}, _once_the_job(db, RUNS_ITS_STATEMENT),
+            None, ["s001"])
 
 
 def _writing_history(db: Db, env: dict[str, str], tmp_path: Path) -> tuple[dict[str, str], Any, Any, list[str]]:
@@ -99,7 +93,7 @@ def _writing_history(db: Db, env: dict[str, str], tmp_path: Path) -> tuple[dict[
     operator = db.connect(application_name="operator")
     operator.autocommit = False
     operator.cursor().execute("LOCK TABLE migrate_job.migrate_job_history IN ACCESS EXCLUSIVE MODE")
-    return {**env, "MIGRATE_STATEMENT_LOCK_TIMEOUT": "30"}, _waits_on_a_lock(db), operator, ["0005"]
+    return {**env, "MIGRATE_STATEMENT_LOCK_TIMEOUT": "30"}, _once_the_job(db, WAITS_ON_A_LOCK), operator, ["0005"]
 
 
 # each: the job's environment, the event that says it has reached the step, what holds it there,
@@ -184,11 +178,7 @@ def test_sigterm_ends_a_run_whose_stdout_nobody_reads_within_its_grace(db: Db, e
     proc = subprocess.Popen([MIGRATE_JOB, "run"], env=job_env, cwd=ROOT, stdout=writing, stderr=subprocess.DEVNULL)
     os.close(writing)
     try:
-        deadline = time.monotonic() + 30
-        while not db.query("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND query LIKE 'SELECT pg_sleep%%'",
-                           (db.name,))[0][0]:
-            assert time.monotonic() < deadline, "the slow revision never started"
-            time.sleep(0.1)
+        _once_the_job(db, RUNS_ITS_STATEMENT)(tmp_path / "no log: stdout is the pipe")
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=15)
@@ -346,3 +336,72 @@ def test_anything_a_revision_raises_is_its_failure(raised: str, db: Db, env: dic
     assert (6, "MigrationFailed", True) == (result.code, failed["error_type"], "b004" in failed["error"]), \
         result.stdout[-1500:]
     assert (["b003"], False) == (db.version(), "half" in db.tables())
+
+
+# --- a wait of any kind is bounded, name look-ups included ---------------------------------------------
+
+@pytest.fixture
+def silent_name_server() -> Any:
+    """A network namespace whose name server (on its loopback) takes every question and answers
+    none: the system resolver would wait 15 s a look-up (5 s, 3 attempts)."""
+    import shutil
+    import sys
+
+    if os.geteuid() != 0:
+        pytest.skip("a network namespace needs root (CI runs as root)")
+    name = f"mjdns{os.getpid()}"
+    etc = Path("/etc/netns") / name
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        etc.mkdir(parents=True)
+        (etc / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:5 attempts:3\n")
+        server = subprocess.Popen(["ip", "netns", "exec", name, sys.executable, "-c",
+                                   "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                                   "s.bind(('127.0.0.1', 53))\nwhile True:\n    s.recvfrom(512)\n"])
+        time.sleep(0.5)
+        yield name
+        server.kill()
+    finally:
+        shutil.rmtree(etc, ignore_errors=True)
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.mark.parametrize("ended_by", ["the wait timeout", "SIGTERM"])
+def test_a_name_server_that_never_answers_does_not_hold_the_job(ended_by: str, silent_name_server: str,
+                                                                 env: dict[str, str], tmp_path: Path) -> None:
+    """The host name's look-up is the job's, bounded by the wait timeout and ended by a signal:
+    exit 3 after MIGRATE_WAIT_TIMEOUT (wait.retry names the name server), or 143 at once."""
+    job_env = {**env, "DATABASE_URL": "postgresql://postgres@db.internal.test:5432/blog", "MIGRATE_WAIT_TIMEOUT": "4"}
+    out = tmp_path / "job.log"
+    started = time.monotonic()
+    proc = subprocess.Popen(["ip", "netns", "exec", silent_name_server, MIGRATE_JOB, "run"], env=job_env, cwd=ROOT,
+                            stdout=out.open("w"), stderr=subprocess.PIPE, text=True)
+    if ended_by == "SIGTERM":
+        wait_for_event(out, "wait.retry")
+        proc.send_signal(signal.SIGTERM)
+    result = finish_logged(proc, out, timeout=60)
+    took = time.monotonic() - started
+
+    expected = 143 if ended_by == "SIGTERM" else 3
+    assert (expected, True) == (result.code, took < 10), (took, result.stdout[-1500:])
+    assert "no answer from the name server" in result.events("wait.retry")[0]["error"]
+
+
+def test_the_jobs_signal_handling_survives_a_revision_that_sets_its_own(db: Db, env: dict[str, str],
+                                                                         tmp_path: Path) -> None:
+    """b004 ignores SIGTERM from then on (as a framework it imports might set a handler): SIGTERM in
+    b005 still ends the run with 143, b005 rolled back."""
+    job_env = at_head_with_next(SHAPES["sync-template-psycopg2"], db, env, tmp_path,
+                                body="import signal\n    signal.signal(signal.SIGTERM, signal.SIG_IGN)")
+    (tmp_path / "blog_versions" / "b005_after.py").write_text(
+        REVISION.format(doc="after", body='op.execute("CREATE TABLE after (id int)")\n    op.execute("SELECT pg_sleep(30)")')
+        .replace("b004", "b005").replace('"b003"', '"b004"').replace("Revises: b003", "Revises: b004"))
+    out = tmp_path / "job.log"
+    proc = subprocess.Popen([MIGRATE_JOB, "run"], env=job_env, cwd=tmp_path / "project", stdout=out.open("w"),
+                            stderr=subprocess.PIPE, text=True)
+    _once_the_job(db, "query LIKE 'SELECT pg_sleep(30)%%'")(out)
+    proc.send_signal(signal.SIGTERM)
+    result = finish_logged(proc, out, timeout=20)
+
+    assert (143, ["b004"]) == (result.code, db.version()), result.stdout[-1500:]

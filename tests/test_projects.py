@@ -26,6 +26,29 @@ ALEMBIC = str(Path(MIGRATE_JOB).parent / "alembic")
 # the job's own schema, which bare Alembic does not make
 JOB_SCHEMA = "migrate_job"
 SHARED_VERSIONS = "%(here)s/../blog_versions"
+# a revision after the shared three, b004, doing `body`
+REVISION = '''"""{doc}
+
+Revision ID: b004
+Revises: b003
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "b004"
+down_revision = "b003"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    {body}
+
+
+def downgrade() -> None:
+    pass
+'''
 
 
 def replace(path: Path, old: str, new: str) -> None:
@@ -511,28 +534,7 @@ def test_check_wait_passes_once_the_version_table_in_env_py_is_at_head(db: Db, e
     assert 0 == run_job("check", "--wait", env=job_env, cwd=project).code
 
 
-NEXT = '''"""tags
-
-Revision ID: b004
-Revises: b003
-"""
-
-import sqlalchemy as sa
-from alembic import op
-
-revision = "b004"
-down_revision = "b003"
-branch_labels = None
-depends_on = None
-
-
-def upgrade() -> None:
-    op.create_table("tags", sa.Column("name", sa.Text, primary_key=True))
-
-
-def downgrade() -> None:
-    op.drop_table("tags")
-'''
+NEXT = REVISION.format(doc="tags", body='op.create_table("tags", sa.Column("name", sa.Text, primary_key=True))')
 
 
 @pytest.mark.parametrize("recorded_by", ["database", "manifest"])
