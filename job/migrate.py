@@ -187,7 +187,6 @@ class Project:
 
     def validate(self, current: tuple[str, ...], target: str) -> None:
         """Refuse a database at an unknown revision, an ambiguous `head`, or a target the scripts lack."""
-        self.refuse_redundant(current)
         for revision in self.unknown(current):
             raise RevisionError(
                 f"the database is at revision {revision!r}, which these migration scripts do not "
@@ -197,9 +196,10 @@ class Project:
         self.validate_target(target)
 
     def refuse_redundant(self, current: tuple[str, ...]) -> None:
-        """Refuse, before anything changes, version rows Alembic would never leave: two on one line of
-        history (one descends from the other, through its parents or what it depends on). Alembic's
-        own planning would take such a table to mean something else (a downgrade, a branch)."""
+        """Where Alembic cannot plan from the version table: refuse, before anything changes, rows on
+        one line of history (one descends from the other, through its parents or what it depends
+        on), saying so. (Alembic itself leaves such rows after some downgrades across depends_on, and
+        plans from them: so this is asked only once its planning has failed.)"""
         graph = self.lineage()
         known = [c for c in current if c in graph]
         for newer in known:
@@ -255,7 +255,6 @@ class Project:
         """Validate the database against the scripts and list the pending revisions; a database
         ahead of the scripts is judged by its recorded lineage (job.lineage)."""
         self.validate_target(target)
-        self.refuse_redundant(current)
         if self.unknown(current):
             ahead = lineage.ahead_of(current, self.lineage(), self.targets(target), recorded(), allow_ahead)
             return plan.Plan(current=current, target=target, heads=self.heads(), ahead=plan.steps_of(ahead))
@@ -281,6 +280,7 @@ class Project:
         try:
             return revs(target, current)
         except CommandError as e:
+            self.refuse_redundant(current)
             hint = "to go back, use `migrate-job downgrade`" if direction == "upgrade" else "to go forward, use run"
             raise ConfigError(f"cannot {direction} from {', '.join(current) or 'base'} to {target!r}: {e} ({hint})") from None
 

@@ -212,15 +212,18 @@ def test_a_numeric_setting_out_of_range_is_exit_2_naming_it(variable: str, value
 
 # --- version tables Alembic never leaves ------------------------------------------------------------
 
-@pytest.mark.parametrize(("rows", "says"), [
-    (["0004", "0005"], "one line of history has two rows"),
-    (["0002", "0005"], "one line of history has two rows"),
-    ([""], "holds an empty or NULL revision"),
-])
-@pytest.mark.parametrize("command", ["run", "check", "downgrade"])
+@pytest.mark.parametrize(("rows", "says", "command"), [
+    (rows, says, command)
+    for rows, says, commands in (
+        # (a downgrade Alembic can plan from two rows on one line, as bare Alembic does)
+        (["0004", "0005"], "one line of history has two rows", ("run", "check")),
+        (["0002", "0005"], "one line of history has two rows", ("run", "check")),
+        ([""], "holds an empty or NULL revision", ("run", "check", "downgrade")))
+    for command in commands])
 def test_a_version_table_alembic_would_never_leave_is_exit_7_before_anything_changes(
         rows: list[str], says: str, command: str, db: Db, env: dict[str, str]) -> None:
-    """Two rows on one line, an empty one: exit 7 naming the state; the rows as they were."""
+    """Two rows on one line where Alembic cannot plan from them, an empty one: exit 7 naming the
+    state; the rows as they were."""
     assert 0 == run_job("run", env={**env, "MIGRATE_TARGET": "0005"}).code
     db.query("DELETE FROM alembic_version")
     for row in rows:
