@@ -14,25 +14,27 @@ import signal
 import subprocess
 from typing import Any
 
-try:
-    import ctypes
-
-    _prctl: Any = ctypes.CDLL(None, use_errno=True).prctl  # loaded here: the child must not load a library
-except (OSError, AttributeError):  # not Linux: nothing to ask for
-    _prctl = None
-
 PR_SET_PDEATHSIG = 1
+_prctl: list[Any] = []  # libc's prctl, loaded in the job before the first fork (the child must load nothing)
 
 
 def spawn(argv: list[str], **options: Any) -> subprocess.Popen:
-    """subprocess.Popen(argv, **options), the child dying with the job."""
-    return subprocess.Popen(argv, preexec_fn=_dies_with(os.getpid()), **options)
+    """subprocess.Popen(argv, **options), the child dying with the job. From the main thread: Linux
+    ties the request to the thread that forked."""
+    if not _prctl:
+        try:
+            import ctypes
+
+            _prctl.append(ctypes.CDLL(None, use_errno=True).prctl)
+        except (OSError, AttributeError):  # not Linux: nothing to ask for
+            _prctl.append(None)
+    return subprocess.Popen(argv, preexec_fn=_dies_with(os.getpid(), _prctl[0]), **options)
 
 
-def _dies_with(parent: int) -> Any:
+def _dies_with(parent: int, prctl: Any) -> Any:
     def in_the_child() -> None:
-        if _prctl is not None:
-            _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:  # the job died before the request: nobody is there to be killed by
             os._exit(1)
     return in_the_child
