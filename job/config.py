@@ -254,6 +254,8 @@ class Settings(NamedTuple):
     statement_lock_timeout: float
     lock_retries: int
     statement_timeout: float
+    progress_interval: float
+    end_idle_blockers_after: float
     history_table: str | None
     allow_ahead: bool
     termination_log: str | None
@@ -641,6 +643,10 @@ OPTIONS: tuple[Option, ...] = (
            "retries of a revision that hit that lock timeout"),
     Option("statement_timeout", "--statement-timeout", "MIGRATE_STATEMENT_TIMEOUT", seconds(), 0.0,
            "seconds any statement may run; 0 is no limit"),
+    Option("progress_interval", "--progress-interval", "MIGRATE_PROGRESS_INTERVAL", seconds(), 10.0,
+           "seconds between migration.progress reports of a long statement; 0: none"),
+    Option("end_idle_blockers_after", "--end-idle-blockers-after", "MIGRATE_END_IDLE_BLOCKERS_AFTER", seconds(), 0.0,
+           "end a session that blocks a revision while idle in its transaction longer than this; 0: never"),
     Option("history_table", "--history-table", "MIGRATE_HISTORY_TABLE", _history, "migrate_job_history",
            "run history table (and the job's other tables beside it); off disables them"),
     Option("allow_ahead", "--allow-ahead", "MIGRATE_ALLOW_AHEAD", lambda value, name: _boolean(value, name, True), True,

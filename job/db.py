@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import select
 import signal
+import threading
 import time
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -73,30 +74,37 @@ def received_signal() -> int | None:
 # whatever the network does, SIGTERM/SIGINT end the job within about this, well inside Kubernetes'
 # 30 s grace period.
 AFTER_SIGNAL = 2.0
-# When the connection being set up must be ready: psycopg2 connects asynchronously under a wait
-# callback, and libpq applies connect_timeout only to blocking connects, so the job applies it here.
-_connecting_until: list[float] = []
 _signalled_at: list[float] = []
 
 
-# Waits that have a deadline of their own (the lock wait, check --wait): a statement of theirs
-# that the network leaves unanswered ends with them.
-_waiting_until: list[float] = []
+class _Deadlines(threading.local):
+    """Each thread's own deadlines (the watchdog connects and waits beside the main thread):
+    `connecting`, when the connection being set up must be ready (psycopg2 connects asynchronously
+    under a wait callback, and libpq applies connect_timeout only to blocking connects, so the job
+    applies it here); `waiting`, the ends of waits with a deadline of their own (the lock wait,
+    check --wait): a statement of theirs that the network leaves unanswered ends with them."""
+
+    def __init__(self) -> None:
+        self.connecting: list[float] = []
+        self.waiting: list[float] = []
+
+
+_deadlines = _Deadlines()
 
 
 @contextlib.contextmanager
 def answered_by(deadline: float) -> Iterator[None]:
     """Statements in the body get no answer later than `deadline` (monotonic): past it, a dead
     network is a lost connection (psycopg2.OperationalError), not a wait without end."""
-    _waiting_until.append(deadline)
+    _deadlines.waiting.append(deadline)
     try:
         yield
     finally:
-        _waiting_until.remove(deadline)
+        _deadlines.waiting.remove(deadline)
 
 
 def _deadline() -> float | None:
-    deadlines = [*_connecting_until, *_waiting_until, *(t + AFTER_SIGNAL for t in _signalled_at)]
+    deadlines = [*_deadlines.connecting, *_deadlines.waiting, *(t + AFTER_SIGNAL for t in _signalled_at)]
     return min(deadlines) if deadlines else None
 
 
@@ -111,7 +119,7 @@ def _select(conn: Any, reading: bool) -> None:
     if remaining <= 0 or not any(select.select(fd if reading else [], [] if reading else fd, [], remaining)):
         if _signalled_at:
             raise Interrupted(received_signal() or signal.SIGTERM)
-        if _waiting_until and not _connecting_until:
+        if _deadlines.waiting and not _deadlines.connecting:
             raise psycopg2.OperationalError("no answer from the server within the wait's timeout (network down?)")
         raise psycopg2.OperationalError("timeout expired")  # as libpq says it: a transient failure
 
@@ -176,11 +184,11 @@ def connect(kwargs: dict[str, str]) -> Connection:
     """Open an autocommit psycopg2 connection (no transaction stays open while we wait for anything),
     within its connect_timeout."""
     timeout = float(kwargs.get("connect_timeout") or 0)
-    _connecting_until[:] = [time.monotonic() + timeout] if timeout > 0 else []
+    _deadlines.connecting[:] = [time.monotonic() + timeout] if timeout > 0 else []
     try:
         conn = psycopg2.connect(**kwargs, connection_factory=Connection)
     finally:
-        _connecting_until.clear()
+        _deadlines.connecting.clear()
     conn.autocommit = True
     conn.connect_kwargs = kwargs
     return conn

@@ -28,7 +28,7 @@ from alembic.util import CommandError
 from sqlalchemy import Connection, create_engine
 from sqlalchemy.pool import StaticPool
 
-from job import commits, db, lineage, lock, logs, manifest, plan, stepper
+from job import commits, db, lineage, lock, logs, manifest, plan, stepper, watchdog
 from job.alembic_files import AlembicFiles
 from job.config import Database, Settings
 from job.errors import ConfigError, MigrationFailed, RevisionError, first_line
@@ -503,9 +503,12 @@ def apply_steps(settings: Settings, conn: Any, project: Project, steps: list[Ste
     (a revision's row inside its transaction, unless env.py migrates several databases), the lock
     confirmed before each; `recovery` says how to get back if one fails having committed part of its work."""
     key = lock.key_of(settings, conn)
-    stepper.apply(project, steps, target, direction, settings.lock_retries, record, version_table, rows_within,
-                  confirm_lock=lambda: lock.confirm(conn, key), recovery=recovery,
-                  lock_held=lock.held_sql(key, conn.server_pid or conn.get_backend_pid()))
+    holder = conn.server_pid or conn.get_backend_pid()
+    with watchdog.Watchdog(conn.connect_kwargs or settings.database.connect_kwargs(settings.application_name),
+                           holder, settings.progress_interval, settings.end_idle_blockers_after) as watching:
+        stepper.apply(project, steps, target, direction, settings.lock_retries, record, version_table, rows_within,
+                      confirm_lock=lambda: lock.confirm(conn, key), recovery=recovery,
+                      lock_held=lock.held_sql(key, holder), watchdog=watching)
 
 
 def verify(settings: Settings, conn: Any, project: Project, version_table: VersionTable,

@@ -19,6 +19,7 @@ from job.plan import Step, VersionTable
 
 if TYPE_CHECKING:
     from job.migrate import Project
+    from job.watchdog import Watchdog
 
 
 # what to do after a revision that committed part of its work failed, when the caller says nothing
@@ -37,6 +38,7 @@ def apply(
     confirm_lock: Callable[[], None] | None = None,
     recovery: str = UNDO_BY_HAND,
     lock_held: str = "",
+    watchdog: Watchdog | None = None,
 ) -> None:
     """Apply `steps` (upgrade or downgrade) one per transaction, logging each and recording it in
     `history`; raise MigrationFailed naming the one that failed.
@@ -57,6 +59,8 @@ def apply(
         commits.ledger.listen()
     while pending:
         stepper = Stepper(project, pending, target, direction, history, endings, rows_within, confirm_lock, lock_held)
+        if watchdog is not None:
+            watchdog.watch(lambda: (stepper.running, stepper._started[0]))
         try:
             project.run_env(stepper, on_version_apply=stepper.applied)
         except Interrupted as e:
@@ -81,10 +85,10 @@ def apply(
             if (step is not None and not committed and _is_transient(e)
                     and retried.get(step.revision, 0) < lock_retries):
                 retried[step.revision] = retried.get(step.revision, 0) + 1
-                _back_off(project, step, retried[step.revision], lock_retries, e)
+                _back_off(project, step, retried[step.revision], lock_retries, e, watchdog)
                 pending = pending[len(stepper.done):]
                 continue
-            failure = e if isinstance(e, MigrationFailed) else _failure(step or pending[0], e, project)
+            failure = e if isinstance(e, MigrationFailed) else _failure(step or pending[0], e, project, watchdog)
             if committed and step is not None:
                 left_behind = _left_behind(step, committed, recovery)
                 if isinstance(failure, Interrupted):
@@ -250,12 +254,21 @@ def _left_behind(step: Step, committed: list[str], recovery: str) -> str:
             f"{'; '.join(committed)}. To recover: {recovery}")
 
 
-def _back_off(project: Project, step: Step, attempt: int, retries: int, error: BaseException) -> None:
+def _blockers(project: Project, watchdog: Watchdog | None) -> list[dict[str, Any]]:
+    """Who blocked the revision: the sessions the watchdog saw in its lock graph, else (a wait too
+    short for it to see) the oldest open transactions."""
+    if watchdog is not None and watchdog.blockers:
+        return [b.as_dict() for b in watchdog.blockers]
+    return project.long_transactions()
+
+
+def _back_off(project: Project, step: Step, attempt: int, retries: int, error: BaseException,
+              watchdog: Watchdog | None = None) -> None:
     """Wait before trying a revision that timed out on a table lock again: exponential from 0.5 s,
     capped at 10 s, full jitter, so that the application's transactions go first."""
     delay = random.uniform(0, min(10.0, 0.5 * 2 ** attempt))
     log.warning("migration.retry", revision=step.revision, attempt=attempt, retries=retries, next_in=round(delay, 3),
-                error=first_line(db.root_error(error)), blockers=project.long_transactions())
+                error=first_line(db.root_error(error)), blockers=_blockers(project, watchdog))
     time.sleep(delay)
 
 
@@ -271,7 +284,7 @@ def _is_transient(error: BaseException) -> bool:
     return db.received_signal() is None and db.sqlstate(error) in TRANSIENT
 
 
-def _failure(step: Step, error: BaseException, project: Project) -> BaseException:
+def _failure(step: Step, error: BaseException, project: Project, watchdog: Watchdog | None = None) -> BaseException:
     """Tell a signal's cancel from a revision's own failure, and say what state the database is in
     (for every driver: the job's psycopg2 session, or env.py's psycopg 3 or asyncpg)."""
     signum = db.received_signal()
@@ -284,10 +297,12 @@ def _failure(step: Step, error: BaseException, project: Project) -> BaseExceptio
         return LockLost(f"revision {step.revision} ({step.description}) was rolled back: {message} (a revision "
                         "released it, or the server ended the job's session); run the job again")
     if code in TRANSIENT:
-        blockers = ", ".join(
-            f"pid {b['pid']} ({b['application_name'] or 'no application_name'}, {b['state']} since {b['xact_start']})"
-            for b in project.long_transactions()
-        )
+        if watchdog is not None and watchdog.blockers:
+            blockers = ", ".join(str(b) for b in watchdog.blockers)
+        else:
+            blockers = ", ".join(
+                f"pid {b['pid']} ({b['application_name'] or 'no application_name'}, {b['state']} since {b['xact_start']})"
+                for b in project.long_transactions())
         return MigrationFailed(
             f"revision {step.revision} ({step.description}) {TRANSIENT[code]}, after all MIGRATE_LOCK_RETRIES; "
             f"rolled back. Blocking: {blockers or 'no transaction is open any more'}",

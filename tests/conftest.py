@@ -81,7 +81,7 @@ def finish(proc: subprocess.Popen, timeout: float = 120) -> Result:
 
 def start_logged(env: dict[str, str], out: Path, *args: str, **kw: Any) -> subprocess.Popen:
     """Start the job with its stdout going to `out`, so a test can watch its events as they come."""
-    return subprocess.Popen([MIGRATE_JOB, *(args or ("run",))], env=env, cwd=ROOT, stdout=out.open("w"),
+    return subprocess.Popen([MIGRATE_JOB, *(args or ("run",))], env=env, cwd=kw.pop("cwd", ROOT), stdout=out.open("w"),
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
