@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 
 from psycopg2 import sql
 
+from job import db
 from job.config import VersionTable
 
 _COMMIT_SQL = re.compile(r"^\s*(COMMIT|END)(\s+(WORK|TRANSACTION))?\s*;?\s*$", re.IGNORECASE)
@@ -165,6 +166,33 @@ def drop_left_behind(conn: Any, before: set[tuple[str, str]]) -> list[str]:
         for schema, name in left:
             cur.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(schema, name)))
     return [f"{schema}.{name}" for schema, name in left]
+
+
+_ALREADY_THERE = re.compile(r'relation "([^"]+)" already exists')
+
+
+def already_there(error: BaseException) -> str | None:
+    """The name of the relation a statement found already there (duplicate_table, 42P07), if that
+    is how it failed: what a CREATE INDEX CONCURRENTLY meets where a killed run left its index."""
+    cause = db.root_error(error)
+    if db.sqlstate(error) != "42P07":
+        return None
+    found = _ALREADY_THERE.search(str(cause))
+    return found.group(1) if found else None
+
+
+def drop_invalid_index(conn: Any, name: str) -> str | None:
+    """Drop the INVALID index `name`, as the session's search_path finds it, if that is what it is
+    (in autocommit: DROP INDEX CONCURRENTLY cannot run in a transaction); return its name."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT n.nspname, c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                    "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE NOT i.indisvalid AND c.relname = %s "
+                    "ORDER BY array_position(current_schemas(true), n.nspname::text) NULLS LAST LIMIT 1", (name,))
+        row = cur.fetchone()
+        if row is None:
+            return None
+        cur.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(*row)))
+    return f"{row[0]}.{row[1]}"
 
 
 # ---- what the running revision has committed -----------------------------------------------------

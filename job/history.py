@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import socket
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, NamedTuple
 
 from psycopg2 import sql
 
@@ -37,6 +37,17 @@ CREATE TABLE IF NOT EXISTS {table} (
     host text NOT NULL
 )
 """
+
+
+class Interruption(NamedTuple):
+    """An earlier run that was killed in the middle of a revision."""
+
+    run_id: str
+    host: str
+    started_at: dt.datetime
+
+    def __str__(self) -> str:
+        return f"run {self.run_id} on {self.host}, which began it at {self.started_at.isoformat()}"
 
 
 class History:
@@ -101,9 +112,54 @@ class History:
                      "error": error, "backup": self.backup_path, "id": row[0]},
                 )
 
+    def begun(self, revision: str, direction: str, started: dt.datetime) -> int | None:
+        """Record that a revision which commits statements on its own is about to run (no outcome
+        yet), before it commits any: a run killed outright in the middle of it (SIGKILL, a server
+        crash) leaves this row, which tells the next run what happened (`interrupted`). Its id,
+        for `revision` and `revision_within` to complete; None when there is no history table."""
+        row = self._write(
+            "INSERT INTO {table} (run_id, kind, revision, direction, started_at, host) VALUES (%(run_id)s, "
+            "'revision', %(revision)s, %(direction)s, %(started)s, %(host)s) RETURNING id",
+            {"run_id": self.run_id, "revision": revision, "direction": direction, "started": started,
+             "host": self.host})
+        return row[0] if row else None
+
+    def interrupted(self, revisions: Iterable[str], direction: str) -> dict[str, Interruption]:
+        """The revisions among `revisions` that an earlier run began (`begun`) and never finished:
+        it was killed in the middle of them. (Only the run holding the lock writes here, so a row
+        without an outcome is never a run still going.)"""
+        revisions = list(revisions)
+        if self.table is None or not revisions:
+            return {}
+        table = self.table
+
+        def read(cur: Any) -> list[tuple]:
+            if not db.table_exists(cur, table):
+                return []
+            # (the newest attempt of each: an outcome there, whatever it is, means it was not cut short)
+            cur.execute(sql.SQL(
+                "SELECT revision, run_id, host, started_at FROM (SELECT DISTINCT ON (revision) revision, run_id, "
+                "host, started_at, outcome FROM {table} WHERE kind = 'revision' AND direction = %s "
+                "AND revision = ANY(%s) ORDER BY revision, id DESC) newest WHERE outcome IS NULL AND run_id <> %s"
+            ).format(table=table), (direction, revisions, self.run_id))
+            return cur.fetchall()
+
+        rows, problem = db.best_effort(self.conn, read)
+        if problem:
+            log.warning("history.unavailable", error=problem)
+        return {revision: Interruption(run_id, host, started) for revision, run_id, host, started in rows or ()}
+
     def revision(self, revision: str, direction: str, started: dt.datetime, seconds: float, outcome: str,
-                 error: str | None = None) -> None:
-        """Record one revision applied (or failed, or interrupted), in a transaction of its own."""
+                 error: str | None = None, row: int | None = None) -> None:
+        """Record one revision applied (or failed, or interrupted), in a transaction of its own
+        (completing the row `begun` wrote, if it wrote one)."""
+        if row is not None:
+            self._write(
+                "UPDATE {table} SET finished_at = %(started)s + make_interval(secs => %(seconds)s), "
+                "seconds = %(seconds)s, outcome = %(outcome)s, error = %(error)s WHERE id = %(id)s",
+                {"started": started, "seconds": seconds, "outcome": outcome,
+                 "error": error and redactor.text(error), "id": row})
+            return
         self._write(
             "INSERT INTO {table} (run_id, kind, revision, direction, started_at, finished_at, seconds, outcome, "
             "error, host) VALUES (%(run_id)s, 'revision', %(revision)s, %(direction)s, %(started)s, "
@@ -113,7 +169,7 @@ class History:
         )
 
     def revision_within(self, connection: Any, revision: str, direction: str, started: dt.datetime,
-                        seconds: float, prelude: str = "") -> bool:
+                        seconds: float, prelude: str = "", row: int | None = None) -> bool:
         """Record a revision applied inside its own transaction, on env.py's connection (any driver),
         so that the row commits with the version row, at no commit of its own. In a DO block whose
         EXCEPTION clause keeps a failed insert from aborting the revision's transaction (PostgreSQL
@@ -127,6 +183,13 @@ class History:
         if any(db.DO_TAG in value for value in values):
             return False
         run_id, revision, direction, started_at, seconds_text, host = (db.literal(v) for v in values)
+        if row is not None:  # (the row `begun` wrote, completed in the version row's transaction)
+            db.plpgsql(connection, (
+                f"{prelude} BEGIN UPDATE {self.table.as_string(self.conn)} SET finished_at = {started_at}::timestamptz "
+                f"+ make_interval(secs => {seconds_text}::float8), seconds = {seconds_text}::float8, "
+                f"outcome = 'applied' WHERE id = {int(row)}; EXCEPTION WHEN OTHERS THEN "
+                f"RAISE WARNING USING MESSAGE = 'migrate-job history: ' || SQLERRM; END;"))
+            return True
         db.plpgsql(connection, (
             f"{prelude} BEGIN INSERT INTO {self.table.as_string(self.conn)} (run_id, kind, revision, direction, "
             f"started_at, finished_at, seconds, outcome, host) VALUES ({run_id}, 'revision', {revision}, {direction}, "

@@ -13,7 +13,7 @@ import psycopg2
 
 from job import commits, db, plan, sessions
 from job.errors import ConfigError, Interrupted, JobError, LockLost, MigrationFailed, first_line
-from job.history import History
+from job.history import History, Interruption
 from job.logs import log
 from job.plan import Step, VersionTable
 
@@ -53,6 +53,12 @@ def apply(
     pending = list(steps)
     retried: dict[str, int] = {}
     endings = project.transaction_endings(pending, direction)
+    # revisions that commit statements on their own which an earlier run was killed in the middle of
+    interrupted = history.interrupted(endings, direction) if history is not None and endings else {}
+    for revision, interruption in interrupted.items():
+        log.warning("migration.interrupted_before", revision=revision, run=interruption.run_id,
+                    host=interruption.host, started_at=interruption.started_at.isoformat())
+    cleared: set[str] = set()
     if endings:
         # (only then: listening to every statement costs a long history of plain revisions about 9%,
         # `make bench`; before env.py runs, since a connection takes in the listeners there are then)
@@ -88,7 +94,15 @@ def apply(
                 _back_off(project, step, retried[step.revision], lock_retries, e, watchdog)
                 pending = pending[len(stepper.done):]
                 continue
+            if (step is not None and step.revision in interrupted and step.revision not in cleared
+                    and not committed and stepper.clear_interrupted_build(e, interrupted[step.revision])):
+                cleared.add(step.revision)  # (once: what is in the way now is not what the killed run left)
+                pending = pending[len(stepper.done):]
+                continue
             failure = e if isinstance(e, MigrationFailed) else _failure(step or pending[0], e, project, watchdog)
+            if step is not None and step.revision in interrupted and not isinstance(failure, Interrupted):
+                failure = MigrationFailed(f"{failure}. {_after_interruption(step, interrupted[step.revision])}",
+                                          revision=step.revision)
             if committed and step is not None:
                 left_behind = _left_behind(step, committed, recovery)
                 if isinstance(failure, Interrupted):
@@ -124,6 +138,7 @@ class Stepper:
         self.done: list[Step] = []
         self.running: Step | None = None
         self._started = (0.0, dt.datetime.now(dt.timezone.utc))
+        self._row: int | None = None  # the history row `begun` wrote for the running revision
         self._recorded = False
         # INVALID indexes before a revision that ends its own transaction ran (job.commits)
         self._invalid_before: set[tuple[str, str]] | None = None
@@ -148,6 +163,9 @@ class Stepper:
                          direction=self.direction)
                 self.running, self._started = step, (time.monotonic(), dt.datetime.now(dt.timezone.utc))
                 self._recorded = False
+                self._row = None
+                if step.revision in self.endings and self.history is not None:
+                    self._row = self.history.begun(step.revision, self.direction, self._started[1])
                 commits.ledger.open(step.revision, VersionTable(context.version_table, context.version_table_schema))
             self._invalid_before = None
             if step.revision in self.endings and self.project.raw_connection is not None:
@@ -199,6 +217,27 @@ class Stepper:
             log.info("migration.cleanup", revision=self.running and self.running.revision, dropped=dropped,
                      reason="INVALID indexes the failed revision left (a failed CREATE INDEX CONCURRENTLY)")
 
+    def clear_interrupted_build(self, error: BaseException, interruption: Interruption) -> bool:
+        """The running revision, which an earlier run was killed in the middle of, found a relation
+        of the name it makes already there: if that is an INVALID index (what a CREATE INDEX
+        CONCURRENTLY cut short leaves), drop it, as PostgreSQL's documentation says, and say so.
+        Whether it did (the revision is then run again)."""
+        raw = self.project.raw_connection
+        name = commits.already_there(error)
+        if name is None or raw is None or raw.closed:
+            return False
+        self.project.rollback()
+        try:
+            with db.autocommit(raw):
+                dropped = commits.drop_invalid_index(raw, name)
+        except psycopg2.Error as e:
+            log.warning("migration.cleanup_failed", error=first_line(e))
+            return False
+        if dropped:
+            log.info("migration.cleanup", revision=self.running and self.running.revision, dropped=[dropped],
+                     reason=f"the INVALID index {interruption} left when it was killed building it")
+        return dropped is not None
+
     def applied(self, ctx: Any, **_: Any) -> None:
         """Alembic's on_version_apply: the running revision's version row is written, its transaction
         not yet committed. In that same transaction, in one round trip: the lock is confirmed held
@@ -225,7 +264,8 @@ class Stepper:
         if self.history is not None and self.rows_within:
             started, started_at = self._started
             self._recorded = self.history.revision_within(ctx.connection, self.running.revision, self.direction,
-                                                          started_at, time.monotonic() - started, prelude=prelude)
+                                                          started_at, time.monotonic() - started, prelude=prelude,
+                                                          row=self._row)
         if prelude and not self._recorded:
             db.plpgsql(ctx.connection, prelude)
 
@@ -233,7 +273,7 @@ class Stepper:
         step, (started, started_at) = self.running, self._started
         seconds = time.monotonic() - started
         if self.history is not None and not self._recorded:
-            self.history.revision(step.revision, self.direction, started_at, seconds, "applied")
+            self.history.revision(step.revision, self.direction, started_at, seconds, "applied", row=self._row)
         log.info("migration.done", revision=step.revision, description=step.description, direction=self.direction,
                  seconds=round(seconds, 3))
         self.done.append(step)
@@ -244,7 +284,15 @@ class Stepper:
         if self.running is not None and self.history is not None:
             started, started_at = self._started
             self.history.revision(self.running.revision, self.direction, started_at, time.monotonic() - started,
-                                  outcome, error)
+                                  outcome, error, row=self._row)
+
+
+def _after_interruption(step: Step, interruption: Interruption) -> str:
+    """Why a revision that an earlier run was killed in the middle of may fail now, and what to do."""
+    return (f"An earlier {interruption}, was killed before its version row committed: what the revision "
+            f"ran outside a transaction before that (CREATE INDEX CONCURRENTLY...) stays. To recover: check that "
+            f"what is there is what revision {step.revision} makes, undo it by hand (DROP INDEX CONCURRENTLY...), "
+            f"then run the job again")
 
 
 def _left_behind(step: Step, committed: list[str], recovery: str) -> str:

@@ -5,11 +5,12 @@ only once committed, keep one history row each, and a failure is completed by a 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Db, create_database, drop_database, ADMIN_URL
+from tests.conftest import Db, create_database, drop_database, start_logged, ADMIN_URL
 from tests.test_env_sessions import REVISION
 from tests.test_projects import SHAPES, Shape, bare_alembic_upgrade, make_project, run_job, schema, url_for
 
@@ -277,3 +278,86 @@ def test_a_revision_that_needs_a_database_to_be_written_out_is_named(db: Db, env
             assert (2, True, "traceback" not in error) == (
                 result.code, error.startswith("revision b004 cannot be written out as SQL"), True), error
         assert 2 != run_job("lint", "--all", env={**job, "MIGRATE_LINT_START_AFTER": "b004"}, cwd=project).code
+
+
+# --- a run killed in the middle of a revision that commits on its own ---------------------------------
+
+def _killed_while(db: Db, environment: dict[str, str], project: Path, tmp_path: Path, blocker_sql: str,
+                  waiting: str) -> None:
+    """Run the job on b004 while another session (`blocker_sql`, left open) makes its `waiting`
+    statement wait; then kill it outright, as SIGKILL or a lost node would: the job process, then
+    its sessions (the server would end them when their sockets close). The blocker then ends."""
+    blocker = db.connect()
+    blocker.autocommit = False
+    with blocker.cursor() as cur:
+        cur.execute(blocker_sql)
+    proc = start_logged(environment, tmp_path / "killed.log", cwd=project)
+    deadline = time.monotonic() + 30
+    while not db.query("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock' "
+                       f"AND query LIKE %s", (db.name, waiting))[0][0]:
+        assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "killed.log").read_text()[-2000:]
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    db.query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> %s "
+             "AND pid <> pg_backend_pid()", (db.name, blocker.get_backend_pid()))
+    blocker.rollback()
+    blocker.close()
+
+
+@pytest.mark.parametrize("env_py", ENV_PY)
+def test_a_run_killed_while_it_built_an_index_concurrently_is_completed_by_a_plain_rerun(
+        env_py: str, db: Db, env: dict[str, str], tmp_path: Path) -> None:
+    """Killed while its CREATE INDEX CONCURRENTLY waited for an older snapshot: the INVALID index
+    stays, with no version row. The next run knows (the history row the killed run began), drops
+    that index and reaches head, every index valid."""
+    shape = ENV_PY[env_py]
+    project = project_with(shape, tmp_path, EXECUTE_COMMIT)
+    environment = job_env(env, db, shape, project)
+    versions = tmp_path / "blog_versions"
+    for name in ("b004_ends_its_transaction.py", "b005_later.py"):
+        (versions / name).rename(tmp_path / name)
+    assert 0 == run_job("run", env=environment, cwd=project).code
+    for name in ("b004_ends_its_transaction.py", "b005_later.py"):
+        (tmp_path / name).rename(versions / name)
+
+    _killed_while(db, environment, project, tmp_path, "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ; SELECT 1",
+                  "CREATE UNIQUE INDEX CONCURRENTLY%")
+    assert (["b003"], [("users_display_name",)]) == (db.version(), db.query(
+        "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE NOT i.indisvalid"))
+
+    rerun = run_job("run", env=environment, cwd=project)
+
+    assert (0, ["b005"]) == (rerun.code, db.version()), rerun.stdout[-2000:]
+    assert "b004" == rerun.event("migration.interrupted_before")["revision"]
+    assert ["public.users_display_name"] == rerun.event("migration.cleanup")["dropped"]
+    assert [(True,)] == db.query("SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                                 "WHERE c.relname = 'users_display_name'")
+
+
+def test_a_run_killed_after_its_index_was_built_but_before_its_version_row_says_so(
+        db: Db, env: dict[str, str], tmp_path: Path) -> None:
+    """Killed once its CREATE INDEX CONCURRENTLY had committed, while its version row waited: the
+    index is there and valid, the database at b003. The re-run cannot tell that index from one
+    someone else made: exit 6 naming the revision, the killed run and what to do; nothing dropped."""
+    shape = ENV_PY["own-engine"]
+    project = project_with(shape, tmp_path, AUTOCOMMIT_BLOCK)
+    environment = {**job_env(env, db, shape, project), "MIGRATE_STATEMENT_LOCK_TIMEOUT": "120"}
+    versions = tmp_path / "blog_versions"
+    for name in ("b004_ends_its_transaction.py", "b005_later.py"):
+        (versions / name).rename(tmp_path / name)
+    assert 0 == run_job("run", env=environment, cwd=project).code
+    for name in ("b004_ends_its_transaction.py", "b005_later.py"):
+        (tmp_path / name).rename(versions / name)
+
+    # (a read-committed transaction holds no snapshot between statements: the index builds, the version row waits)
+    _killed_while(db, environment, project, tmp_path, "SELECT * FROM alembic_version FOR UPDATE", "UPDATE alembic_version%")
+    assert ["b003"] == db.version()
+
+    rerun = run_job("run", env=environment, cwd=project)
+
+    error = rerun.event("run.failed")["error"]
+    assert (6, ["b003"]) == (rerun.code, db.version()), rerun.stdout[-2000:]
+    assert "b004" in error and "was killed before its version row committed" in error and "already exists" in error
+    assert [(True,)] == db.query("SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                                 "WHERE c.relname = 'users_display_name'")
