@@ -294,7 +294,7 @@ def test_a_revision_that_releases_the_lock_rolls_back_with_exit_4(env_py: str, d
                                 "    op.execute(\"SELECT pg_advisory_unlock_all()\")")
     if env_py == "own-engine":  # its own session holds no lock to release: release the job's, as another tool would
         job_env = at_head_with_next(shape, db, env, tmp_path / "2", body='op.execute("CREATE TABLE unlocked (id int)")\n'
-                                    "    op.execute(\"SELECT pg_terminate_backend(pid) FROM pg_locks WHERE "
+                                    "    op.execute(\"SELECT pg_terminate_backend(pid, 10000) FROM pg_locks WHERE "
                                     "locktype = 'advisory' AND pid <> pg_backend_pid() AND database = "
                                     "(SELECT oid FROM pg_database WHERE datname = current_database())\")")
         project = tmp_path / "2" / "project"
