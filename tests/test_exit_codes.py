@@ -275,7 +275,9 @@ def test_a_wait_ends_by_its_timeout_when_the_network_dies(command: str, db: Db, 
         proxy.close()
         holder.close()
 
-    assert (3, True) == (result.code, took < 12), (took, result.stdout[-600:])
+    # (the timeout plus the job's own bounded steps; without the deadline it waits for the network, minutes;
+    # a loaded two-core machine has measured 13.5 s)
+    assert (3, True) == (result.code, took < 20), (took, result.stdout[-600:])
 
 
 @contextlib.contextmanager
