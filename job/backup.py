@@ -184,18 +184,7 @@ def take(
     log.info("backup.start", path=store.path_of(name), database=database_name)
     started = time.monotonic()
     child = child_env(database, env)
-    argv = [
-        pg_dump,
-        "--format=custom",
-        "--no-password",
-        # pg_dump takes a share lock on every table: never wait forever behind an app's transaction
-        # (0 would mean "wait forever" to pg_dump, where MIGRATE_LOCK_TIMEOUT=0 means "try once")
-        f"--lock-wait-timeout={max(milliseconds(lock_wait_timeout), 1)}",
-        # the job's own history is not the application's data: a restore must not rewind it
-        # (and its id sequence, which pg_restore --clean would otherwise try to drop from under it)
-        *_excluded(own),
-        f"--dbname={database.conninfo_without_password(application_name)}",
-    ]
+    argv = [pg_dump, "--format=custom", *dump_options(database, application_name, lock_wait_timeout, own)]
     earlier = listing(store, database_name, set_key)
     coming = {"path": store.path_of(name), "from_revision": from_revision, "to_revision": to_revision}
 
@@ -243,6 +232,21 @@ def _no_room(error: BackupFailed, store: Any, earlier: list[dict[str, Any]], kee
         f"MIGRATE_BACKUP_KEEP={keep}; the {len(kept)} backup(s) retention keeps hold "
         f"{sum(b.get('bytes') or 0 for b in kept)} bytes, the newest {(earlier[0].get('bytes') if earlier else 0)}. "
         "Give the volume more room, or lower MIGRATE_BACKUP_KEEP")
+
+
+def dump_options(database: Database, application_name: str, lock_wait_timeout: float,
+                 own: tables.Own | None) -> list[str]:
+    """pg_dump's options for a dump of the application's database (a backup's, a rehearsal's copy's)."""
+    return [
+        "--no-password",
+        # pg_dump takes a share lock on every table: never wait forever behind an app's transaction
+        # (0 would mean "wait forever" to pg_dump, where MIGRATE_LOCK_TIMEOUT=0 means "try once")
+        f"--lock-wait-timeout={max(milliseconds(lock_wait_timeout), 1)}",
+        # the job's own history is not the application's data: a restore must not rewind it
+        # (and its id sequence, which pg_restore --clean would otherwise try to drop from under it)
+        *_excluded(own),
+        f"--dbname={database.conninfo_without_password(application_name)}",
+    ]
 
 
 def _excluded(own: tables.Own | None) -> list[str]:

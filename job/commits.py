@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import ast
 import re
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from psycopg2 import sql
 
@@ -195,6 +195,18 @@ def drop_invalid_index(conn: Any, name: str) -> str | None:
     return f"{row[0]}.{row[1]}"
 
 
+def version_row(version_table: VersionTable | None) -> Callable[[str], Any]:
+    """Whether a statement is Alembic's own write of the version table's row (not a revision's work)."""
+    name = version_table.name if version_table is not None else "alembic_version"
+    return re.compile(rf'\s*(INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+("?\w+"?\.)?"?{re.escape(name)}"?[\s(]',
+                      re.IGNORECASE).match
+
+
+def is_commit(statement: str) -> bool:
+    """Whether a statement is a literal COMMIT (`op.execute("COMMIT")`): the transaction ends there."""
+    return bool(_COMMIT_SQL.match(statement))
+
+
 # ---- what the running revision has committed -----------------------------------------------------
 
 # how much of each statement the ledger keeps (a revision's data migration may be a page of SQL)
@@ -221,9 +233,7 @@ class Ledger:
         """Start the ledger of `revision` (its transaction has not begun)."""
         self.revision = revision
         if version_table != self._version_table:
-            name = version_table.name if version_table is not None else "alembic_version"
-            self._version_row = re.compile(
-                rf'\s*(INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+("?\w+"?\.)?"?{re.escape(name)}"?[\s(]', re.IGNORECASE).match
+            self._version_row = version_row(version_table)
             self._version_table = version_table
         self.committed, self._pending, self._outside = [], [], False
 
@@ -261,7 +271,7 @@ class Ledger:
             return
         text = " ".join(statement.split())
         text = text if len(text) <= STATEMENT_TEXT else text[:STATEMENT_TEXT] + "…"
-        (self.committed if self._outside or _autocommit(conn) else self._pending).append(text)
+        (self.committed if self._outside or autocommit(conn) else self._pending).append(text)
 
     def _commit(self, _conn: Any) -> None:
         if self.revision is not None:
@@ -274,7 +284,7 @@ class Ledger:
 
 
 
-def _autocommit(conn: Any) -> bool:
+def autocommit(conn: Any) -> bool:
     """Whether a SQLAlchemy connection's driver connection runs each statement on its own (Alembic's
     autocommit_block sets that through the isolation level, on every driver)."""
     try:

@@ -87,6 +87,8 @@ class _Deadlines(threading.local):
     def __init__(self) -> None:
         self.connecting: list[float] = []
         self.waiting: list[float] = []
+        # seconds beyond AFTER_SIGNAL that cleaning up after a signal may take (`cleaning_up`)
+        self.grace = 0.0
 
 
 _deadlines = _Deadlines()
@@ -103,8 +105,25 @@ def answered_by(deadline: float) -> Iterator[None]:
         _deadlines.waiting.remove(deadline)
 
 
+# what cleaning up after a signal may take at most (dropping a rehearsal's copy): still well inside
+# Kubernetes' 30 s grace period
+CLEANING_UP = 10.0
+
+
+@contextlib.contextmanager
+def cleaning_up() -> Iterator[None]:
+    """Statements in the body (the clean-up of something the job made) may still run for
+    CLEANING_UP seconds after a signal, where others get AFTER_SIGNAL."""
+    was, _deadlines.grace = _deadlines.grace, CLEANING_UP - AFTER_SIGNAL
+    try:
+        yield
+    finally:
+        _deadlines.grace = was
+
+
 def _deadline() -> float | None:
-    deadlines = [*_deadlines.connecting, *_deadlines.waiting, *(t + AFTER_SIGNAL for t in _signalled_at)]
+    deadlines = [*_deadlines.connecting, *_deadlines.waiting,
+                 *(t + AFTER_SIGNAL + _deadlines.grace for t in _signalled_at)]
     return min(deadlines) if deadlines else None
 
 

@@ -84,6 +84,8 @@ HELD = frozenset({"run.start", "wait.ready"})
 log = Log()
 _options: dict[str, Any] = {}
 _run_id = ""
+# fields every line carries for a while (`about`): a rehearsal's lines name the copy they are of
+_about: dict[str, Any] = {}
 
 
 def _now() -> str:
@@ -257,6 +259,18 @@ def drain(timeout: float) -> None:
         output.drain(max(deadline - time.monotonic(), 0))
 
 
+@_contextmanager
+def about(**fields: Any) -> Iterator[None]:
+    """Every line logged in the body carries `fields`."""
+    before = dict(_about)
+    _about.update(fields)
+    try:
+        yield
+    finally:
+        _about.clear()
+        _about.update(before)
+
+
 def new_run_id() -> str:
     # what secrets.token_hex(8) returns, without importing secrets (or uuid, which costs more than
     # the rest of a run at head)
@@ -294,7 +308,7 @@ def _load() -> None:
         return stamp(logger, name, event) if when is None else {**event, "timestamp": when}
 
     def with_run_id(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
-        return {"run_id": _run_id, **event}
+        return {"run_id": _run_id, **_about, **event}
 
     shared = [with_run_id, structlog.processors.add_log_level, stamped]
     if log_format == "console":

@@ -22,6 +22,12 @@ if TYPE_CHECKING:
     from job.watchdog import Watchdog
 
 
+# Who else watches the revisions run (a rehearsal's recorder, job.recorder): each is told as a
+# revision starts (`started(step, direction, connection)`, before its transaction), ends
+# (`committed(step, direction, seconds)`) or fails (`failed(step, direction)`; a revision retried
+# after a lock timeout starts again).
+observers: list[Any] = []
+
 # what to do after a revision that committed part of its work failed, when the caller says nothing
 UNDO_BY_HAND = "undo what it committed by hand (it is listed above), then run the job again"
 
@@ -167,6 +173,8 @@ class Stepper:
                 if step.revision in self.endings and self.history is not None:
                     self._row = self.history.begun(step.revision, self.direction, self._started[1])
                 commits.ledger.open(step.revision, VersionTable(context.version_table, context.version_table_schema))
+                for observer in observers:
+                    observer.started(step, self.direction, context.connection)
             self._invalid_before = None
             if step.revision in self.endings and self.project.raw_connection is not None:
                 self._invalid_before = commits.invalid_indexes(self.project.raw_connection)
@@ -276,11 +284,16 @@ class Stepper:
             self.history.revision(step.revision, self.direction, started_at, seconds, "applied", row=self._row)
         log.info("migration.done", revision=step.revision, description=step.description, direction=self.direction,
                  seconds=round(seconds, 3))
+        for observer in observers:
+            observer.committed(step, self.direction, seconds)
         self.done.append(step)
         self.running = None
 
     def failed(self, outcome: str, error: str | None) -> None:
         """The running revision rolled back (or was never started): record how."""
+        for observer in observers:
+            if self.running is not None:
+                observer.failed(self.running, self.direction)
         if self.running is not None and self.history is not None:
             started, started_at = self._started
             self.history.revision(self.running.revision, self.direction, started_at, time.monotonic() - started,
