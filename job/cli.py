@@ -61,6 +61,9 @@ def parser() -> argparse.ArgumentParser:
     lint = verbs.add_parser("lint", parents=[common], help="check the pending revisions' SQL for unsafe operations")
     lint.add_argument("--all", action="store_true", help="every revision from base, offline (no database)")
     lint.add_argument("--allow", dest="lint_allow", help="the same as --lint-allow")
+    rehearse = verbs.add_parser("rehearse", parents=[common],
+                                help="apply the pending revisions to a throwaway copy and report what each did")
+    rehearse.add_argument("--format", choices=("text", "json"), default="text")
     verbs.add_parser("manifest", parents=[common],
                      help="record the script heads so start-ups at head skip loading Alembic (run at image build)")
     return top
@@ -127,6 +130,18 @@ def cmd_lint(settings: config.Settings, args: argparse.Namespace) -> tuple[str, 
     return "clean", 0
 
 
+def cmd_rehearse(settings: config.Settings, args: argparse.Namespace) -> tuple[str, int]:
+    from job import rehearse
+
+    report = rehearse.rehearse(settings)
+    if args.format == "json":
+        _out(json.dumps(report._asdict()))
+    elif sys.stdout.isatty():
+        _out(text.rehearsal(report))
+    rehearse.check(report)
+    return "rehearsed", 0
+
+
 def cmd_manifest(settings: config.Settings, args: argparse.Namespace) -> tuple[str, int]:
     path = commands.write_manifest(settings)
     log.info("manifest.written", path=str(path))
@@ -143,6 +158,7 @@ COMMANDS: dict[str, Callable[[config.Settings, argparse.Namespace], tuple[str, i
     "restore": cmd_restore,
     "downgrade": cmd_downgrade,
     "lint": cmd_lint,
+    "rehearse": cmd_rehearse,
     "manifest": cmd_manifest,
 }
 # commands whose product is on stdout: their logs go to stderr

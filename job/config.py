@@ -266,13 +266,19 @@ class Settings(NamedTuple):
     # a multidb env.py: the alembic.ini sections it reads its engines' URLs from, and the database
     # each names (DATABASE_URL's, or another); the job fills them in, locks and backs up each
     sections: tuple[tuple[str, Database], ...]
+    # `rehearse`: the server its copy is made on (None: the live database's), the longest ACCESS
+    # EXCLUSIVE hold on a table with rows it lets pass, whether it goes down and up again
+    rehearsal_server: Database | None
+    rehearsal_max_exclusive: float
+    rehearsal_round_trip: bool
     # the object storage credentials in the environment (AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN)
     cloud_secrets: tuple[str, ...]
 
     @property
     def secrets(self) -> tuple[str, ...]:
         """Strings that must never be printed."""
-        databases = [self.database, *(database for _, database in self.sections)]
+        databases = [self.database, *(database for _, database in self.sections),
+                     *([self.rehearsal_server] if self.rehearsal_server else [])]
         return tuple(d.password for d in databases if d.password) + self.cloud_secrets
 
     @property
@@ -647,6 +653,14 @@ OPTIONS: tuple[Option, ...] = (
            "seconds between migration.progress reports of a long statement; 0: none"),
     Option("end_idle_blockers_after", "--end-idle-blockers-after", "MIGRATE_END_IDLE_BLOCKERS_AFTER", seconds(), 0.0,
            "end a session that blocks a revision while idle in its transaction longer than this; 0: never"),
+    Option("rehearsal_server", "--rehearsal-url", "MIGRATE_REHEARSAL_URL", lambda value, _name: Database.from_url(value),
+           None, "rehearse: the server to make the copy on, and the database to connect to there (default: the "
+           "live database's server)"),
+    Option("rehearsal_max_exclusive", "--rehearsal-max-exclusive", "MIGRATE_REHEARSAL_MAX_EXCLUSIVE", seconds(), 5.0,
+           "rehearse: the longest a revision may hold ACCESS EXCLUSIVE on a table with rows (exit 6 beyond)"),
+    Option("rehearsal_round_trip", "--rehearsal-round-trip", "MIGRATE_REHEARSAL_ROUND_TRIP",
+           lambda value, name: _boolean(value, name, True), True,
+           "rehearse: then down to the starting revision and up again, comparing the schema each way"),
     Option("history_table", "--history-table", "MIGRATE_HISTORY_TABLE", _history, "migrate_job_history",
            "run history table (and the job's other tables beside it); off disables them"),
     Option("allow_ahead", "--allow-ahead", "MIGRATE_ALLOW_AHEAD", lambda value, name: _boolean(value, name, True), True,

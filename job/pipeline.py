@@ -1,6 +1,6 @@
 """`run`, the pipeline: wait → lock → plan → backup → upgrade → verify, each step a call into its
-own module. Only the CLI imports this module; the other commands (job.commands) share the steps,
-not the pipeline."""
+own module. Only the CLI imports this module, and the rehearsal (job.rehearse), which runs it on a
+copy of the database; the other commands (job.commands) share the steps, not the pipeline."""
 
 from __future__ import annotations
 

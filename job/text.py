@@ -40,6 +40,21 @@ def status(report: Status) -> str:
     ])
 
 
+def rehearsal(report: Any) -> str:
+    """A rehearsal's report (job.rehearse.Report): a line per revision, its strongest locks under it."""
+    lines = [f"rehearsed on a copy of {report.database} ({report.source}), {report.seconds:.1f} s",
+             f"{'revision':<14} {'seconds':>8}  {'rows':>8}  rewrote / built"]
+    for r in report.revisions:
+        lines.append(f"{r['revision']:<14} {r['seconds']:>8.3f}  {r['rows_changed']:>8}  "
+                     f"{', '.join(r['rewritten'] + r['indexes_built']) or '-'}")
+        lines += [f"  {lock['mode']:<24} {lock['relation']}  {lock['held_seconds']:.3f} s (blocks "
+                  f"{lock['blocks']})" for lock in r["locks"]]
+    trip = report.round_trip
+    lines.append("round trip: " + ("down and up again" if trip.get("done") else f"not done: {trip.get('reason')}"))
+    lines += [f"FINDING {f['revision']} {f['finding']}: {f['detail']}" for f in report.findings]
+    return "\n".join(lines)
+
+
 def backups(found: list[dict[str, Any]]) -> str:
     return "\n".join(
         f"{Path(b['path']).name}  {b['database']}  {'+'.join(b['from_revision']) or 'base'} -> "

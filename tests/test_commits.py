@@ -294,7 +294,7 @@ def _killed_while(db: Db, environment: dict[str, str], project: Path, tmp_path: 
     proc = start_logged(environment, tmp_path / "killed.log", cwd=project)
     deadline = time.monotonic() + 30
     while not db.query("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock' "
-                       f"AND query LIKE %s", (db.name, waiting))[0][0]:
+                       "AND query LIKE %s", (db.name, waiting))[0][0]:
         assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "killed.log").read_text()[-2000:]
         time.sleep(0.05)
     proc.kill()
