@@ -68,6 +68,17 @@ def test_hook_mode_renders_a_pre_install_pre_upgrade_job() -> None:
     assert ["run"] == job["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
+def test_hook_mode_rehearses_first_when_asked() -> None:
+    """migration.rehearse: the hook Job's init container rehearses on a copy; off by default."""
+    plain = one(render(), "Job")["spec"]["template"]["spec"]
+    rehearsing = one(render({"migration": {"rehearse": True}}), "Job")["spec"]["template"]["spec"]
+
+    (rehearse,) = rehearsing["initContainers"]
+    assert (None, ["rehearse"], ["run"]) == (plain.get("initContainers"), rehearse["args"],
+                                             rehearsing["containers"][0]["args"])
+    assert rehearsing["containers"][0]["env"] == rehearse["env"]
+
+
 def test_hook_mode_app_waits_for_migrations() -> None:
     """In hook mode the app's init container only waits: `check --wait`, no backups mounted."""
     deployment = one(render(), "Deployment")
