@@ -140,7 +140,8 @@ def _fill(settings: Settings, live: Any, copy: Copy, same_server: bool) -> str:
 
 
 def _backup_at_current(settings: Settings, live: Any) -> tuple[Any, str, dict[str, Any]] | None:
-    """The newest backup of the live database that was taken at its current revision, checked
+    """The newest backup of the live database that was taken at its current revision (a backup
+    holds the database as it was before the change it was taken for: its `from_revision`), checked
     against its sidecar (the restore checks its sha256 as it reads it); None if there is none."""
     try:
         current = sorted(plan.current_revisions(live, settings.version_table))
@@ -148,7 +149,7 @@ def _backup_at_current(settings: Settings, live: Any) -> tuple[Any, str, dict[st
         listed = backup.listing(store, db.database_name(live),
                                 backup.set_of(db.server_identity(live), db.database_name(live)))
         for meta in listed:
-            if sorted(meta.get("to_revision") or []) == current and current:
+            if sorted(meta.get("from_revision") or []) == current and current:
                 return backup.verified(store, meta["path"])
     except (BackupFailed, ConfigError, OSError) as e:
         log.info("rehearsal.no_backup", reason=str(e))

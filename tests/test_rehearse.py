@@ -79,21 +79,25 @@ def test_a_rewrite_under_access_exclusive_past_the_threshold_is_a_finding_and_th
     assert (["public.wide"], "public.wide", "ACCESS EXCLUSIVE") == (
         b004["rewritten"], b004["longest_exclusive"]["relation"], b004["locks"][0]["mode"])
     assert [("b004", "exclusive-lock")] == [(f["revision"], f["finding"]) for f in report["findings"]]
+    assert "dump" == report["source"]  # (no backup was taken at b003: the first deploy had nothing to back up)
     assert "revision b004" in json.loads(result.stderr.splitlines()[-1])["error"]
 
 
 def test_a_rehearsal_within_the_thresholds_passes_and_goes_down_and_up_again(db: Db, env: dict[str, str],
                                                                              tmp_path: Path) -> None:
+    """Its copy comes from the backup taken at the database's revision."""
     job_env = at_b003_with("own-engine", db, env, tmp_path,
                            'op.execute("ALTER TABLE wide ADD COLUMN note text")\n'
                            '    op.execute("UPDATE wide SET note = label WHERE id <= 10")',
                            'op.execute("ALTER TABLE wide DROP COLUMN note")')
+    assert 0 == run_job("backup", env=job_env).code
 
     result = run_job("rehearse", "--format", "json", env=job_env)
 
     report = report_of(result)
     (b004,) = report["revisions"]
     assert (0, ["b003"], [], []) == (result.code, db.version(), left(db, result.stderr), report["findings"]), result.stderr[-2000:]
+    assert report["source"].endswith(".dump"), report["source"]
     assert (10, [], True, ["b004"]) == (b004["rows_changed"], b004["rewritten"], report["round_trip"]["done"],
                                         report["round_trip"]["revisions"])
     assert "note" not in {c for (c,) in db.query("SELECT column_name FROM information_schema.columns "
