@@ -305,6 +305,16 @@ def _killed_while(db: Db, environment: dict[str, str], project: Path, tmp_path: 
     blocker.close()
 
 
+def _migrated_to_b003(environment: dict[str, str], project: Path, tmp_path: Path) -> None:
+    """The database at b003: b004 (which ends its transaction) and b005 held back for that run."""
+    versions = tmp_path / "blog_versions"
+    for name in ("b004_ends_its_transaction.py", "b005_later.py"):
+        (versions / name).rename(tmp_path / name)
+    assert 0 == run_job("run", env=environment, cwd=project).code
+    for name in ("b004_ends_its_transaction.py", "b005_later.py"):
+        (tmp_path / name).rename(versions / name)
+
+
 @pytest.mark.parametrize("env_py", ENV_PY)
 def test_a_run_killed_while_it_built_an_index_concurrently_is_completed_by_a_plain_rerun(
         env_py: str, db: Db, env: dict[str, str], tmp_path: Path) -> None:
@@ -314,12 +324,7 @@ def test_a_run_killed_while_it_built_an_index_concurrently_is_completed_by_a_pla
     shape = ENV_PY[env_py]
     project = project_with(shape, tmp_path, EXECUTE_COMMIT)
     environment = job_env(env, db, shape, project)
-    versions = tmp_path / "blog_versions"
-    for name in ("b004_ends_its_transaction.py", "b005_later.py"):
-        (versions / name).rename(tmp_path / name)
-    assert 0 == run_job("run", env=environment, cwd=project).code
-    for name in ("b004_ends_its_transaction.py", "b005_later.py"):
-        (tmp_path / name).rename(versions / name)
+    _migrated_to_b003(environment, project, tmp_path)
 
     _killed_while(db, environment, project, tmp_path, "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ; SELECT 1",
                   "CREATE UNIQUE INDEX CONCURRENTLY%")
@@ -343,12 +348,7 @@ def test_a_run_killed_after_its_index_was_built_but_before_its_version_row_says_
     shape = ENV_PY["own-engine"]
     project = project_with(shape, tmp_path, AUTOCOMMIT_BLOCK)
     environment = {**job_env(env, db, shape, project), "MIGRATE_STATEMENT_LOCK_TIMEOUT": "120"}
-    versions = tmp_path / "blog_versions"
-    for name in ("b004_ends_its_transaction.py", "b005_later.py"):
-        (versions / name).rename(tmp_path / name)
-    assert 0 == run_job("run", env=environment, cwd=project).code
-    for name in ("b004_ends_its_transaction.py", "b005_later.py"):
-        (tmp_path / name).rename(versions / name)
+    _migrated_to_b003(environment, project, tmp_path)
 
     # (a read-committed transaction holds no snapshot between statements: the index builds, the version row waits)
     _killed_while(db, environment, project, tmp_path, "SELECT * FROM alembic_version FOR UPDATE", "UPDATE alembic_version%")
