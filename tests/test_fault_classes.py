@@ -68,12 +68,17 @@ def _waiting_for_the_lock(db: Db, env: dict[str, str], tmp_path: Path) -> tuple[
     return env, "lock.waiting", holder, []
 
 
-def _reading_a_locked_version_table(db: Db, env: dict[str, str], tmp_path: Path) -> tuple[dict[str, str], Any, Any, list[str]]:
+def _at_0005_with_locked(table: str, by: str, db: Db, env: dict[str, str]) -> tuple[dict[str, str], Any, Any, list[str]]:
+    """The database at 0005, and a session `by` holding ACCESS EXCLUSIVE on `table`: the job waits on it."""
     assert 0 == run_job("run", env={**env, "MIGRATE_TARGET": "0005"}).code
-    app = db.connect(application_name="app")
-    app.autocommit = False
-    app.cursor().execute("LOCK TABLE alembic_version IN ACCESS EXCLUSIVE MODE")
-    return {**env, "MIGRATE_STATEMENT_LOCK_TIMEOUT": "30"}, _once_the_job(db, WAITS_ON_A_LOCK), app, ["0005"]
+    holder = db.connect(application_name=by)
+    holder.autocommit = False
+    holder.cursor().execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+    return {**env, "MIGRATE_STATEMENT_LOCK_TIMEOUT": "30"}, _once_the_job(db, WAITS_ON_A_LOCK), holder, ["0005"]
+
+
+def _reading_a_locked_version_table(db: Db, env: dict[str, str], tmp_path: Path) -> tuple[dict[str, str], Any, Any, list[str]]:
+    return _at_0005_with_locked("alembic_version", "app", db, env)
 
 
 def _backing_up(db: Db, env: dict[str, str], tmp_path: Path) -> tuple[dict[str, str], Any, Any, list[str]]:
@@ -89,11 +94,7 @@ def _in_a_revision(db: Db, env: dict[str, str], tmp_path: Path) -> tuple[dict[st
 
 
 def _writing_history(db: Db, env: dict[str, str], tmp_path: Path) -> tuple[dict[str, str], Any, Any, list[str]]:
-    assert 0 == run_job("run", env={**env, "MIGRATE_TARGET": "0005"}).code
-    operator = db.connect(application_name="operator")
-    operator.autocommit = False
-    operator.cursor().execute("LOCK TABLE migrate_job.migrate_job_history IN ACCESS EXCLUSIVE MODE")
-    return {**env, "MIGRATE_STATEMENT_LOCK_TIMEOUT": "30"}, _once_the_job(db, WAITS_ON_A_LOCK), operator, ["0005"]
+    return _at_0005_with_locked("migrate_job.migrate_job_history", "operator", db, env)
 
 
 # each: the job's environment, the event that says it has reached the step, what holds it there,
