@@ -17,6 +17,9 @@ holds its locks only while it runs: a connection of the recorder's own samples t
 seconds meanwhile (so a lock such a statement holds for less than that may go unseen: it is
 then held too briefly to matter).
 
+The recorder's own queries on env.py's connection go through its DBAPI cursor (db.fetch_literal),
+which SQLAlchemy's events do not see: they are never taken for the revision's.
+
 Which tables had rows is read as each revision starts (their storage is not empty): an exclusive
 lock on a table made in the same revision keeps nobody waiting.
 """
@@ -197,7 +200,6 @@ class Recorder:
         self._counts: dict[int, int] = {}
         self._open: dict[tuple[int, str], tuple[float, int]] = {}
         self._outside = False  # after a literal COMMIT: each statement runs on its own
-        self._inside = False  # the recorder's own statement is running (its events are not a revision's)
         self._side: Any = None
         self._sampler = _Sampler(self)
         self._listening = False
@@ -250,7 +252,7 @@ class Recorder:
 
     def _ours(self, statement: str) -> bool:
         """Whether a statement is the running revision's own work."""
-        return self._current is not None and not self._inside and not self._version_row(statement)
+        return self._current is not None and not self._version_row(statement)
 
     def _before(self, conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
         if self.copy is not None and not conn.info.get("migrate_job.on_copy"):
@@ -261,11 +263,7 @@ class Recorder:
         if self._outside or commits.autocommit(conn):
             pid = conn.info.get("migrate_job.pid")
             if pid is None:
-                self._inside = True
-                try:
-                    pid = conn.info["migrate_job.pid"] = db.fetch_literal(conn, "SELECT pg_backend_pid()")[0]
-                finally:
-                    self._inside = False
+                pid = conn.info["migrate_job.pid"] = db.fetch_literal(conn, "SELECT pg_backend_pid()")[0]
             self._sampler.begin(pid)
 
     def _after(self, conn: Any, cursor: Any, statement: str, *_: Any) -> None:
@@ -280,11 +278,7 @@ class Recorder:
         text = " ".join(statement.split())
         found = Statement(text if len(text) <= STATEMENT_TEXT else text[:STATEMENT_TEXT] + "…", started,
                           seconds=time.monotonic() - started)
-        self._inside = True
-        try:
-            pid, in_transaction, locks, storage, counts = db.fetch_literal(conn, self._after_sql)
-        finally:
-            self._inside = False
+        pid, in_transaction, locks, storage, counts = db.fetch_literal(conn, self._after_sql)
         conn.info["migrate_job.pid"] = pid
         index = len(revision.statements)
         found.in_transaction = bool(in_transaction)
@@ -318,7 +312,7 @@ class Recorder:
 
     def _ended(self, _conn: Any) -> None:
         """A transaction of env.py's ended (committed or rolled back): its locks are released."""
-        if self._current is not None and not self._inside:
+        if self._current is not None:
             self._transaction_ended()
 
     def _transaction_ended(self) -> None:
