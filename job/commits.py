@@ -56,15 +56,35 @@ class Ending(NamedTuple):
     problem: str | None
 
 
-def ending(source: str, revision: str, function: str) -> Ending | None:
-    """How `function` (upgrade or downgrade) in a revision's `source` ends its transaction, if it does."""
+def _tree(source: str) -> ast.Module | None:
     try:
-        tree = ast.parse(source)
+        return ast.parse(source)
     except (SyntaxError, SystemError):
         # (Alembic has already imported it, so not a syntax error; SystemError: CPython 3.11 before
         # 3.11.8 can fail parsing once its AST constructor failed in the process, python/cpython#106905)
         return None
-    body = next((node.body for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == function), None)
+
+
+def _body(tree: ast.Module, function: str) -> list[ast.stmt] | None:
+    """The statements of `function` (upgrade or downgrade) in a revision's tree; None if it has none."""
+    return next((node.body for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == function), None)
+
+
+def does_nothing(source: str, function: str) -> bool:
+    """Whether `function` in a revision's `source` is missing or holds only inert statements (a
+    docstring, `pass`, `bind = op.get_bind()`): an irreversible revision's `downgrade`. A source
+    that cannot be read as Python is taken to do something."""
+    tree = _tree(source)
+    if tree is None:
+        return False
+    body = _body(tree, function)
+    return body is None or all(_inert(s) for s in body)
+
+
+def ending(source: str, revision: str, function: str) -> Ending | None:
+    """How `function` (upgrade or downgrade) in a revision's `source` ends its transaction, if it does."""
+    tree = _tree(source)
+    body = _body(tree, function) if tree is not None else None
     if body is None:
         return None
     statements = [s for s in body if not _inert(s)]

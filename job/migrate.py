@@ -353,10 +353,7 @@ class Project:
         function = "upgrade" if direction == "upgrade" else "downgrade"
         for step in steps:
             if (step.revision, function) not in self._endings:
-                try:
-                    source = Path(self.script.get_revision(step.revision).path).read_text(encoding="utf-8")
-                except (OSError, UnicodeDecodeError):
-                    source = ""  # a sourceless (.pyc) revision: nothing to read
+                source = source_of(self.script, step.revision)
                 self._endings[step.revision, function] = commits.ending(source, step.revision, function) if source else None
         return {s.revision: e for s in steps if (e := self._endings[s.revision, function])}
 
@@ -419,6 +416,14 @@ class SharedConnection(Connection):
 
     def close(self) -> None:
         """(the job ends the session itself: `Project.close`)"""
+
+
+def source_of(script: ScriptDirectory, revision: str) -> str:
+    """A revision file's source; "" for a sourceless (.pyc) revision: nothing to read."""
+    try:
+        return Path(script.get_revision(revision).path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 def _whereabouts(script: ScriptDirectory) -> tuple[Any, ...]:

@@ -13,15 +13,12 @@ time. The live database is only read (a dump, or nothing when a backup at its re
 
 from __future__ import annotations
 
-import ast
 import contextlib
-import inspect
 import os
-import textwrap
 import time
 from typing import Any, Iterator, NamedTuple
 
-from job import commands, db, logs, pipeline, plan, schema, scratch, stepper, tables
+from job import commands, commits, db, logs, pipeline, plan, schema, scratch, stepper, tables
 from job.config import Settings
 from job.errors import ConfigError, JobError, MigrationFailed
 from job.logs import log
@@ -214,25 +211,15 @@ class _Watcher:
             self.findings.append(Finding(revision, finding, f"{what}: {shown}{more}"))
 
     def without_downgrade(self, revisions: list[str]) -> list[str]:
-        """The revisions whose downgrade() does nothing (`pass`, a docstring): irreversible by design."""
+        """The revisions whose downgrade() does nothing (`pass`, a docstring): irreversible by design.
+        (A sourceless .pyc revision cannot be read: it is taken to have one.)"""
         from alembic.script import ScriptDirectory
 
-        from job.migrate import _config
+        from job.migrate import _config, source_of
 
         scripts = ScriptDirectory.from_config(_config(self.settings.alembic))
-        return [r for r in revisions if _does_nothing(getattr(scripts.get_revision(r).module, "downgrade", None))]
+        return [r for r in revisions if (text := source_of(scripts, r)) and commits.does_nothing(text, "downgrade")]
 
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
-
-
-def _does_nothing(function: Any) -> bool:
-    if function is None:
-        return True
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
-    except (OSError, TypeError, SyntaxError):
-        return False
-    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.FunctionDef) else []
-    return all(isinstance(s, ast.Pass) or isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant) for s in body)

@@ -291,10 +291,11 @@ class Stepper:
 
     def failed(self, outcome: str, error: str | None) -> None:
         """The running revision rolled back (or was never started): record how."""
+        if self.running is None:
+            return
         for observer in observers:
-            if self.running is not None:
-                observer.failed(self.running, self.direction)
-        if self.running is not None and self.history is not None:
+            observer.failed(self.running, self.direction)
+        if self.history is not None:
             started, started_at = self._started
             self.history.revision(self.running.revision, self.direction, started_at, time.monotonic() - started,
                                   outcome, error, row=self._row)
