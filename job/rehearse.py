@@ -20,7 +20,7 @@ from typing import Any, Iterator, NamedTuple
 
 from job import commands, commits, db, logs, pipeline, plan, schema, scratch, stepper, tables
 from job.config import Settings
-from job.errors import ConfigError, JobError, MigrationFailed
+from job.errors import ConfigError, Interrupted, JobError, MigrationFailed
 from job.logs import log
 from job.recorder import Recorder
 from job.wait import connected
@@ -140,6 +140,9 @@ def _failing(watcher: _Watcher, finding: str, run: Any) -> bool:
     try:
         run()
     except MigrationFailed as e:
+        signum = db.received_signal()
+        if signum is not None:  # (a signal wins over whatever its cancel made fail, as in `run`)
+            raise Interrupted(signum) from None
         watcher.findings.append(Finding(e.revision or "?", finding, str(e)))
         return True
     return False
