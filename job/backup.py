@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
 
-from job import archive, children, db, tables
+from job import archive, children, credentials, db, tables
 from job.archive import first_error
 from job.config import S3_SCHEME, Database, Settings, milliseconds, parse_s3
 from job.errors import BackupFailed, DumpExited, RestoreFailed
@@ -117,10 +117,12 @@ def tool(name: str) -> str:
 
 
 def child_env(database: Database, env: Mapping[str, str]) -> dict[str, str]:
-    """The environment for pg_dump/pg_restore: ours, less our URL, plus PGPASSWORD."""
+    """The environment for pg_dump/pg_restore/psql: ours, less our URL, plus PGPASSWORD (fresh from
+    its source, job.credentials, at each spawn)."""
     child = {k: v for k, v in env.items() if k not in ("DATABASE_URL", "DATABASE_URL_FILE")}
-    if database.password is not None:
-        child["PGPASSWORD"] = database.password
+    password = database.password if database.password is not None else credentials.password_for(database.params)
+    if password is not None:
+        child["PGPASSWORD"] = password
     return child
 
 
@@ -183,7 +185,6 @@ def take(
     name = file_name(moment, database_name, set_key, from_revision, to_revision)
     log.info("backup.start", path=store.path_of(name), database=database_name)
     started = time.monotonic()
-    child = child_env(database, env)
     argv = [pg_dump, "--format=custom", *dump_options(database, application_name, lock_wait_timeout, own)]
     earlier = listing(store, database_name, set_key)
     coming = {"path": store.path_of(name), "from_revision": from_revision, "to_revision": to_revision}
@@ -193,7 +194,8 @@ def take(
         make_room(store, coming, earlier, keep)
 
     try:
-        dumped = _dump(store, name, argv, child, pg_restore, server_version, wait_timeout, prepare=prepare)
+        dumped = _dump(store, name, argv, lambda: child_env(database, env), pg_restore, server_version, wait_timeout,
+                       prepare=prepare)
     except BackupFailed as e:
         raise _no_room(e, store, earlier, keep) or e from None
     try:
@@ -259,19 +261,24 @@ def _excluded(own: tables.Own | None) -> list[str]:
                       for name in (str(table), f"{table}_id_seq")]
 
 
-def _dump(store: Any, name: str, argv: list[str], env: dict[str, str], pg_restore: str, server_version: int,
-          wait_timeout: float, prepare: Callable[[], None]) -> archive.Read:
+def _dump(store: Any, name: str, argv: list[str], environment: Callable[[], dict[str, str]], pg_restore: str,
+          server_version: int, wait_timeout: float, prepare: Callable[[], None]) -> archive.Read:
     """pg_dump into the store (which calls `prepare` before the first byte is written); while the
-    server has no connection slot for it, try again within MIGRATE_WAIT_TIMEOUT."""
+    server has no connection slot for it, try again within MIGRATE_WAIT_TIMEOUT. `environment` is
+    asked at each spawn: a kept password the server refused (rotated since) is asked for afresh once."""
     deadline = time.monotonic() + wait_timeout
+    refreshed = False
     while True:
         try:
-            return store.dump(name, argv, env, children.spawn, pg_restore, prepare)
+            return store.dump(name, argv, environment(), children.spawn, pg_restore, prepare)
         except DumpExited as e:
             if e.returncode < 0:
                 killer = signal.Signals(-e.returncode).name
                 raise BackupFailed(f"pg_dump was killed by {killer}" + (
                     " (the file size limit)" if killer == "SIGXFSZ" else "")) from None
+            if not refreshed and credentials.stale(e.stderr):
+                refreshed = True
+                continue
             if not _server_full(e.stderr) or time.monotonic() >= deadline:
                 raise server_too_new(e.stderr, server_version) or BackupFailed(
                     f"pg_dump failed: {first_error(e.stderr)}") from None

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import psycopg2
 
-from job import __version__, commands, config, db, logs, pipeline, text
+from job import __version__, commands, config, credentials, db, logs, pipeline, text
 from job.errors import (ConfigError, DatabaseUnavailable, Interrupted, JobError, LockTimeout, Pending, RevisionError,
                         first_line)
 from job.logs import log
@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         offline = args.command == "manifest" or (args.command == "lint" and args.all)
         settings = config.load(env, vars(args), need_database=not offline)
         logs.redactor.add(settings.secrets)
+        credentials.install(settings.password_source, logs.redactor.add)
         outcome, code = COMMANDS[args.command](settings, args)
     except BaseException as e:
         signum = db.received_signal()

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 import psycopg2.extensions
 from psycopg2 import sql
 
+from job import credentials
 from job.alembic_files import AlembicFiles
 from job.errors import ConfigError
 
@@ -273,6 +274,14 @@ class Settings(NamedTuple):
     rehearsal_round_trip: bool
     # the object storage credentials in the environment (AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN)
     cloud_secrets: tuple[str, ...]
+    # where the password of a connection that names none comes from, afresh for each (job.credentials):
+    # the file, the command (its output kept password_cache seconds) or MIGRATE_AUTH's provider
+    auth: str = "password"
+    password_file: str | None = None
+    password_command: str | None = None
+    password_cache: float = 60.0
+    # what those make (None: the URL's or PGPASSWORD's password, read once)
+    password_source: credentials.Source | None = None
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -338,6 +347,14 @@ def load(env: Mapping[str, str], flags: Mapping[str, object], need_database: boo
     else:
         database = Database.from_libpq_env(env)
     log_options(env, flags, strict=True)  # logging is already set up (leniently): refuse bad values
+    source = credentials.chosen(values["auth"], values["password_file"], values["password_command"],
+                                values["password_cache"], values["wait_timeout"],
+                                static=database.password is not None or bool(env.get("PGPASSWORD")))
+    if values["auth"] in credentials.CLOUD:
+        database = database._replace(params=credentials.cloud_tls(database.params, env))
+        if values["rehearsal_server"] is not None:
+            server = values["rehearsal_server"]
+            values["rehearsal_server"] = server._replace(params=credentials.cloud_tls(server.params, env))
     return Settings(
         database=database,
         alembic=alembic,
@@ -347,6 +364,7 @@ def load(env: Mapping[str, str], flags: Mapping[str, object], need_database: boo
         sections=(_sections(listed, database) if listed is not None else
                   _distinct(tuple((name, url or database) for name, url in multidb.items()), "alembic.ini")),
         cloud_secrets=tuple(env[v] for v in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN") if env.get(v)),
+        password_source=source,
     )
 
 
@@ -617,6 +635,15 @@ def _history(value: str, name: str) -> str | None:
 OPTIONS: tuple[Option, ...] = (
     Option("database_url", "--database-url", "DATABASE_URL", None, None,
            "the database (a password here shows in the process list: prefer the variable, or DATABASE_URL_FILE)"),
+    Option("password_file", "--password-file", "DATABASE_PASSWORD_FILE", _text, None,
+           "a file holding the password, read again for every new connection (a mounted, rotated Secret)"),
+    Option("password_command", "--password-command", "MIGRATE_PASSWORD_COMMAND", _text, None,
+           "a shell command whose output is the password (run again once MIGRATE_PASSWORD_CACHE has passed)"),
+    Option("password_cache", "--password-cache", "MIGRATE_PASSWORD_CACHE", seconds(), 60.0,
+           "seconds the password command's output is used for new connections; 0: run it for each"),
+    Option("auth", "--auth", "MIGRATE_AUTH", _one_of(*credentials.PROVIDERS), "password",
+           "where passwords come from: password (the URL, PGPASSWORD, the file or the command), or a cloud "
+           "provider's IAM token: aws-rds-iam, azure-entra, gcp-cloudsql", credentials.PROVIDERS),
     Option("config", "--config", "ALEMBIC_CONFIG", None, "alembic.ini", "the project's alembic.ini or pyproject.toml"),
     Option("databases", "--databases", "MIGRATE_DATABASES", None, None,
            "a multidb env.py's alembic.ini sections: `section` or `section=URL`"),

@@ -20,6 +20,7 @@ import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
 
+from job import credentials
 from job.errors import Interrupted, first_line
 
 T = TypeVar("T")
@@ -177,7 +178,7 @@ def _cancel(conn: Any) -> bool:
         except psycopg2.Error:
             return False
     try:
-        canceller = psycopg2.connect(**kwargs)
+        canceller = psycopg2.connect(**credentials.completed(kwargs))
         try:
             canceller.autocommit = True
             with canceller.cursor() as cur:
@@ -205,7 +206,13 @@ def connect(kwargs: dict[str, str]) -> Connection:
     timeout = float(kwargs.get("connect_timeout") or 0)
     _deadlines.connecting[:] = [time.monotonic() + timeout] if timeout > 0 else []
     try:
-        conn = psycopg2.connect(**kwargs, connection_factory=Connection)
+        try:
+            conn = psycopg2.connect(**credentials.completed(kwargs), connection_factory=Connection)
+        except psycopg2.OperationalError as e:
+            if not credentials.stale(e):
+                raise
+            # a kept password (a command's, a token) was rotated meanwhile: once more, with a fresh one
+            conn = psycopg2.connect(**credentials.completed(kwargs), connection_factory=Connection)
     finally:
         _deadlines.connecting.clear()
     conn.autocommit = True

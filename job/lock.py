@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 import psycopg2
 
-from job import db
+from job import credentials, db
 from job.config import Database, Settings, lock_key_for
 from job.errors import ConfigError, LockLost, LockTimeout, first_line
 from job.logs import log
@@ -73,7 +73,7 @@ def ensure_own_session(conn: Any, connect_kwargs: dict[str, str]) -> None:
     ours = conn.server_pid  # read as the session started (job.wait)
     if ours == conn.get_backend_pid():
         return
-    other = psycopg2.connect(**connect_kwargs)
+    other = psycopg2.connect(**credentials.completed(connect_kwargs))
     try:
         with other.cursor() as cur:
             cur.execute("SELECT pg_backend_pid()")

@@ -41,8 +41,11 @@ TRANSIENT = (
 )
 
 HINTS = {
-    "password authentication failed": "check the password in DATABASE_URL (URL-encode @ : / % in it)",
-    "no password supplied": "put the password in DATABASE_URL or PGPASSWORD",
+    "password authentication failed": "check the password in DATABASE_URL (URL-encode @ : / % in it), PGPASSWORD, "
+                                      "DATABASE_PASSWORD_FILE, what MIGRATE_PASSWORD_COMMAND prints, or the role's "
+                                      "IAM grant (MIGRATE_AUTH)",
+    "no password supplied": "put the password in DATABASE_URL, PGPASSWORD or DATABASE_PASSWORD_FILE, or set "
+                            "MIGRATE_PASSWORD_COMMAND or MIGRATE_AUTH",
     "does not exist": "check the database and user names in DATABASE_URL; the job does not create them",
     "no pg_hba.conf entry": "the server's pg_hba.conf does not admit this client, user and database",
 }
