@@ -210,6 +210,76 @@ def test_backups_in_a_bucket_without_keys_use_the_service_accounts_identity() ->
     assert "PersistentVolumeClaim" not in kinds(docs)
 
 
+# --- credentials -----------------------------------------------------------------------------
+
+NO_PASSWORD_URL = {"url": "postgresql://blog@db.example.com:5432/blog"}
+
+
+def _mounts(container: dict[str, Any]) -> dict[str, str]:
+    return {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
+
+
+def test_a_password_secret_is_mounted_as_a_directory_and_named_by_database_password_file() -> None:
+    """A directory mount (not subPath), so that Kubernetes swaps the file when the Secret rotates; in
+    both modes, on every container of the job that connects."""
+    for mode in ("hook", "initContainer"):
+        docs = render({"database": {**NO_PASSWORD_URL, "auth": {"passwordSecret": {"name": "blog-db", "key": "pw"}}},
+                       "migration": {"mode": mode, "rehearse": True}, "app": {"replicas": 1}})
+        spec = one(docs, "Job" if mode == "hook" else "Deployment")["spec"]["template"]["spec"]
+        containers = spec.get("initContainers", []) + (spec["containers"] if mode == "hook" else [])
+        volumes = {v["name"]: v for v in spec["volumes"]}
+
+        assert {"secretName": "blog-db", "items": [{"key": "pw", "path": "password"}]} == volumes[
+            "database-password"]["secret"]
+        for container in containers:
+            assert "/etc/migrate-job/database/password" == env_of(container)["DATABASE_PASSWORD_FILE"]
+            assert "/etc/migrate-job/database" == _mounts(container)["database-password"]
+            assert not any(m.get("subPath") for m in container["volumeMounts"])
+
+
+def test_a_password_command_and_its_cache_reach_the_job() -> None:
+    docs = render({"database": {**NO_PASSWORD_URL, "auth": {"passwordCommand": "vault-get blog", "passwordCache": 30}}})
+    env = env_of(one(docs, "Job")["spec"]["template"]["spec"]["containers"][0])
+
+    assert ("vault-get blog", "30") == (env["MIGRATE_PASSWORD_COMMAND"], env["MIGRATE_PASSWORD_CACHE"])
+    assert "DATABASE_PASSWORD_FILE" not in env and "MIGRATE_AUTH" not in env
+
+
+@pytest.mark.parametrize(("provider", "annotation"), [
+    ("aws-rds-iam", "eks.amazonaws.com/role-arn"),
+    ("azure-entra", "azure.workload.identity/client-id"),
+    ("gcp-cloudsql", "iam.gke.io/gcp-service-account"),
+])
+def test_a_cloud_provider_gets_its_identity_and_the_ca_bundle(provider: str, annotation: str) -> None:
+    """MIGRATE_AUTH on every container that connects, the service account annotated for the pod's
+    identity, the CA from a ConfigMap named by PGSSLROOTCERT; Azure's pods carry the label its
+    webhook looks for."""
+    docs = render({"database": {**NO_PASSWORD_URL, "auth": {"provider": provider},
+                                "tls": {"caConfigMap": "rds-ca", "caKey": "global-bundle.pem"}},
+                   "serviceAccount": {"annotations": {annotation: "the-identity"}}})
+    job = one(docs, "Job")["spec"]["template"]
+    app = one(docs, "Deployment")["spec"]["template"]
+    volumes = {v["name"]: v for v in job["spec"]["volumes"]}
+
+    for container in job["spec"]["containers"] + app["spec"]["initContainers"]:
+        env = env_of(container)
+        assert (provider, "/etc/migrate-job/ca/ca.crt") == (env["MIGRATE_AUTH"], env["PGSSLROOTCERT"])
+        assert "/etc/migrate-job/ca" == _mounts(container)["database-ca"]
+    assert {"name": "rds-ca", "items": [{"key": "global-bundle.pem", "path": "ca.crt"}]} == volumes[
+        "database-ca"]["configMap"]
+    assert "the-identity" == annotations(one(docs, "ServiceAccount"))[annotation]
+    labelled = [t["metadata"]["labels"].get("azure.workload.identity/use") for t in (job, app)]
+    assert labelled == (["true", "true"] if provider == "azure-entra" else [None, None])
+
+
+def test_no_credential_values_render_nothing_of_them() -> None:
+    spec = one(render(), "Job")["spec"]["template"]["spec"]
+    env = env_of(spec["containers"][0])
+
+    assert not {"MIGRATE_AUTH", "DATABASE_PASSWORD_FILE", "MIGRATE_PASSWORD_COMMAND", "PGSSLROOTCERT"} & set(env)
+    assert not {"database-password", "database-ca"} & {v["name"] for v in spec["volumes"]}
+
+
 # --- security --------------------------------------------------------------------------------
 
 def test_every_pod_and_container_is_locked_down() -> None:
@@ -360,6 +430,11 @@ def test_app_is_ready_only_at_head() -> None:
     ({"migration": {"mode": "initContainer"}}, "ReadWriteMany"),
     ({"migraton": {}}, "migraton"),
     ({"migration": {"mode": "hook", "ttlSecondsAfterFinished": -1}}, "ttlSecondsAfterFinished"),
+    ({"database": {**NO_PASSWORD_URL, "auth": {"passwordSecret": {"name": "s"}, "passwordCommand": "c"}}},
+     "two would both give the password"),
+    ({"database": {**NO_PASSWORD_URL, "auth": {"provider": "aws-rds-iam", "passwordCommand": "c"}}},
+     "two would both give the password"),
+    ({"database": {**NO_PASSWORD_URL, "auth": {"provider": "okta"}}}, "provider"),
 ])
 def test_bad_values_fail_to_render_with_a_clear_message(values: dict[str, Any], message: str) -> None:
     """Unknown modes or keys, no database, backups without a claim: rendering fails and says why."""
@@ -383,6 +458,10 @@ VALUE_SETS = {
     "existing-claim-ttl": {"backups": {"persistence": {"existingClaim": "b"}},
                            "migration": {"mode": "hook", "ttlSecondsAfterFinished": 0}},
     "no-app": {"app": {"enabled": False}},
+    "password-file": {"database": {**NO_PASSWORD_URL, "auth": {"passwordSecret": {"name": "blog-db"}}},
+                      "migration": {"rehearse": True}},
+    "cloud-iam-ca": {"database": {**NO_PASSWORD_URL, "auth": {"provider": "azure-entra"},
+                                  "tls": {"caConfigMap": "ca"}}},
 }
 
 

@@ -64,6 +64,15 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 
 {{/* Values that the schema alone cannot check */}}
 {{- define "migrate-job.validate" -}}
+{{- with .Values.database.auth -}}
+{{- $sources := 0 -}}
+{{- if .passwordSecret.name }}{{ $sources = add1 $sources }}{{ end -}}
+{{- if .passwordCommand }}{{ $sources = add1 $sources }}{{ end -}}
+{{- if ne .provider "password" }}{{ $sources = add1 $sources }}{{ end -}}
+{{- if gt $sources 1 -}}
+{{- fail "database.auth: set one of passwordSecret.name, passwordCommand and a provider other than password: two would both give the password" -}}
+{{- end -}}
+{{- end -}}
 {{- if and (not .Values.database.existingSecret) (not .Values.database.url) -}}
 {{- fail "database: set database.existingSecret (a Secret holding DATABASE_URL; recommended) or database.url" -}}
 {{- end -}}
@@ -146,6 +155,26 @@ imagePullSecrets:
 {{- end }}
 {{- end }}
 {{- end }}
+{{- with .root.Values.database.auth }}
+{{- if ne .provider "password" }}
+- name: MIGRATE_AUTH
+  value: {{ .provider | quote }}
+{{- end }}
+{{- if .passwordSecret.name }}
+- name: DATABASE_PASSWORD_FILE
+  value: /etc/migrate-job/database/password
+{{- end }}
+{{- with .passwordCommand }}
+- name: MIGRATE_PASSWORD_COMMAND
+  value: {{ . | quote }}
+- name: MIGRATE_PASSWORD_CACHE
+  value: {{ $.root.Values.database.auth.passwordCache | quote }}
+{{- end }}
+{{- end }}
+{{- if .root.Values.database.tls.caConfigMap }}
+- name: PGSSLROOTCERT
+  value: /etc/migrate-job/ca/ca.crt
+{{- end }}
 {{- if and .withBackups (include "migrate-job.backupsOn" .root) }}
 - name: MIGRATE_BACKUP_KEEP
   value: {{ .root.Values.backups.keep | quote }}
@@ -177,6 +206,17 @@ imagePullSecrets:
     - name: backups
       mountPath: /backups
     {{- end }}
+    {{- if .root.Values.database.auth.passwordSecret.name }}
+    # (a directory, not a subPath: Kubernetes updates it when the Secret rotates)
+    - name: database-password
+      mountPath: /etc/migrate-job/database
+      readOnly: true
+    {{- end }}
+    {{- if .root.Values.database.tls.caConfigMap }}
+    - name: database-ca
+      mountPath: /etc/migrate-job/ca
+      readOnly: true
+    {{- end }}
 {{- end -}}
 
 {{- define "migrate-job.volumes" -}}
@@ -187,6 +227,26 @@ imagePullSecrets:
 - name: backups
   persistentVolumeClaim:
     claimName: {{ include "migrate-job.claimName" .root }}
+{{- end }}
+{{- with .root.Values.database.auth.passwordSecret }}
+{{- if .name }}
+- name: database-password
+  secret:
+    secretName: {{ .name }}
+    items:
+      - key: {{ .key }}
+        path: password
+{{- end }}
+{{- end }}
+{{- with .root.Values.database.tls }}
+{{- if .caConfigMap }}
+- name: database-ca
+  configMap:
+    name: {{ .caConfigMap }}
+    items:
+      - key: {{ .caKey }}
+        path: ca.crt
+{{- end }}
 {{- end }}
 {{- end -}}
 
@@ -219,9 +279,14 @@ annotations:
 {{- end }}
 {{- end -}}
 
-{{/* The pod template's extra labels: the global ones, overridden by the component's */}}
+{{/* The pod template's extra labels: the global ones, overridden by the component's; Azure's
+     workload identity webhook injects the pod's token only into pods labelled for it */}}
 {{- define "migrate-job.podLabels" -}}
-{{- with (merge (deepCopy .component.podLabels) (deepCopy .root.Values.podLabels)) }}
+{{- $identity := dict -}}
+{{- if eq .root.Values.database.auth.provider "azure-entra" -}}
+{{- $identity = dict "azure.workload.identity/use" "true" -}}
+{{- end -}}
+{{- with (merge (deepCopy .component.podLabels) (deepCopy .root.Values.podLabels) $identity) }}
 {{- toYaml . }}
 {{- end }}
 {{- end -}}
