@@ -22,9 +22,11 @@ import os
 import subprocess
 import threading
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 from job.errors import ConfigError, DatabaseUnavailable, first_line
+
+T = TypeVar("T")
 
 # MIGRATE_AUTH's values: `password` is the URL's, PGPASSWORD's, DATABASE_PASSWORD_FILE's or
 # MIGRATE_PASSWORD_COMMAND's; the others are a cloud provider's IAM token
@@ -45,8 +47,6 @@ class Source:
     """Gives the password of one new connection; `params` are its libpq parameters (host, port,
     user), which an IAM token is signed for."""
 
-    name = "password"
-
     def password(self, params: Mapping[str, str]) -> str:
         raise NotImplementedError
 
@@ -57,8 +57,6 @@ class Source:
 class PasswordFile(Source):
     """DATABASE_PASSWORD_FILE: read for every connection, so a rotated Secret (Kubernetes swaps the
     mounted file) is seen by the next one. One trailing newline is not part of the password."""
-
-    name = "DATABASE_PASSWORD_FILE"
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -113,8 +111,6 @@ class PasswordCommand(Cached):
     get -field=password ...`, a cloud CLI), kept for MIGRATE_PASSWORD_CACHE seconds. A command that
     fails, prints nothing or outlasts the wait timeout is exit 3, with what it said."""
 
-    name = "MIGRATE_PASSWORD_COMMAND"
-
     def __init__(self, command: str, keep: float, timeout: float) -> None:
         super().__init__()
         self.command, self.keep, self.timeout = command, keep, timeout
@@ -145,8 +141,6 @@ class AwsRdsIam(Cached):
     port and user, in the host's region (`*.REGION.rds.amazonaws.com`) or boto3's. Signing is
     local; a token is valid 15 minutes, and a new one is signed after 10."""
 
-    name = "aws-rds-iam"
-
     def __init__(self) -> None:
         super().__init__()
         import boto3
@@ -155,7 +149,7 @@ class AwsRdsIam(Cached):
         self._clients: dict[str, Any] = {}
 
     def key(self, params: Mapping[str, str]) -> tuple[str, ...]:
-        return _host_port_user(params, self.name)
+        return _host_port_user(params, "aws-rds-iam")
 
     def fetch(self, params: Mapping[str, str]) -> tuple[str, float]:
         import botocore.exceptions
@@ -181,8 +175,6 @@ class AzureEntra(Cached):
     service from azure-identity's DefaultAzureCredential (workload identity on AKS, managed
     identity, the environment's service principal), renewed 5 minutes before it expires."""
 
-    name = "azure-entra"
-
     def __init__(self) -> None:
         super().__init__()
         from azure.identity import DefaultAzureCredential
@@ -203,8 +195,6 @@ class GcpCloudSql(Cached):
     """Google Cloud SQL IAM database authentication: an OAuth access token of the application
     default credentials (GKE workload identity's metadata server, a service account key), renewed
     5 minutes before it expires. The URL's user is the IAM user (`sa@project.iam`)."""
-
-    name = "gcp-cloudsql"
 
     def __init__(self) -> None:
         super().__init__()
@@ -325,21 +315,23 @@ _listening: list[bool] = []
 
 def _engine_connects(dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
     """An engine env.py built is about to connect: every driver (psycopg2, psycopg, asyncpg) takes
-    `password` beside the host, port and user it is signed for. A kept password (a command's, a
-    token) that the server refuses was rotated since it was kept: asked again once, as db.connect does."""
+    `password` beside the host, port and user it is signed for."""
     if not _source or cparams.get("password") not in (None, ""):
         return None
     params = {k: str(cparams[k]) for k in ("host", "port", "user") if cparams.get(k)}
-    cparams["password"] = password_for(params)
-    if not isinstance(_source[0], Cached):
-        return None  # (SQLAlchemy connects with what is filled in)
+    return connected(lambda: dialect.connect(*cargs, **{**cparams, "password": password_for(params)}))
+
+
+def connected(connect: Callable[[], T]) -> T:
+    """`connect()`, which asks the source for its password; when the server refuses a kept one
+    (rotated since it was kept: `stale`), once more with a fresh one. The one retry of every
+    connection this process makes itself (job.db) or env.py's engines make."""
     try:
-        return dialect.connect(*cargs, **cparams)
+        return connect()
     except Exception as e:
         if not stale(e):
             raise
-    cparams["password"] = password_for(params)
-    return dialect.connect(*cargs, **cparams)
+    return connect()
 
 
 def password_for(params: Mapping[str, str]) -> str | None:
@@ -360,8 +352,9 @@ def completed(kwargs: Mapping[str, str]) -> dict[str, str]:
 
 
 def stale(error: Exception | str) -> bool:
-    """Whether `error` (an exception, or what a child like pg_dump printed) is the server refusing a password a source kept (a command's output, a token)
-    that has since been rotated: then it is forgotten, and asking again may succeed."""
+    """Whether `error` (an exception, or what a child like pg_dump printed) is the server refusing
+    a password a source kept (a command's output, a token) that has since been rotated: then it is
+    forgotten, and asking again may succeed."""
     if not _source or not isinstance(_source[0], Cached):
         return False
     message = str(error).lower()

@@ -206,13 +206,8 @@ def connect(kwargs: dict[str, str]) -> Connection:
     timeout = float(kwargs.get("connect_timeout") or 0)
     _deadlines.connecting[:] = [time.monotonic() + timeout] if timeout > 0 else []
     try:
-        try:
-            conn = psycopg2.connect(**credentials.completed(kwargs), connection_factory=Connection)
-        except psycopg2.OperationalError as e:
-            if not credentials.stale(e):
-                raise
-            # a kept password (a command's, a token) was rotated meanwhile: once more, with a fresh one
-            conn = psycopg2.connect(**credentials.completed(kwargs), connection_factory=Connection)
+        conn = credentials.connected(
+            lambda: psycopg2.connect(**credentials.completed(kwargs), connection_factory=Connection))
     finally:
         _deadlines.connecting.clear()
     conn.autocommit = True
