@@ -161,7 +161,8 @@ ln -s ..data-2 ..data-new && mv -T ..data-new ..data
 
     assert 0 == result.code, result.stdout + result.stderr
     assert role.query("SELECT role, how FROM connected_as ORDER BY how") == (
-        f"{role.name}|a new engine after the rotation\n{role.name}|an async engine after the rotation")
+        f"{role.name}|a new engine after the rotation\n{role.name}|an async engine after the rotation\n"
+        f"{role.name}|the earlier engine after the rotation")
     assert result.events("migration.progress"), "the watchdog connected after the rotation"
     shown = _shown(result, tmp_path)
     assert role.passwords[0] not in shown and "after-the-rotation" not in shown
