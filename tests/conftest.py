@@ -49,6 +49,14 @@ class Result:
         return found[0]
 
     @property
+    def failure(self) -> str:
+        """The error of the job's one `run.failed`, on whichever stream it logs to (`status`, `plan
+        --sql` and `lint` keep stdout for what they print)."""
+        (error,) = [json.loads(line)["error"] for line in self.stdout.splitlines() + self.stderr.splitlines()
+                    if line.startswith("{") and '"run.failed"' in line]
+        return error
+
+    @property
     def names(self) -> list[str]:
         return [line["event"] for line in self.lines]
 

@@ -4,7 +4,6 @@ only once committed, keep one history row each, and a failure is completed by a 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -272,9 +271,7 @@ def test_a_revision_that_needs_a_database_to_be_written_out_is_named(db: Db, env
         job = job_env(env, db, WAREHOUSE_SHAPE, project)
         for argv in (("plan", "--sql"), ("lint", "--all")):
             result = run_job(*argv, env=job, cwd=project)
-            logged = [json.loads(line) for line in result.stderr.splitlines() + result.stdout.splitlines()
-                      if line.startswith("{")]
-            (error,) = [line["error"] for line in logged if line["event"] == "run.failed"]
+            error = result.failure
             assert (2, True, "traceback" not in error) == (
                 result.code, error.startswith("revision b004 cannot be written out as SQL"), True), error
         assert 2 != run_job("lint", "--all", env={**job, "MIGRATE_LINT_START_AFTER": "b004"}, cwd=project).code

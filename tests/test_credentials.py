@@ -4,7 +4,6 @@ server with password authentication and TLS, and none of them shows in any outpu
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 import shlex
@@ -17,6 +16,7 @@ from typing import Iterator
 import pytest
 
 from tests.conftest import ROOT, base_env, finish_logged, run_job, scenario, start_logged
+from tests.events import wait_for_event
 from tests.pgcluster import BIN, Cluster
 from tests.tokens import RdsIamGateway, TokenEndpoint
 
@@ -81,15 +81,6 @@ def _shown(result, tmp_path: Path) -> str:
     """Everything the job wrote: stdout, stderr, the termination message."""
     termination = tmp_path / "termination-log"
     return result.stdout + result.stderr + (termination.read_text() if termination.exists() else "")
-
-
-def _failure(result) -> str:
-    """The error of a job that failed, whichever stream its command logs to (`status` keeps stdout
-    for its report)."""
-    failed = [json.loads(line) for line in (result.stdout + result.stderr).splitlines()
-              if line.startswith("{") and '"run.failed"' in line]
-    assert len(failed) == 1, result.stdout + result.stderr
-    return failed[0]["error"]
 
 
 def _rotating_command(role: Role, tmp_path: Path) -> tuple[str, Path]:
@@ -214,9 +205,7 @@ def test_a_kept_password_rotated_before_pg_dump_starts_is_asked_for_again(server
         with holder.cursor() as cur:
             cur.execute("SELECT pg_advisory_lock(%s)", (lock_key_for(role.database, VersionTable()),))
         proc = start_logged(env, out)
-        deadline = time.monotonic() + 30
-        while '"lock.waiting"' not in out.read_text() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for_event(out, "lock.waiting")
         rotated = role.rotate()
         secret.write_text(rotated + "\n")
     finally:
@@ -322,8 +311,8 @@ def test_a_cloud_provider_verifies_the_server_unless_told_otherwise(server: Clus
     finally:
         endpoint.close()
 
-    assert 2 == no_ca.code and "PGSSLROOTCERT" in _failure(no_ca)
-    assert 3 == wrong_ca.code and "certificate verify failed" in _failure(wrong_ca)
+    assert 2 == no_ca.code and "PGSSLROOTCERT" in no_ca.failure
+    assert 3 == wrong_ca.code and "certificate verify failed" in wrong_ca.failure
     assert 0 == told.code, told.stdout + told.stderr
 
 
@@ -372,4 +361,4 @@ def test_a_provider_whose_library_is_missing_is_exit_2_naming_the_extra(server: 
     result = run_job("status", env=env)
 
     assert 2 == result.code
-    assert "pip install 'migrate-job[gcp]'" in _failure(result)
+    assert "pip install 'migrate-job[gcp]'" in result.failure
