@@ -4,7 +4,8 @@ Sets up its own databases on BENCH_DATABASE_URL's server (default: the machine's
 runs each pair alternately on the same data, and prints medians and ratios against the targets.
 It is a measurement, not a test: nothing here passes or fails on machine speed.
 
-    BENCH_RUNS=21 BENCH_BACKUP_MB=120 python bench/bench.py
+    BENCH_RUNS=21 BENCH_BACKUP_MB=120 BENCH_REHEARSAL_MB=1100 python bench/bench.py
+    BENCH_ONLY=backup,rehearsal python bench/bench.py    # some rows only
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ WHEELS = ROOT / ".local" / "wheels"
 ADMIN_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 RUNS = int(os.environ.get("BENCH_RUNS", "15"))
 BACKUP_MB = int(os.environ.get("BENCH_BACKUP_MB", "110"))
+REHEARSAL_MB = int(os.environ.get("BENCH_REHEARSAL_MB", "1100"))
+WATCHED_MB = int(os.environ.get("BENCH_WATCHED_MB", "400"))
 WORK = Path(tempfile.mkdtemp(prefix="migrate-job-bench-"))
 BIN = WORK / "venv" / "bin"  # the job as the image installs it (not the editable development install)
 
@@ -48,7 +51,12 @@ def image_venv() -> None:
 def main() -> int:
     print(f"migrate-job benchmark: {RUNS} runs per side, {os.cpu_count()} cores, {sys.version.split()[0]}")
     image_venv()
-    rows = [*at_head(), revisions_flat(), long_history(), *replicas(), handoff(), *backup()]
+    only = [name for name in os.environ.get("BENCH_ONLY", "").split(",") if name]
+    rows = []
+    for measure in (at_head, revisions_flat, long_history, replicas, handoff, backup, rehearsal, watched):
+        if not only or measure.__name__ in only:
+            measured = measure()
+            rows.extend(measured if isinstance(measured, list) else [measured])
     print()
     print(f"{'work':58} {'measured':>28} {'target':>14}")
     for name, measured, target in rows:
@@ -310,18 +318,7 @@ def backup() -> list[tuple[str, str, str]]:
     pg_dump -Fc to a file, on a database of at least BACKUP_MB; and the job's peak memory."""
     from tests.s3server import Server
 
-    name = new_database()
-    rows = BACKUP_MB * 1024 * 1024 // 140
-    conn = psycopg2.connect(url_of(name))
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(
-            "CREATE TABLE big AS SELECT g AS id, md5(g::text) || md5((g * 7)::text) AS a, "
-            "md5((g * 13)::text) AS b, now() AS t FROM generate_series(1, %s) g", (rows,)
-        )
-        cur.execute("SELECT pg_database_size(current_database())")
-        size = cur.fetchone()[0]
-    conn.close()
+    name, size = big_database(BACKUP_MB)
     ini = ROOT / "alembic.ini"
     env = env_for(name, ini, MIGRATE_BACKUP_KEEP="1")
     # a database the job manages, as users back up: migrated once (so the job knows its version table)
@@ -349,6 +346,118 @@ def backup() -> list[tuple[str, str, str]]:
         ("  the same to a bucket (S3 server on loopback)", f"{med(bucket)/med(bare):.2f}x", "<=1.15x"),
         ("  the job's peak memory backing up to the bucket", f"{max(r for _, r in bucket) / 1024:.1f} MiB", "<100 MiB"),
     ]
+
+
+def big_database(megabytes: int) -> tuple[str, int]:
+    """A new database with one table `big` (a primary key, two text columns, a timestamp) of at
+    least `megabytes`; its name and size in bytes."""
+    name = new_database()
+    conn = psycopg2.connect(url_of(name))
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(
+            "CREATE TABLE big AS SELECT g AS id, md5(g::text) || md5((g * 7)::text) AS a, "
+            "md5((g * 13)::text) AS b, now() AS t FROM generate_series(1, %s) g", (megabytes * 1024 * 1024 // 140,)
+        )
+        cur.execute("ALTER TABLE big ADD PRIMARY KEY (id)")
+        cur.execute("VACUUM ANALYZE big")
+        cur.execute("SELECT pg_database_size(current_database())")
+        size = cur.fetchone()[0]
+    conn.close()
+    return name, size
+
+
+def rehearsal() -> list[tuple[str, str, str]]:
+    """migrate-job rehearse on a database of REHEARSAL_MB (no backup at its revision: the copy is a
+    streamed dump) vs the same by hand: createdb, pg_dump -Fc | pg_restore into it, alembic upgrade
+    head, (for the round trip: alembic downgrade and upgrade again), dropdb. The pending revision
+    builds an index on the big table and adds a column."""
+    name, size = big_database(REHEARSAL_MB)
+    project = WORK / "rehearsal"
+    (project / "versions").mkdir(parents=True)
+    shutil.copy(ROOT / "tests" / "scenarios" / "slow" / "env.py", project / "env.py")
+    copy = f"{name}_by_hand"
+    (project / "alembic.ini").write_text(
+        "[alembic]\nscript_location = %(here)s\nprepend_sys_path = " + str(ROOT) + "\npath_separator = os\n"
+        "sqlalchemy.url = " + url_of(copy).replace("postgresql://", "postgresql+psycopg2://") + "\n"
+    )
+    (project / "versions" / "r1.py").write_text(_revision("r1", None, "SELECT 1"))
+    ini = project / "alembic.ini"
+    env = env_for(name, ini, MIGRATE_BACKUP="off")
+    subprocess.run([BIN / "migrate-job", "run"], env=env, cwd=project, check=True, capture_output=True)
+    (project / "versions" / "r2.py").write_text(
+        '"""index and column"""\nfrom alembic import op\n\nrevision = "r2"\ndown_revision = "r1"\n'
+        "branch_labels = None\ndepends_on = None\n\n\ndef upgrade():\n"
+        '    op.execute("CREATE INDEX big_t ON big (t, id)")\n'
+        '    op.execute("ALTER TABLE big ADD COLUMN flag boolean NOT NULL DEFAULT false")\n\n\n'
+        "def downgrade():\n"
+        '    op.execute("ALTER TABLE big DROP COLUMN flag")\n'
+        '    op.execute("DROP INDEX big_t")\n'
+    )
+    alembic = [str(BIN / "alembic"), "upgrade", "head"]
+
+    def by_hand(round_trip: bool) -> str:
+        steps = [
+            f'createdb "{copy}"',
+            f'pg_dump --format=custom "{url_of(name)}" | pg_restore --single-transaction --exit-on-error '
+            f'--dbname="{url_of(copy)}"',
+            " ".join(alembic),
+            *([f"{BIN / 'alembic'} downgrade r1", " ".join(alembic)] if round_trip else []),
+            f'dropdb "{copy}"',
+        ]
+        return " && ".join(steps)
+
+    runs = max(2, RUNS // 5)
+    samples: dict[str, list[tuple[float, int]]] = {k: [] for k in ("job", "hand", "job-one-way", "hand-one-way")}
+    pg_env = {**env, "PGHOST": "127.0.0.1", "PGUSER": "postgres"}
+    for _ in range(runs):
+        for key, argv, extra in (
+            ("job", [str(BIN / "migrate-job"), "rehearse"], {}),
+            ("hand", ["sh", "-ec", by_hand(True)], {}),
+            ("job-one-way", [str(BIN / "migrate-job"), "rehearse"], {"MIGRATE_REHEARSAL_ROUND_TRIP": "off"}),
+            ("hand-one-way", ["sh", "-ec", by_hand(False)], {}),
+        ):
+            samples[key].append(timed(argv, {**pg_env, **extra}, project))
+    admin(f'DROP DATABASE "{name}" WITH (FORCE)')
+    print(f"rehearsal of a {size / 2**20:.0f} MiB database: migrate-job rehearse {med(samples['job']):.1f} s, by hand "
+          f"{med(samples['hand']):.1f} s; without the round trip {med(samples['job-one-way']):.1f} s and "
+          f"{med(samples['hand-one-way']):.1f} s ({runs} runs each)")
+    return [
+        (f"rehearse vs copy + apply by hand ({size / 2**30:.2f} GiB database)",
+         f"{med(samples['job'])/med(samples['hand']):.2f}x", "<=1.15x"),
+        ("  without the round trip (MIGRATE_REHEARSAL_ROUND_TRIP=off)",
+         f"{med(samples['job-one-way'])/med(samples['hand-one-way']):.2f}x", "<=1.15x"),
+    ]
+
+
+def watched() -> tuple[str, str, str]:
+    """The watchdog's cost: migrate-job run (its watchdog polling pg_stat_activity and the progress
+    views four times a second from its own connection) vs alembic upgrade head, on a revision that
+    builds an index for several seconds on a WATCHED_MB table; downgraded, untimed, between runs."""
+    name, size = big_database(WATCHED_MB)
+    project = WORK / "watched"
+    (project / "versions").mkdir(parents=True)
+    shutil.copy(ROOT / "tests" / "scenarios" / "slow" / "env.py", project / "env.py")
+    (project / "alembic.ini").write_text(
+        "[alembic]\nscript_location = %(here)s\nprepend_sys_path = " + str(ROOT) + "\npath_separator = os\n"
+        "sqlalchemy.url = " + url_of(name).replace("postgresql://", "postgresql+psycopg2://") + "\n"
+    )
+    (project / "versions" / "r1.py").write_text(_revision("r1", None, "SELECT 1"))
+    (project / "versions" / "r2.py").write_text(
+        _revision("r2", "r1", "CREATE INDEX big_a ON big (a)").replace("    pass\n", '    op.execute("DROP INDEX big_a")\n'))
+    env = env_for(name, project / "alembic.ini", MIGRATE_BACKUP="off", MIGRATE_PROGRESS_INTERVAL="1")
+    alembic = str(BIN / "alembic")
+    subprocess.run([alembic, "upgrade", "r1"], env=env, cwd=project, check=True, capture_output=True)
+    job, bare = [], []
+    for _ in range(max(3, RUNS // 3)):
+        for argv, samples in (([str(BIN / "migrate-job"), "run"], job), ([alembic, "upgrade", "head"], bare)):
+            samples.append(timed(argv, env, project))
+            subprocess.run([alembic, "downgrade", "r1"], env=env, cwd=project, check=True, capture_output=True)
+    admin(f'DROP DATABASE "{name}" WITH (FORCE)')
+    print(f"an index build on a {size / 2**20:.0f} MiB database: migrate-job run {med(job):.2f} s "
+          f"(watchdog, progress every 1 s), alembic upgrade head {med(bare):.2f} s ({len(job)} runs each)")
+    return (f"run vs alembic upgrade head, a {med(bare):.0f} s index build (watchdog on)",
+            f"{med(job)/med(bare):.3f}x", "<=1.02x")
 
 
 if __name__ == "__main__":
