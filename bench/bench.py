@@ -53,7 +53,7 @@ def main() -> int:
     image_venv()
     only = [name for name in os.environ.get("BENCH_ONLY", "").split(",") if name]
     rows = []
-    for measure in (at_head, revisions_flat, long_history, replicas, handoff, backup, rehearsal, watched):
+    for measure in (at_head, revisions_flat, long_history, replicas, handoff, backup, rehearsal, watched, drift_check):
         if not only or measure.__name__ in only:
             measured = measure()
             rows.extend(measured if isinstance(measured, list) else [measured])
@@ -458,6 +458,61 @@ def watched() -> tuple[str, str, str]:
           f"(watchdog, progress every 1 s), alembic upgrade head {med(bare):.2f} s ({len(job)} runs each)")
     return (f"run vs alembic upgrade head, a {med(bare):.0f} s index build (watchdog on)",
             f"{med(job)/med(bare):.3f}x", "<=1.02x")
+
+
+def drift_check(tables: int = 300) -> list[tuple[str, str, str]]:
+    """On a schema of `tables` tables (each with a primary key, an index, a foreign key and four
+    columns), migrated by the job: what the drift check at the start of a run with work costs (the
+    live schema against the recorded one, and the applied revisions' files, in this process on the
+    job's own code), and `migrate-job drift` (recorded schema, models and files) as a process."""
+    from job import config, drift, integrity, migrate, plan
+    from job.project import version_table_of
+
+    name = new_database()
+    project = WORK / "drift"
+    (project / "versions").mkdir(parents=True)
+    models = ["from sqlalchemy import Column, ForeignKey, Index, Integer, MetaData, Table, Text, DateTime",
+              "metadata = MetaData()", "parent = Table('parent', metadata, Column('id', Integer, primary_key=True))"]
+    ddl = ["CREATE TABLE parent (id serial PRIMARY KEY)"]
+    for i in range(tables - 1):
+        models.append(f"Table('t{i:03d}', metadata, Column('id', Integer, primary_key=True), Column('name', Text, "
+                      f"nullable=False), Column('parent_id', Integer, ForeignKey('parent.id')), Column('at', "
+                      f"DateTime(timezone=True)), Index('ix_t{i:03d}_name', 'name'))")
+        ddl.append(f"CREATE TABLE t{i:03d} (id serial PRIMARY KEY, name text NOT NULL, parent_id int REFERENCES "
+                   f"parent (id), at timestamptz); CREATE INDEX ix_t{i:03d}_name ON t{i:03d} (name)")
+    (project / "bench_models.py").write_text("\n".join(models) + "\n")
+    env_py = (ROOT / "tests" / "scenarios" / "drift" / "env.py").read_text().replace("drift_models", "bench_models")
+    (project / "env.py").write_text(env_py)
+    (project / "alembic.ini").write_text("[alembic]\nscript_location = %(here)s\nprepend_sys_path = %(here)s\n"
+                                         "path_separator = os\n")
+    (project / "versions" / "r1.py").write_text(_revision("r1", None, "; ".join(ddl)))
+    env = env_for(name, project / "alembic.ini", MIGRATE_BACKUP="off")
+    subprocess.run([BIN / "migrate-job", "run"], env=env, cwd=project, check=True, capture_output=True)
+    (project / "versions" / "r2.py").write_text(_revision("r2", "r1", "SELECT 1"))
+
+    sys.path.insert(0, str(project))
+    settings = config.load(env, {}, need_database=True)
+    conn = psycopg2.connect(url_of(name))
+    with migrate.project_of(settings, conn) as alembic_project:
+        version_table = version_table_of(settings, conn, alembic_project)
+        current = plan.current_revisions(conn, version_table)
+        objects = len(drift.live(settings, conn, version_table))
+        checks = []
+        for _ in range(max(5, RUNS)):
+            started = time.perf_counter()
+            drift.against_recorded(settings, conn, version_table, current)
+            integrity.changed(settings, conn, alembic_project, version_table, current, record_first_seen=False)
+            checks.append(time.perf_counter() - started)
+    conn.close()
+    runs = [timed([str(BIN / "migrate-job"), "drift"], env, project) for _ in range(max(3, RUNS // 3))]
+    admin(f'DROP DATABASE "{name}" WITH (FORCE)')
+    print(f"drift on {tables} tables ({objects} objects): the check at a run's start {statistics.median(checks)*1000:.1f} ms "
+          f"median ({len(checks)} runs), migrate-job drift {med(runs):.2f} s ({len(runs)} runs)")
+    return [
+        (f"drift check at the start of a run with work, {tables} tables", f"{statistics.median(checks)*1000:.1f} ms",
+         "<=50 ms"),
+        (f"  migrate-job drift, {tables} tables (recorded, models, files)", f"{med(runs):.2f} s", "<=2 s"),
+    ]
 
 
 if __name__ == "__main__":

@@ -64,6 +64,15 @@ def parser() -> argparse.ArgumentParser:
     rehearse = verbs.add_parser("rehearse", parents=[common],
                                 help="apply the pending revisions to a throwaway copy and report what each did")
     rehearse.add_argument("--format", choices=("text", "json"), default="text")
+    drift = verbs.add_parser("drift", parents=[common], help="compare the database with the schema the job recorded, "
+                             "the models and the applied revisions' files; exit 9 on drift (read-only)")
+    drift.add_argument("--format", choices=("text", "json"), default="text")
+    accept = verbs.add_parser("accept", parents=[common],
+                              help="record an edited applied revision, or the live schema, as meant (who, when, why)")
+    accept.add_argument("revisions", metavar="REVISION", nargs="*",
+                        help="applied revisions whose changed files to accept (none: every changed one)")
+    accept.add_argument("--schema", action="store_true", help="record the live schema as the one expected at its revision")
+    accept.add_argument("--reason", required=True, help="why the change is meant (recorded)")
     verbs.add_parser("manifest", parents=[common],
                      help="record the script heads so start-ups at head skip loading Alembic (run at image build)")
     return top
@@ -142,6 +151,25 @@ def cmd_rehearse(settings: config.Settings, args: argparse.Namespace) -> tuple[s
     return "rehearsed", 0
 
 
+def cmd_drift(settings: config.Settings, args: argparse.Namespace) -> tuple[str, int]:
+    from job import drift
+
+    report = drift.drift(settings)
+    if args.format == "json":
+        _out(json.dumps(report._asdict()))
+    elif sys.stdout.isatty():
+        _out(text.drift(report))
+    drift.check_report(report)
+    return "no-drift", 0
+
+
+def cmd_accept(settings: config.Settings, args: argparse.Namespace) -> tuple[str, int]:
+    from job import drift
+
+    drift.accept(settings, args.revisions, args.reason, args.schema)
+    return "accepted", 0
+
+
 def cmd_manifest(settings: config.Settings, args: argparse.Namespace) -> tuple[str, int]:
     path = commands.write_manifest(settings)
     log.info("manifest.written", path=str(path))
@@ -159,6 +187,8 @@ COMMANDS: dict[str, Callable[[config.Settings, argparse.Namespace], tuple[str, i
     "downgrade": cmd_downgrade,
     "lint": cmd_lint,
     "rehearse": cmd_rehearse,
+    "drift": cmd_drift,
+    "accept": cmd_accept,
     "manifest": cmd_manifest,
 }
 # commands whose product is on stdout: their logs go to stderr

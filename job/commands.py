@@ -49,6 +49,9 @@ def check(settings: Settings, block: bool = False) -> plan.Plan:
                     the_plan = alembic_plan(settings, conn, alembic)
                 if not block or not the_plan.pending or time.monotonic() >= deadline:
                     plan.log_ahead(the_plan)
+                    if not the_plan.pending:
+                        _drift_at_target(settings, conn, known.version_table if known else alembic.version_table(),
+                                         the_plan.current)
                     return the_plan
                 log.info("check.waiting", current=list(the_plan.current), pending=len(the_plan.pending))
                 if lock.free_slots(conn) < lock.ROOM:
@@ -58,6 +61,14 @@ def check(settings: Settings, block: bool = False) -> plan.Plan:
                 pause = min(1.0, max(deadline - time.monotonic(), 0.0))
                 lock.sleep_or_notified(conn, pause) if listening else time.sleep(pause)
         time.sleep(min(random.uniform(0.5, 2.0), max(deadline - time.monotonic(), 0.0)))
+
+
+def _drift_at_target(settings: Settings, conn: Any, version_table: plan.VersionTable,
+                     current: tuple[str, ...]) -> None:
+    """At the target, the schema against the one the job recorded (schema.drift; exit 9 with MIGRATE_ON_DRIFT=refuse)."""
+    from job import drift
+
+    drift.refuse_drift(settings, drift.at_target(settings, conn, version_table, current), "the application")
 
 
 def _listen(conn: Any, channel: str) -> bool:
@@ -125,11 +136,15 @@ class Status(NamedTuple):
     history: list[dict[str, Any]]
     # a multidb env.py's other databases: section, current
     databases: list[dict[str, Any]]
+    # the objects that differ from the schema the job recorded for the current revisions (job.drift),
+    # and when that was recorded (None: nothing was)
+    drift: list[dict[str, Any]]
+    schema_recorded_at: str | None
 
 
 def status(settings: Settings) -> Status:
-    """Revisions, pending work, the lock's holder, the newest backups and the last runs."""
-    from job import migrate
+    """Revisions, pending work, the lock's holder, the newest backups, the last runs and drift."""
+    from job import drift, migrate
 
     with connected(settings, primary=False) as conn, migrate.project_of(settings, conn) as project:
         name = db.database_name(conn)
@@ -143,6 +158,8 @@ def status(settings: Settings) -> Status:
             heads, pending, ahead, problem = list(project.heads()), None, None, str(e)
         holder = lock.holder(conn, key)
         newest, backups_problem = _newest_backups(settings, name)
+        found, recorded_at = drift.against_recorded(settings, conn, version_table, current)
+        drift.report_schema(settings, found, recorded_at, when="status")
         return Status(
             database=name, version_table=str(version_table), current=list(current), target=settings.target,
             heads=heads, pending_count=None if pending is None else len(pending), pending=pending, ahead=ahead,
@@ -151,6 +168,7 @@ def status(settings: Settings) -> Status:
             history=history.recent(conn, tables.of(settings.history_table)),
             databases=[{"section": section, "current": list(current)}
                        for section, current in others_current(settings, version_table)],
+            drift=[f.as_dict() for f in found], schema_recorded_at=recorded_at,
         )
 
 
@@ -231,7 +249,7 @@ def restore(settings: Settings, name: str, force: bool = False) -> tuple[list[st
 
 def downgrade(settings: Settings, target: str) -> str:
     """Back up, then downgrade to `target` one revision per transaction, under the lock."""
-    from job import backup, migrate
+    from job import backup, drift, migrate
 
     with connected(settings) as conn, lock.locked(settings, conn), lock.other_databases(settings, conn) as others, \
             migrate.project_of(settings, conn) as project:
@@ -253,6 +271,7 @@ def downgrade(settings: Settings, target: str) -> str:
             migrate.apply_steps(settings, conn, project, steps, absolute, "downgrade", record, version_table,
                                 rows_within=not others, recovery=taken.recovery())
             migrate.verify(settings, conn, project, version_table, undone=steps, others=others)
+            drift.after_migrating(settings, conn, project, version_table, (), "downgraded")
             backup.succeeded(settings, taken)
             record.outcome = "downgraded"
             return "downgraded"

@@ -262,6 +262,11 @@ class Settings(NamedTuple):
     termination_log: str | None
     lint_allow: str | None
     lint_start_after: str | None
+    # job.drift: what an applied revision's edited file, and a schema that is not the one the job
+    # left, do to a run (warn or refuse: exit 9); objects other tools own, never drift
+    on_changed_revision: str
+    on_drift: str
+    drift_exclude: tuple[str, ...]
     # names our sessions in pg_stat_activity: the pod's hostname
     application_name: str
     # a multidb env.py: the alembic.ini sections it reads its engines' URLs from, and the database
@@ -613,6 +618,10 @@ def _x_args(value: str | list[str], name: str) -> tuple[str, ...]:
         raise ConfigError(f"{name}={value!r}: {e} (space-separated KEY=VALUE; quote a value with spaces)") from None
 
 
+def _patterns(value: str) -> tuple[str, ...]:
+    return tuple(p for p in value.replace(",", " ").split() if p)
+
+
 def _section(value: str, name: str) -> str:
     if not value.strip() or any(c in value for c in "[]\n"):
         raise ConfigError(f"{name}={value!r} is not an ini section name")
@@ -627,8 +636,8 @@ def _history(value: str, name: str) -> str | None:
     if schema:
         _identifier(schema, name)
     _identifier(table, name)
-    if len(table) > 63 - len("_lineage"):
-        raise ConfigError(f"{name}={value!r}: the name must leave room for the _lineage beside it (55 characters)")
+    if len(table) > 63 - len("_revisions"):
+        raise ConfigError(f"{name}={value!r}: the name must leave room for the _revisions beside it (53 characters)")
     return value
 
 
@@ -698,6 +707,15 @@ OPTIONS: tuple[Option, ...] = (
            "lint findings accepted on purpose: rule or revision:rule, comma-separated"),
     Option("lint_start_after", "--lint-start-after", "MIGRATE_LINT_START_AFTER", _text, None,
            "lint only the revisions after this one (history up to it already ran in production)"),
+    Option("on_changed_revision", "--on-changed-revision", "MIGRATE_ON_CHANGED_REVISION", _one_of("warn", "refuse"),
+           "warn", "an applied revision whose file changed since: warn (revision.changed), or refuse (exit 9) until "
+           "`migrate-job accept` records the change", ("warn", "refuse")),
+    Option("on_drift", "--on-drift", "MIGRATE_ON_DRIFT", _one_of("warn", "refuse"), "warn",
+           "a schema that differs from the one the job recorded for its revision: warn (schema.drift), or refuse "
+           "(exit 9) before any revision runs", ("warn", "refuse")),
+    Option("drift_exclude", "--drift-exclude", "MIGRATE_DRIFT_EXCLUDE", lambda value, _name: _patterns(value), (),
+           "objects never reported as drift: shell-style patterns of names (schema.table, schema.table.column), "
+           "comma- or space-separated"),
     Option("log_format", "--log-format", "MIGRATE_LOG_FORMAT", None, None, "json, or console (the default on a TTY)",
            ("json", "console")),
     Option("log_level", "--log-level", "MIGRATE_LOG_LEVEL", None, "info", "debug, info, warning or error",

@@ -66,10 +66,19 @@ class Pending(JobError):
     exit_code = 8
 
 
-class LintFindings(JobError):
-    """`lint` found unsafe operations in the revisions' SQL that no allow-list entry accepts."""
+class Drift(JobError):
+    """The database differs from what the code says: an applied revision's file was edited, the
+    schema was changed by hand, or the models and the database disagree (job.drift), where
+    refusing was asked for; and `drift` finding any."""
 
     exit_code = 9
+
+
+class LintFindings(JobError):
+    """`lint` found unsafe operations in the revisions' SQL that no allow-list entry accepts (10:
+    the contract gives 9 to drift)."""
+
+    exit_code = 10
 
 
 class Interrupted(BaseException):

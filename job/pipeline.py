@@ -1,4 +1,4 @@
-"""`run`, the pipeline: wait → lock → plan → backup → upgrade → verify, each step a call into its
+"""`run`, the pipeline: wait → lock → plan → drift → backup → upgrade → verify, each step a call into its
 own module. Only the CLI imports this module, and the rehearsal (job.rehearse), which runs it on a
 copy of the database; the other commands (job.commands) share the steps, not the pipeline."""
 
@@ -34,10 +34,11 @@ def run_once(settings: Settings, started: float) -> str:
             if held.settled:
                 plan.log_plan(held.settled)
                 return "up-to-date"
-            from job import backup, migrate  # (only when there is work: at head a run loads neither)
+            from job import backup, drift, migrate  # (only when there is work: at head a run loads none)
 
             project, version_table = alembic.project(), alembic.version_table()
             the_plan = migrate.plan_run(settings, conn, project, version_table, others, scripts, known)
+            drift.before_migrating(settings, conn, project, version_table, the_plan)
             if not the_plan.pending and settings.backup != "always":
                 return "up-to-date"
             with history.of(settings, conn).run("run") as record:
@@ -46,6 +47,8 @@ def run_once(settings: Settings, started: float) -> str:
                     migrate.apply_steps(settings, conn, project, list(the_plan.pending), settings.target, "upgrade",
                                         record, version_table, rows_within=not others, recovery=taken.recovery())
                     migrate.verify(settings, conn, project, version_table, others=others)
+                    drift.after_migrating(settings, conn, project, version_table,
+                                          [step.revision for step in the_plan.pending], "migrated")
                 backup.succeeded(settings, taken)
                 record.outcome = "migrated" if the_plan.pending else "up-to-date"
                 return record.outcome

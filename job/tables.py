@@ -1,5 +1,6 @@
-"""The job's own tables: the run history, what runs learned of the scripts (`_heads`) and the
-revision graph (`_lineage`). They live in a schema of the job's own, `migrate_job`, where the
+"""The job's own tables: the run history, what runs learned of the scripts (`_heads`), the
+revision graph (`_lineage`), what each applied revision's file held (`_revisions`) and the schema
+each run left (`_schema`, both job.drift). They live in a schema of the job's own, `migrate_job`, where the
 project's schema tooling never looks: Alembic's autogenerate and `alembic check` compare the
 default schema only (unless env.py asks for `include_schemas`), so they propose nothing about
 them and need no env.py edit. `MIGRATE_HISTORY_TABLE=schema.name` puts them elsewhere.
@@ -26,8 +27,10 @@ COLUMNS = {
     "history": {"run_id", "kind", "started_at", "outcome", "host"},
     "heads": {"scripts", "heads", "version_table", "seal"},
     "lineage": {"version_table", "revision", "down_revisions", "description"},
+    "revisions": {"version_table", "revision", "code_sha256", "file_sha256", "accepted_reason"},
+    "schema": {"version_table", "revisions", "fingerprint", "objects"},
 }
-SUFFIXES = {"history": "", "heads": "_heads", "lineage": "_lineage"}
+SUFFIXES = {"history": "", "heads": "_heads", "lineage": "_lineage", "revisions": "_revisions", "schema": "_schema"}
 
 
 class Table(NamedTuple):

@@ -37,7 +37,32 @@ def status(report: Status) -> str:
         "history:" + ("  none" if not report.history else ""),
         *(f"  {h['started_at'][:19]}  {h['command']:<9} {h['outcome'] or 'no outcome (killed?)':<12} "
           f"{(h['seconds'] or 0):.1f} s  {h['host']}  {h['revisions'] or ''}" for h in report.history),
+        "schema:   " + ("nothing recorded for this revision yet" if report.schema_recorded_at is None else
+                        f"as recorded {report.schema_recorded_at[:19]}" if not report.drift else
+                        f"{len(report.drift)} objects differ from the schema recorded {report.schema_recorded_at[:19]}"),
+        *differences(report.drift),
     ])
+
+
+def differences(found: list[dict[str, Any]]) -> list[str]:
+    """Drift (job.drift.Found), a line each: against what, the object, expected and found."""
+    return [f"  {f['against']:<9} {f['kind']:<16} {f['object']}  expected: {_or_absent(f['expected'])}  "
+            f"found: {_or_absent(f['found'])}" for f in found]
+
+
+def drift(report: Any) -> str:
+    """`drift`'s report (job.drift.Report): the differences, then the operations that reconcile the models."""
+    lines = [f"database {report.database} at {', '.join(report.current) or 'base'}: "
+             f"{len(report.differences) or 'no'} difference{'' if len(report.differences) == 1 else 's'}",
+             "recorded schema: " + (report.recorded_at[:19] if report.recorded_at else "none recorded for this revision"),
+             f"models: {report.models}", *differences(report.differences)]
+    if report.operations:
+        lines += ["", "Alembic operations that would bring the database to the models:", report.operations.strip()]
+    return "\n".join(lines)
+
+
+def _or_absent(value: str | None) -> str:
+    return "(absent)" if value is None else value
 
 
 def rehearsal(report: Any) -> str:

@@ -252,7 +252,7 @@ def test_lint_flags_the_shape_in_new_revisions_only(env: dict[str, str], tmp_pat
     flagged = run_job("lint", "--all", env=lint_env, cwd=project)
     since = run_job("lint", "--all", env={**lint_env, "MIGRATE_LINT_START_AFTER": "b004"}, cwd=project)
 
-    assert (9, [("b004", "nonatomic-revision")]) == (flagged.code, [
+    assert (10, [("b004", "nonatomic-revision")]) == (flagged.code, [
         (f["revision"], f["rule"]) for f in flagged.events("lint.finding") if f["rule"] == "nonatomic-revision"])
     assert {f["revision"] for f in since.events("lint.finding")} <= {"b005"}
     assert 1 == since.event("lint.done")["revisions"]

@@ -17,7 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.conftest import ROOT, Db, Result
+from tests.conftest import ROOT, Db, Result, base_env, run_job
 
 CHART = ROOT / "deploy" / "helm" / "migrate-job"
 K8S = ROOT / "deploy" / "k8s"
@@ -462,6 +462,7 @@ VALUE_SETS = {
                       "migration": {"rehearse": True}},
     "cloud-iam-ca": {"database": {**NO_PASSWORD_URL, "auth": {"provider": "azure-entra"},
                                   "tls": {"caConfigMap": "ca"}}},
+    "drift-cronjob": {"drift": {"enabled": True, "exclude": "public.pgboss_*"}},
 }
 
 
@@ -512,7 +513,8 @@ def test_kustomizations_list_files_that_exist() -> None:
 # --- pods, simulated -------------------------------------------------------------------------
 
 def _pod_specs(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [d["spec"]["template"]["spec"] for d in docs if d["kind"] in ("Job", "Deployment")]
+    return [d["spec"]["template"]["spec"] for d in docs if d["kind"] in ("Job", "Deployment")] + [
+        d["spec"]["jobTemplate"]["spec"]["template"]["spec"] for d in docs if d["kind"] == "CronJob"]
 
 
 def _containers(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -584,6 +586,33 @@ def test_hook_job_pods_migrate_once_and_the_app_pods_then_start(db: Db, tmp_path
     (init,) = one(docs, "Deployment")["spec"]["template"]["spec"]["initContainers"]
     argv, env = _pod_command(init, docs, secrets, {})
     assert [0, 0] == [r.code for r in _run_pods(argv, env, copies=2)]
+
+
+def test_the_drift_cronjob_runs_drift_read_only_and_fails_on_a_hand_made_change(db: Db, tmp_path: Path) -> None:
+    """drift.enabled: a CronJob whose container runs `drift` with the same image, Secret and
+    excludes, no backups mounted; played against the example's database it exits 0, then 9 with
+    the difference in its termination message once the schema is changed by hand."""
+    assert "CronJob" not in kinds(render())
+    docs = render({"database": {"existingSecret": "blog-db"}, "drift": {"enabled": True, "exclude": "public.pgboss_*"}})
+    cron = one(docs, "CronJob")
+    assert ("17 6 * * *", "Forbid") == (cron["spec"]["schedule"], cron["spec"]["concurrencyPolicy"])
+    (container,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    assert ["drift"] == container["args"] and "/backups" not in _mounts(container).values()
+    assert "public.pgboss_*" == env_of(container)["MIGRATE_DRIFT_EXCLUDE"]
+    secrets = {"blog-db": {"DATABASE_URL": db.url}}
+    assert 0 == run_job("run", env=base_env(DATABASE_URL=db.url, MIGRATE_BACKUP="off",
+                                            MIGRATE_TERMINATION_LOG=str(tmp_path / "migrated"))).code
+    argv, env = _pod_command(container, docs, secrets, {})
+    env["MIGRATE_TERMINATION_LOG"] = str(tmp_path / "termination-log")
+
+    (clean,) = _run_pods(argv, env, copies=1)
+    db.query("CREATE TABLE pgboss_jobs (id int); CREATE INDEX hotfix ON posts (title)")
+    (drifted,) = _run_pods(argv, env, copies=1)
+
+    assert 0 == clean.code, clean.stdout[-600:]
+    assert 9 == drifted.code
+    assert {"public.hotfix"} == {e["object"] for e in drifted.events("drift.difference")}
+    assert "failed (exit 9): drift: index public.hotfix" in (tmp_path / "termination-log").read_text()
 
 
 def test_init_container_pods_migrate_once(db: Db, tmp_path: Path) -> None:

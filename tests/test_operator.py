@@ -202,7 +202,8 @@ def test_downgrade_to_base_and_back_up_with_data(db: Db, env: dict[str, str]) ->
     assert ["0006", "0005", "0004", "0003", "0002", "0001"] == [
         e["revision"] for e in down.events("migration.done") if e["direction"] == "downgrade"]
     assert [] == db.version()
-    assert ({"alembic_version"}, {"migrate_job_history", "migrate_job_history_heads", "migrate_job_history_lineage"}) == (
+    assert ({"alembic_version"}, {"migrate_job_history", "migrate_job_history_heads", "migrate_job_history_lineage",
+                                  "migrate_job_history_revisions", "migrate_job_history_schema"}) == (
         db.tables(), db.tables("migrate_job"))
     dump = down.event("backup.done")["path"]
     restored = create_database(db.admin_url, prefix="restored")
@@ -304,7 +305,7 @@ def test_lint_flags_an_unsafe_pending_revision(db: Db, env: dict[str, str]) -> N
 
     result = run_job("lint", env=lint_env)
 
-    assert 9 == result.code
+    assert 10 == result.code
     found = {(f["revision"], f["rule"]) for f in result.events("lint.finding")}
     assert {("l003", "require-concurrent-index-creation"), ("l003", "adding-required-field")} <= found
     assert {"l003"} == {revision for revision, _ in found}

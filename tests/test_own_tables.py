@@ -13,7 +13,8 @@ import pytest
 from tests.conftest import ROOT, Db, run_job
 from tests.test_projects import ALEMBIC
 
-OWN = {"migrate_job_history", "migrate_job_history_heads", "migrate_job_history_lineage"}
+OWN = {"migrate_job_history", "migrate_job_history_heads", "migrate_job_history_lineage", "migrate_job_history_revisions",
+       "migrate_job_history_schema"}
 
 
 def bare_alembic(*args: str, db: Db) -> subprocess.CompletedProcess:

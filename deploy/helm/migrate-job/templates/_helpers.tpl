@@ -182,9 +182,12 @@ imagePullSecrets:
 {{- with .root.Values.migration.extraEnv }}
 {{ toYaml . }}
 {{- end }}
+{{- with .env }}
+{{ toYaml . }}
+{{- end }}
 {{- end -}}
 
-{{/* A migrate-job container: name, args, wait timeout, and whether it mounts the backups */}}
+{{/* A migrate-job container: name, args, wait timeout, whether it mounts the backups, and env (more variables) */}}
 {{- define "migrate-job.container" -}}
 - name: {{ .name }}
   image: {{ include "migrate-job.image" .root }}
