@@ -493,6 +493,7 @@ def drift_check(tables: int = 300) -> list[tuple[str, str, str]]:
     sys.path.insert(0, str(project))
     settings = config.load(env, {}, need_database=True)
     conn = psycopg2.connect(url_of(name))
+    conn.autocommit = True  # (as the job's own session is)
     with migrate.project_of(settings, conn) as alembic_project:
         version_table = version_table_of(settings, conn, alembic_project)
         current = plan.current_revisions(conn, version_table)
@@ -503,14 +504,21 @@ def drift_check(tables: int = 300) -> list[tuple[str, str, str]]:
             drift.against_recorded(settings, conn, version_table, current)
             integrity.changed(settings, conn, alembic_project, version_table, current, record_first_seen=False)
             checks.append(time.perf_counter() - started)
+        records = []
+        for _ in range(5):
+            started = time.perf_counter()
+            drift.record_schema(settings, conn, version_table, "migrated")
+            records.append(time.perf_counter() - started)
     conn.close()
     runs = [timed([str(BIN / "migrate-job"), "drift"], env, project) for _ in range(max(3, RUNS // 3))]
     admin(f'DROP DATABASE "{name}" WITH (FORCE)')
     print(f"drift on {tables} tables ({objects} objects): the check at a run's start {statistics.median(checks)*1000:.1f} ms "
-          f"median ({len(checks)} runs), migrate-job drift {med(runs):.2f} s ({len(runs)} runs)")
+          f"median ({len(checks)} runs), recording the schema after it {statistics.median(records)*1000:.1f} ms, "
+          f"migrate-job drift {med(runs):.2f} s ({len(runs)} runs)")
     return [
         (f"drift check at the start of a run with work, {tables} tables", f"{statistics.median(checks)*1000:.1f} ms",
          "<=50 ms"),
+        ("  recording the schema a run left (after its last revision)", f"{statistics.median(records)*1000:.1f} ms", ""),
         (f"  migrate-job drift, {tables} tables (recorded, models, files)", f"{med(runs):.2f} s", "<=2 s"),
     ]
 

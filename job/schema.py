@@ -36,10 +36,12 @@ rel AS (
     FROM pg_class c JOIN ns n ON n.oid = c.relnamespace
     WHERE c.oid NOT IN (SELECT objid FROM extension_owned WHERE classid = 'pg_class'::regclass)
       AND c.oid NOT IN (SELECT oid FROM excluded)
-      -- a sequence that belongs to an excluded table, or to an identity column (the column says it)
+      -- what belongs to an excluded table (its sequences), or a sequence of an identity column (the
+      -- column says it). (Neither subquery refers to c: each is read once, not once per relation.)
       AND c.oid NOT IN (SELECT d.objid FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
-                        AND (d.refobjid IN (SELECT oid FROM excluded)
-                             OR d.deptype = 'i' AND d.refobjsubid > 0 AND c.relkind = 'S'))
+                        AND d.refobjid IN (SELECT oid FROM excluded))
+      AND NOT (c.relkind = 'S' AND c.oid IN (SELECT d.objid FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                                             AND d.deptype = 'i' AND d.refobjsubid > 0))
 )
 SELECT 'schema', quote_ident(nspname), '' FROM ns
 UNION ALL
