@@ -24,6 +24,7 @@ import fnmatch
 import json
 from typing import Any, Iterable, NamedTuple
 
+import psycopg2
 from psycopg2 import sql
 
 from job import db, integrity, logs, plan, schema, tables
@@ -92,9 +93,26 @@ class Report(NamedTuple):
 
 # --- the schema the job left ---------------------------------------------------------------------
 
+# how long reading the schema waits for a table another session holds ACCESS EXCLUSIVE (the
+# check then gives up, saying so: it never holds up or fails a run)
+READ_LOCK_TIMEOUT = 1.0
+
+
+class Unreadable(Exception):
+    """The schema could not be read in time (a table held ACCESS EXCLUSIVE by another session)."""
+
+
 def live(settings: Settings, conn: Any, version_table: Any) -> schema.Snapshot:
-    """The live schema, the job's own tables and the version table left out."""
-    return schema.snapshot(conn, *schema.excluded_by_job(conn, tables.of(settings.history_table), version_table))
+    """The live schema, the job's own tables and the version table left out; Unreadable when
+    another session's lock kept a table from being read within READ_LOCK_TIMEOUT."""
+    try:
+        return schema.snapshot(conn, *schema.excluded_by_job(conn, tables.of(settings.history_table), version_table),
+                               lock_timeout=READ_LOCK_TIMEOUT)
+    except psycopg2.Error as e:
+        db.raise_if_signalled()
+        if db.sqlstate(e) != db.LOCK_NOT_AVAILABLE:
+            raise
+        raise Unreadable(first_line(e)) from None
 
 
 def record_schema(settings: Settings, conn: Any, version_table: Any, how: str, by: str | None = None,
@@ -103,7 +121,11 @@ def record_schema(settings: Settings, conn: Any, version_table: Any, how: str, b
     own = tables.of(settings.history_table)
     if own is None:
         return
-    objects = live(settings, conn, version_table)
+    try:
+        objects = live(settings, conn, version_table)
+    except Unreadable as e:
+        log.warning("schema.not_recorded", error=str(e))
+        return
     current = sorted(plan.current_revisions(conn, version_table))
 
     def write(cur: Any) -> None:
@@ -133,7 +155,12 @@ def against_recorded(settings: Settings, conn: Any, version_table: Any,
     if row is None:
         return [], None
     fingerprint, recorded_at = row
-    now = live(settings, conn, version_table)
+    try:
+        now = live(settings, conn, version_table)
+    except Unreadable as e:
+        log.warning("schema.unchecked", error=str(e), recorded_at=recorded_at,
+                    reason="another session holds a table: the schema was not compared this time")
+        return [], recorded_at
     if schema.fingerprint(now) == fingerprint:
         return [], recorded_at
     with conn.cursor() as cur:

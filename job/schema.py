@@ -158,9 +158,12 @@ class Difference(NamedTuple):
         return f"{self.kind} {self.object} is {self.found!r}, expected {self.expected!r}"
 
 
-def snapshot(conn: Any, excluded_tables: Iterable[str] = (), excluded_schemas: Iterable[str] = ()) -> Snapshot:
+def snapshot(conn: Any, excluded_tables: Iterable[str] = (), excluded_schemas: Iterable[str] = (),
+             lock_timeout: float | None = None) -> Snapshot:
     """The schema of the database `conn` (psycopg2) is on, leaving out `excluded_tables` (names as
-    SQL would write them) and `excluded_schemas`."""
+    SQL would write them) and `excluded_schemas`. (Printing a default or a view's definition opens
+    its table: with `lock_timeout`, a table another session holds ACCESS EXCLUSIVE is waited for
+    that long at most, then the read fails with lock_not_available.)"""
     with conn.cursor() as cur:
         # (named on the session's search path, as Alembic and the job name them)
         cur.execute("SELECT coalesce(array_agg(to_regclass(t)::oid) FILTER (WHERE to_regclass(t) IS NOT NULL), '{}') "
@@ -169,6 +172,8 @@ def snapshot(conn: Any, excluded_tables: Iterable[str] = (), excluded_schemas: I
         # (with the catalog alone on the search path, every name PostgreSQL prints is schema-qualified:
         # the same definitions whatever search path the session was given)
         cur.execute("BEGIN READ ONLY; SET LOCAL search_path = pg_catalog")
+        if lock_timeout is not None:
+            cur.execute("SELECT set_config('lock_timeout', %s, true)", (f"{max(int(lock_timeout * 1000), 1)}ms",))
         try:
             cur.execute(SNAPSHOT_SQL, {"excluded": excluded, "excluded_schemas": list(excluded_schemas)})
             rows = cur.fetchall()

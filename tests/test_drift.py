@@ -229,3 +229,24 @@ def test_drift_without_models_or_a_record_says_what_it_could_not_compare(db: Db,
     code, report = drift_of(lint_env)
     assert (0, None) == (code, report["recorded_at"])
     assert "no target_metadata" in report["models"]
+
+
+def test_a_table_another_session_holds_never_stops_the_check_or_the_run(db: Db, denv: dict[str, str]) -> None:
+    """Printing a column default opens its table: while another session holds one ACCESS
+    EXCLUSIVE, the comparison before the revisions and the record after them give up (each says
+    so) after a second, and the run goes on as it would without them."""
+    assert 0 == run_job("run", env={**denv, "MIGRATE_TARGET": "d002"}).code
+    blocker = db.connect()
+    blocker.autocommit = False
+    try:
+        with blocker.cursor() as cur:
+            cur.execute("LOCK TABLE authors IN ACCESS EXCLUSIVE MODE")
+        result = run_job("run", env={**denv, "MIGRATE_ON_DRIFT": "refuse"})
+    finally:
+        blocker.rollback()
+        blocker.close()
+
+    assert 0 == result.code, result.failure
+    assert "lock timeout" in result.event("schema.unchecked")["error"]
+    assert "lock timeout" in result.event("schema.not_recorded")["error"]
+    assert ["d003"] == db.version()
