@@ -1,18 +1,22 @@
 """What a pg_dump archive holds, read as a stream: `pg_restore --list` reads its table of contents
-while we hash its bytes, in one pass, wherever the bytes come from (a file, a bucket)."""
+while we hash its bytes, in one pass, wherever the bytes come from (pg_dump, a file, a bucket).
+The bytes stored are compressed as job.compression says; pg_restore reads them decompressed."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import re
 import subprocess
 import tempfile
 import threading
-from typing import IO, Iterable, Mapping, NamedTuple
+from typing import IO, Callable, Iterable, Iterator, Mapping, NamedTuple
 
-from job import children
+from job import children, compression
 from job.errors import BackupFailed
+
+CHUNK = 1 << 20  # bytes read from pg_dump at a time
 
 
 class Read(NamedTuple):
@@ -62,20 +66,83 @@ class Lister:
         return self._result
 
 
+class Dumped:
+    """pg_dump's archive as it comes out of its stdout, in one pass: `pg_restore --list` reads its
+    table of contents from the bytes as pg_dump wrote them, and iterating gives the bytes to store
+    (compressed by `method`), hashed and counted on the way. `read()` once they are all taken."""
+
+    def __init__(self, stdout: IO[bytes], method: compression.Method, pg_restore: str, env: Mapping[str, str]) -> None:
+        self._stdout = stdout
+        self._method = method
+        self._lister = Lister(pg_restore, env)
+        self._digest = hashlib.sha256()
+        self._size = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        compressor = self._method.compressor()
+        while raw := self._stdout.read(CHUNK):
+            self._lister.feed(raw)
+            yield from self._counted(compressor.compress(raw))
+        yield from self._counted(compressor.flush())
+
+    def read(self) -> Read:
+        """What was stored: its size and sha256, and the archive's table of contents (BackupFailed
+        where pg_restore could not read it)."""
+        return Read(self._size, self._digest.hexdigest(), self._lister.listing())
+
+    def close(self) -> None:
+        """End pg_restore --list, whatever happened (pg_dump is gone by now)."""
+        with contextlib.suppress(BackupFailed):
+            self._lister.listing()
+
+    def _counted(self, stored: bytes) -> Iterator[bytes]:
+        if stored:
+            self._digest.update(stored)
+            self._size += len(stored)
+            yield stored
+
+
+def spawn_dump(spawn: Callable[..., subprocess.Popen], argv: list[str], env: Mapping[str, str],
+               stderr: IO[bytes]) -> subprocess.Popen:
+    """pg_dump writing its archive to a pipe. The pipe is 1 MiB, not Linux's 64 KiB: a small pipe
+    fills whenever our reading thread waits for the CPU, and pg_dump stops (make bench: 1.23x the
+    bare dump with the default, 1.15x with this). 1 MiB is what an unprivileged process may ask for."""
+    dumper = spawn(argv, env=env, stdout=subprocess.PIPE, stderr=stderr)
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(dumper.stdout.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
+    return dumper
+
+
 def read(chunks: Iterable[bytes], pg_restore: str, env: Mapping[str, str], whole: bool = True) -> Read:
-    """Feed the archive's bytes to `pg_restore --list` and hash them; with `whole` False, stop
-    reading once pg_restore has the table of contents."""
+    """Feed a stored archive's bytes, decompressed, to `pg_restore --list`, and hash them as stored;
+    with `whole` False, stop reading once pg_restore has the table of contents. (Once it has, the
+    rest is hashed, never decompressed.)"""
     lister = Lister(pg_restore, env)
     digest, size = hashlib.sha256(), 0
-    try:
+
+    def stored() -> Iterator[bytes]:
+        nonlocal size
         for chunk in chunks:
             digest.update(chunk)
             size += len(chunk)
-            lister.feed(chunk)
-            if not lister.wanting and not whole:
+            yield chunk
+
+    stream = stored()
+    try:
+        for piece in compression.decoded(stream):
+            lister.feed(piece)
+            if not lister.wanting:
                 break
-    finally:
-        listing = lister.listing()
+        if whole:
+            for _ in stream:
+                pass
+    except BaseException as e:
+        with contextlib.suppress(BackupFailed):
+            lister.listing()  # (pg_restore ends with its input)
+        if isinstance(e, compression.Undecodable):
+            raise BackupFailed(f"the backup is damaged: {e}") from None
+        raise
+    listing = lister.listing()
     return Read(size, digest.hexdigest(), listing) if whole else Read(None, None, listing)
 
 

@@ -6,7 +6,7 @@ archive or nothing.
 A store offers: str() (where it is), path_of(name), locate(what an operator typed), ready() (what
 can be checked before a request), names(), read/write/delete/size(name), free_space() (None: no limit), chunks(name) (a stream
 of its bytes), remove_partials(matches) and dump(name, pg_dump argv, env, spawn, pg_restore,
-prepare) -> archive.Read.
+prepare, compression method) -> archive.Read.
 A backup is its archive and a JSON sidecar beside it (the archive's name + ".json"), written
 only once the archive is complete and verified.
 """
@@ -26,9 +26,9 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
-from job import archive, children, credentials, db, tables
+from job import archive, children, compression, credentials, db, tables
 from job.archive import first_error
 from job.config import S3_SCHEME, Database, Settings, milliseconds, parse_s3
 from job.errors import BackupFailed, DumpExited, RestoreFailed
@@ -57,6 +57,9 @@ class Backup(NamedTuple):
     sequence: int = 0
     # the migration it preceded succeeded (written after the run)
     succeeded: bool = False
+    # how the archive is compressed (job.compression): zstd:LEVEL, a zstd frame around a
+    # custom-format archive; gzip:LEVEL (older backups have no field: pg_dump's default), none
+    compression: str = "gzip:6"
 
 
 # what a sidecar must hold to be taken for one of ours
@@ -177,6 +180,7 @@ def take(
     own: tables.Own | None = None,
     set_key: str = "",
     wait_timeout: float = 0,
+    method: compression.Method = compression.parse(compression.DEFAULT),
 ) -> Backup:
     """Dump the database into the store, verify it, write the sidecar, prune the set (`prune`)."""
     pg_dump, pg_restore = tool("pg_dump"), tool("pg_restore")
@@ -185,7 +189,8 @@ def take(
     name = file_name(moment, database_name, set_key, from_revision, to_revision)
     log.info("backup.start", path=store.path_of(name), database=database_name)
     started = time.monotonic()
-    argv = [pg_dump, "--format=custom", *dump_options(database, application_name, lock_wait_timeout, own)]
+    argv = [pg_dump, "--format=custom", method.pg_dump_option(),
+            *dump_options(database, application_name, lock_wait_timeout, own)]
     earlier = listing(store, database_name, set_key)
     coming = {"path": store.path_of(name), "from_revision": from_revision, "to_revision": to_revision}
 
@@ -195,7 +200,7 @@ def take(
 
     try:
         dumped = _dump(store, name, argv, lambda: child_env(database, env), pg_restore, server_version, wait_timeout,
-                       prepare=prepare)
+                       prepare=prepare, method=method)
     except BackupFailed as e:
         raise _no_room(e, store, earlier, keep) or e from None
     try:
@@ -213,6 +218,7 @@ def take(
             server_version=server_version,
             set=set_key,
             sequence=sequence,
+            compression=str(method),
         )
         store.write(name + SIDECAR, _json(backup._asdict()))
     except BaseException:
@@ -262,7 +268,8 @@ def _excluded(own: tables.Own | None) -> list[str]:
 
 
 def _dump(store: Any, name: str, argv: list[str], environment: Callable[[], dict[str, str]], pg_restore: str,
-          server_version: int, wait_timeout: float, prepare: Callable[[], None]) -> archive.Read:
+          server_version: int, wait_timeout: float, prepare: Callable[[], None],
+          method: compression.Method) -> archive.Read:
     """pg_dump into the store (which calls `prepare` before the first byte is written); while the
     server has no connection slot for it, try again within MIGRATE_WAIT_TIMEOUT. `environment` is
     asked at each spawn: a kept password the server refused (rotated since) is asked for afresh once."""
@@ -270,7 +277,7 @@ def _dump(store: Any, name: str, argv: list[str], environment: Callable[[], dict
     refreshed = False
     while True:
         try:
-            return store.dump(name, argv, environment(), children.spawn, pg_restore, prepare)
+            return store.dump(name, argv, environment(), children.spawn, pg_restore, prepare, method)
         except DumpExited as e:
             if e.returncode < 0:
                 killer = signal.Signals(-e.returncode).name
@@ -352,20 +359,33 @@ def restore(database: Database, store: Any, name: str, sha256: str, application_
     done = threading.Event()  # the restore is over: stop reading the archive
 
     def pump() -> None:
-        """The archive from the store into pg_restore, hashed; read to its end even if pg_restore
-        stops (its stderr says why), so that damage is named as such."""
+        """The archive from the store into pg_restore, decompressed (job.compression), hashed as
+        stored; read to its end even if pg_restore stops or the archive does not decompress, so
+        that damage is named as such."""
         digest, writing = hashlib.sha256(), True
+
+        def stored(chunks: Iterator[bytes]) -> Iterator[bytes]:
+            for chunk in chunks:
+                digest.update(chunk)
+                yield chunk
+
         try:
             with store.chunks(name) as chunks:
-                for chunk in chunks:
+                stream = stored(chunks)
+                try:
+                    for piece in compression.decoded(stream):
+                        if done.is_set():
+                            return
+                        if writing:
+                            try:
+                                script.stdin.write(piece)
+                            except BrokenPipeError:
+                                writing = False
+                except compression.Undecodable as e:
+                    read["undecodable"] = str(e)
+                for _ in stream:  # (what pg_restore did not need, or what did not decompress)
                     if done.is_set():
                         return
-                    digest.update(chunk)
-                    if writing:
-                        try:
-                            script.stdin.write(chunk)
-                        except BrokenPipeError:
-                            writing = False
             read["sha256"] = digest.hexdigest()
         except Exception as e:
             read["error"] = str(e)
@@ -384,7 +404,7 @@ def restore(database: Database, store: Any, name: str, sha256: str, application_
             source.join()
             if script.wait() != 0:
                 unread = first_error(archive.written(script_errors))
-            if unread or read.get("sha256") != sha256:
+            if unread or read.get("sha256") != sha256 or "undecodable" in read:
                 runner.kill()  # psql never saw the end of its input: the transaction rolls back
                 return
             runner.stdin.close()
@@ -420,6 +440,8 @@ def restore(database: Database, store: Any, name: str, sha256: str, application_
     if read.get("sha256") not in (None, sha256):
         raise RestoreFailed(f"backup {path!r} does not match its sidecar's sha256: it is damaged or was changed; "
                             "the database is unchanged")
+    if "undecodable" in read:
+        raise RestoreFailed(f"backup {path!r} is damaged, the database is unchanged: {read['undecodable']}")
     if unread:
         raise RestoreFailed(f"pg_restore could not read the backup, the database is unchanged: {unread}")
     if runner.returncode != 0:
@@ -429,10 +451,22 @@ def restore(database: Database, store: Any, name: str, sha256: str, application_
         raise RestoreFailed(f"the restore failed, the database is unchanged{why}: {first_error(stderr)}")
 
 
-def archive_database(store: Any, name: str) -> str | None:
-    """The database the archive itself says it was dumped from (its table of contents' header)."""
-    with store.chunks(name) as chunks:
-        return archive.dumped_from(archive.read(chunks, tool("pg_restore"), {}, whole=False).listing)
+def archive_database(store: Any, name: str, sha256: str) -> str | None:
+    """The database the archive itself says it was dumped from (its table of contents' header).
+    An archive whose table of contents does not read is checked against its sidecar's `sha256`,
+    to say whether it was damaged (it does not match) or was never a pg_dump archive."""
+    try:
+        with store.chunks(name) as chunks:
+            return archive.dumped_from(archive.read(chunks, tool("pg_restore"), {}, whole=False).listing)
+    except BackupFailed as e:
+        digest = hashlib.sha256()
+        with store.chunks(name) as chunks:
+            for chunk in chunks:
+                digest.update(chunk)
+        if digest.hexdigest() != sha256:
+            raise RestoreFailed(f"backup {store.path_of(name)!r} does not match its sidecar's sha256: it is damaged "
+                                "or was changed; the database is unchanged") from None
+        raise RestoreFailed(f"backup {store.path_of(name)!r} cannot be restored, the database is unchanged: {e}") from None
 
 
 # Everything of the database's own, as DROP statements: schemas other than public (with what is in
@@ -657,6 +691,7 @@ def take_backup(settings: Settings, conn: Any, from_revision: tuple[str, ...], t
         own=tables.of(settings.history_table),
         set_key=set_of(db.server_identity(conn), db.database_name(conn)),
         wait_timeout=settings.wait_timeout,
+        method=settings.backup_compression,
     )
 
 

@@ -1,6 +1,6 @@
 """Backups in an S3-compatible bucket (MIGRATE_BACKUP_DIR=s3://bucket/prefix).
 
-pg_dump writes to a pipe; we cut its output into parts, hash it on the way and send each part
+pg_dump writes to a pipe; we compress its output (job.compression), cut it into parts, hash it on the way and send each part
 (with its own SHA-256, which the server checks) to a multipart upload while pg_dump goes on. An
 object appears under its name only when the upload completes, so an interrupted backup leaves
 nothing there: we abort the upload, and a bucket lifecycle rule (README) clears what a SIGKILL
@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import hashlib
+import itertools
 import queue
 import subprocess
 import tempfile
 import threading
 from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
-from job import archive
+from job import archive, compression
 from job.config import S3_SCHEME as SCHEME, S3Location as Location
 from job.errors import BackupFailed, ConfigError, DumpExited
 from job.logs import log
@@ -136,17 +136,14 @@ class Bucket:
                     log.warning("backup.partial_removed", path=self.path_of(name))
 
     def dump(self, name: str, argv: list[str], env: Mapping[str, str], spawn: Callable[..., subprocess.Popen],
-             pg_restore: str, prepare: Callable[[], None]) -> archive.Read:
-        """Stream pg_dump's output (`argv` writes to stdout) into the object `name`, then check the
-        stored object (`_check_stored`). pg_dump failing raises DumpExited, nothing left behind."""
+             pg_restore: str, prepare: Callable[[], None], method: compression.Method) -> archive.Read:
+        """Stream pg_dump's output (`argv` writes to stdout), compressed by `method`, into the object
+        `name`, then check the stored object (`_check_stored`). pg_dump failing raises DumpExited,
+        nothing left behind."""
         with tempfile.TemporaryFile() as stderr:
-            dumper = spawn(argv, env=env, stdout=subprocess.PIPE, stderr=stderr)
-            # A pipe of 64 KiB (Linux's default) fills whenever our reading thread waits for the
-            # CPU, and pg_dump stops: 1 MiB (what an unprivileged process may ask for) keeps it
-            # going (make bench: 1.23x the bare dump with the default, 1.15x with this)
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(dumper.stdout.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
-            parts = Parts(dumper.stdout, archive.Lister(pg_restore, env))
+            dumper = archive.spawn_dump(spawn, argv, env, stderr)
+            dumped = archive.Dumped(dumper.stdout, method, pg_restore, env)
+            parts = Parts(dumped)
             upload = None
             try:
                 # boto3 loads, `prepare` runs and the upload starts while pg_dump connects and reads
@@ -167,6 +164,8 @@ class Bucket:
                     dumper.kill()
                 dumper.wait()
                 parts.close()
+                dumper.stdout.close()
+                dumped.close()
         try:
             self._check_stored(name, parts.sent)
             return archive.Read(parts.sent.size, parts.sent.sha256, parts.listing)
@@ -241,14 +240,13 @@ class Sent(NamedTuple):
 
 
 class Parts:
-    """A stream cut into upload parts by a thread of its own, hashed on the way (the whole, and
-    each part), its table of contents read by `lister`. Two part buffers at most, one filling while
-    the other is sent: memory stays at two parts whatever the dump's size, and pg_dump waits (its
-    pipe full) only while both are taken."""
+    """An archive's stored bytes (an archive.Dumped) cut into upload parts by a thread of its own,
+    each part hashed on the way. Two part buffers at most, one filling while the other is sent:
+    memory stays at two parts whatever the dump's size, and pg_dump waits (its pipe full) only
+    while both are taken."""
 
-    def __init__(self, stream: Any, lister: archive.Lister) -> None:
-        self.stream = stream
-        self.lister = lister
+    def __init__(self, dumped: archive.Dumped) -> None:
+        self.dumped = dumped
         self.sent: Sent | None = None  # once the stream ended
         self.listing = ""  # the archive's table of contents, once the stream ended
         self._buffers = threading.Semaphore(2)
@@ -273,34 +271,30 @@ class Parts:
         self._closed.set()
         self._buffers.release()
         self._reader.join(timeout=5)
-        self.stream.close()
-        with contextlib.suppress(BackupFailed):
-            self.lister.listing()  # (pg_restore ends with its input)
 
     def _read(self) -> None:
-        digest, part_hashes, size, number = hashlib.sha256(), [], 0, 0
+        part_hashes: list[bytes] = []
+        chunks = iter(self.dumped)
+        carry = b""  # what the last chunk held beyond the part it completed
         try:
-            while True:
-                number += 1
+            for number in itertools.count(1):
                 self._buffers.acquire()
                 if self._closed.is_set():
                     return
-                part = _read_full(self.stream, part_size(number))
+                part, carry = _filled(chunks, carry, part_size(number))
                 if not part:
                     break
                 if number > MAX_PARTS:
                     raise BackupFailed(f"the dump is larger than one S3 upload of {MAX_PARTS} parts holds "
-                                       f"({size} bytes so far)")
-                digest.update(part)
-                self.lister.feed(part)
+                                       f"({sum(part_size(n) for n in range(1, number))} bytes so far)")
                 part_hashes.append(hashlib.sha256(part).digest())
-                size += len(part)
                 self._queue.put((number, part, part_hashes[-1]))
                 if len(part) < part_size(number):
                     break
-            self.listing = self.lister.listing()
+            read = self.dumped.read()
+            self.listing = read.listing
             composite = _b64(hashlib.sha256(b"".join(part_hashes)).digest())
-            self.sent = Sent(size, digest.hexdigest(), composite)
+            self.sent = Sent(read.size, read.sha256, composite)
             self._queue.put(None)
         except BaseException as e:  # the sender raises it
             self._queue.put(e)
@@ -345,18 +339,19 @@ class Refused(BackupFailed):
     """The bucket refused a request (HTTP 403): the credentials lack a permission."""
 
 
-def _read_full(stream: Any, size: int) -> bytearray:
-    """Up to `size` bytes, read into one buffer (no copies of a part): fewer only at the end of the stream."""
-    buffer = bytearray(size)
-    filled = 0
-    with memoryview(buffer) as view:
-        while filled < size:
-            count = stream.readinto(view[filled:])
-            if not count:
-                break
-            filled += count
-    del buffer[filled:]
-    return buffer
+def _filled(chunks: Iterator[bytes], carry: bytes, size: int) -> tuple[bytearray, bytes]:
+    """A part of up to `size` bytes, from `carry` and then `chunks`, and what is left of the chunk
+    that completed it: fewer only at the end of the stream."""
+    part = bytearray(carry[:size])
+    carry = carry[size:]
+    while len(part) < size and not carry:
+        chunk = next(chunks, None)
+        if chunk is None:
+            break
+        room = size - len(part)
+        part += chunk[:room]
+        carry = chunk[room:]
+    return part, carry
 
 
 def _b64(digest: bytes) -> str:

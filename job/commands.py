@@ -226,7 +226,7 @@ def restore(settings: Settings, name: str, force: bool = False) -> tuple[list[st
     path = store.path_of(name)
     with connected(settings) as conn:
         database = db.database_name(conn)
-        dumped_from = backup.archive_database(store, name)  # the archive's own word, not only the sidecar's
+        dumped_from = backup.archive_database(store, name, meta["sha256"])  # the archive's own word, not only the sidecar's
         for claimed in (meta.get("database"), dumped_from):
             if claimed != database and not force:
                 raise ConfigError(

@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 import psycopg2.extensions
 from psycopg2 import sql
 
-from job import credentials
+from job import compression, credentials
 from job.alembic_files import AlembicFiles
 from job.errors import ConfigError
 
@@ -252,6 +252,8 @@ class Settings(NamedTuple):
     backup_dir: str
     s3_addressing: str
     backup_keep: int
+    # how a backup's archive is compressed (job.compression)
+    backup_compression: compression.Method
     statement_lock_timeout: float
     lock_retries: int
     statement_timeout: float
@@ -678,6 +680,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("backup_keep", "--backup-keep", "MIGRATE_BACKUP_KEEP",
            count(1, 10_000), 5,
            "newest backups kept per database"),
+    Option("backup_compression", "--backup-compression", "MIGRATE_BACKUP_COMPRESSION", compression.parse,
+           compression.parse(compression.DEFAULT),
+           "how backups are compressed: zstd[:1-19] (as they stream, on every core), gzip[:0-9] (pg_dump's own), none"),
     Option("statement_lock_timeout", "--statement-lock-timeout", "MIGRATE_STATEMENT_LOCK_TIMEOUT", seconds(zero=False),
            5.0,
            "seconds a DDL statement may wait for a table lock before its revision is retried"),

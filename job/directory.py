@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
-from job import archive
+from job import archive, compression
 from job.errors import BackupFailed, DumpExited
 from job.logs import log
 
@@ -94,17 +94,29 @@ class Directory:
                 log.warning("backup.partial_removed", path=str(leftover))
 
     def dump(self, name: str, argv: list[str], env: Mapping[str, str], spawn: Callable[..., subprocess.Popen],
-             pg_restore: str, prepare: Callable[[], None]) -> archive.Read:
-        """pg_dump into a private temporary file that becomes `name` only once complete and readable
-        by `pg_restore --list`. `prepare` first: it frees the space a dead run's partial file holds."""
+             pg_restore: str, prepare: Callable[[], None], method: compression.Method) -> archive.Read:
+        """pg_dump's archive (`argv` writes to stdout), compressed by `method` as it streams, into a
+        private temporary file that becomes `name` only once complete and readable by `pg_restore
+        --list`; hashed as written (nothing is read back). `prepare` first: it frees the space a dead
+        run's partial file holds."""
         prepare()
-        final = self.path / name
-        with _atomically(final) as partial, tempfile.TemporaryFile() as stderr:
-            returncode = spawn([*argv, f"--file={partial}"], env=env, stdout=subprocess.DEVNULL, stderr=stderr).wait()
+        with _atomically(self.path / name) as partial, tempfile.TemporaryFile() as stderr:
+            dumper = archive.spawn_dump(spawn, argv, env, stderr)
+            dumped = archive.Dumped(dumper.stdout, method, pg_restore, env)
+            try:
+                with open(partial, "wb") as file:
+                    for chunk in dumped:
+                        file.write(chunk)
+                returncode = dumper.wait()
+            finally:
+                if dumper.poll() is None:
+                    dumper.kill()
+                dumper.wait()
+                dumper.stdout.close()
+                dumped.close()
             if returncode != 0:
                 raise DumpExited(returncode, archive.written(stderr))
-            with self.chunks(partial.name) as chunks:
-                return archive.read(chunks, pg_restore, env)
+            return dumped.read()
 
 
 @contextlib.contextmanager

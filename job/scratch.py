@@ -172,7 +172,7 @@ def _dump_into(settings: Settings, live: Any, copy: Copy, same_server: bool) -> 
     """pg_dump of the live database streamed into pg_restore on the copy, in one transaction. On
     another server the roles may not exist: the copy's objects are then the rehearsal's role's."""
     own = tables.of(settings.history_table)
-    dump_argv = [backup.tool("pg_dump"), "--format=custom",
+    dump_argv = [backup.tool("pg_dump"), "--format=custom", "--compress=0",  # (a pipe: compressing is only work)
                  *backup.dump_options(settings.database, f"{settings.application_name}/rehearsal",
                                       settings.lock_timeout, own)]
     load_argv = [backup.tool("pg_restore"), "--single-transaction", "--exit-on-error", "--no-password",

@@ -61,6 +61,9 @@ class Result:
         return [line["event"] for line in self.lines]
 
 
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # how a zstd frame begins
+
+
 def base_env(**extra: str) -> dict[str, str]:
     """The test process's environment less anything that would configure the job by accident."""
     env = {
@@ -157,6 +160,21 @@ class Db:
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
             "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
         )[0][0]
+
+
+def custom_archive(stored: bytes) -> bytes:
+    """A backup's custom-format archive, as an operator gets it by hand (`zstd -dc NAME`): a backup
+    is a zstd frame around it, unless it was taken with pg_dump's own compression (or by an older
+    job), when the file is the archive itself."""
+    import zstandard
+
+    return zstandard.ZstdDecompressor().decompressobj().decompress(stored) if stored[:4] == ZSTD_MAGIC else stored
+
+
+def pg_restore(*args: str, backup: str | Path, **kwargs: Any) -> subprocess.CompletedProcess:
+    """pg_restore ARGS reading a backup's archive (`zstd -dc NAME | pg_restore ARGS`)."""
+    return subprocess.run(["pg_restore", *args], input=custom_archive(Path(backup).read_bytes()), capture_output=True,
+                          **kwargs)
 
 
 def create_database(admin_url: str, prefix: str = "t") -> Db:

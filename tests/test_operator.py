@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import (
-    MIGRATE_JOB, ROOT, Db, create_database, drop_database, hold_lock, run_job, scenario
+    MIGRATE_JOB, ROOT, Db, create_database, drop_database, hold_lock, pg_restore, run_job, scenario
 )
 from tests.events import wait_for_event
 
@@ -208,7 +208,7 @@ def test_downgrade_to_base_and_back_up_with_data(db: Db, env: dict[str, str]) ->
     dump = down.event("backup.done")["path"]
     restored = create_database(db.admin_url, prefix="restored")
     try:
-        subprocess.run(["pg_restore", "-d", restored.url, dump], check=True, capture_output=True)
+        pg_restore("-d", restored.url, backup=dump, check=True)
         assert [("Ada King Lovelace",)] == restored.query("SELECT full_name FROM users")
     finally:
         drop_database(restored)

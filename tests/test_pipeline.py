@@ -11,7 +11,7 @@ import stat
 import subprocess
 from pathlib import Path
 
-from tests.conftest import MIGRATE_JOB, ROOT, Db, create_database, drop_database, run_job
+from tests.conftest import MIGRATE_JOB, ROOT, Db, create_database, drop_database, pg_restore, run_job
 
 HEAD = "0006"
 BLOG_TABLES = {"users", "posts", "comments", "profiles", "alembic_version"}
@@ -127,7 +127,7 @@ def test_backup_restores_with_pg_restore(db: Db, env: dict[str, str]) -> None:
 
     restored = create_database(db.admin_url, prefix="restored")
     try:
-        subprocess.run(["pg_restore", "--no-owner", "-d", restored.url, dump], check=True, capture_output=True)
+        pg_restore("--no-owner", "-d", restored.url, backup=dump, check=True)
         assert ["0005"] == restored.version()
         assert [("Ada", "Lovelace", "member")] == restored.query("SELECT first_name, last_name, role FROM users")
     finally:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, Db, Result, finish, run_job, start_job
+from tests.conftest import ROOT, Db, Result, finish, pg_restore, run_job, start_job
 
 VERSIONS = ROOT / "alembic" / "versions"
 
@@ -211,7 +211,7 @@ def test_lineage_is_recorded_before_anything_is_applied(db: Db, env: dict[str, s
                                             ("0004", ["0003"]), ("0005", ["0004"]), ("0006", ["0005"])]
     assert [r for r, _, b in rows if b] == ["0006"]
     dump = Path(ran.event("backup.done")["path"])
-    listing = subprocess.run(["pg_restore", "--list", str(dump)], capture_output=True, text=True).stdout
+    listing = pg_restore("--list", backup=dump, check=True).stdout.decode()
     assert "legacy_notes" in listing and "migrate_job_history_lineage" not in listing
 
 

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.conftest import Db, finish, run_job, start_job
+from tests.conftest import ZSTD_MAGIC, Db, custom_archive, finish, run_job, start_job
 from tests.s3server import SECRET_KEY, Server
 from tests.tcpproxy import Proxy
 
@@ -92,7 +92,8 @@ def test_run_backs_up_to_the_bucket_before_migrating(db: Db, s3_env: dict[str, s
     assert hashlib.sha256(stored).hexdigest() == sidecar["sha256"] == done["sha256"]
     assert len(stored) == sidecar["bytes"] == done["bytes"]
     assert (db.name, ["0004"], [HEAD]) == (sidecar["database"], sidecar["from_revision"], sidecar["to_revision"])
-    assert key.startswith("team/app/2") and stored.startswith(b"PGDMP")
+    assert key.startswith("team/app/2") and stored.startswith(ZSTD_MAGIC) and "zstd:1" == sidecar["compression"]
+    assert custom_archive(stored).startswith(b"PGDMP")
     assert [] == uploads(server, bucket)
 
 
