@@ -54,6 +54,8 @@ def _once_the_job(db: Db, condition: str) -> Callable[[Path], None]:
 # the job's session waits for a table lock; the slow revision's statement runs
 WAITS_ON_A_LOCK = "wait_event_type = 'Lock' AND application_name LIKE 'migrate-job/%%'"
 RUNS_ITS_STATEMENT = "query LIKE 'SELECT pg_sleep%%'"
+# pg_dump locks every table it dumps before it reads any
+DUMP_WAITS_ON_A_LOCK = "wait_event_type = 'Lock' AND query LIKE 'LOCK TABLE%%'"
 
 
 def _waiting_for_the_server(db: Db, env: dict[str, str], tmp_path: Path) -> tuple[dict[str, str], Any, Any, list[str]]:
@@ -82,9 +84,13 @@ def _reading_a_locked_version_table(db: Db, env: dict[str, str], tmp_path: Path)
 
 
 def _backing_up(db: Db, env: dict[str, str], tmp_path: Path) -> tuple[dict[str, str], Any, Any, list[str]]:
-    db.query("CREATE TABLE filler AS SELECT g AS id, md5(g::text) || md5((g * 7)::text) AS a "
-             "FROM generate_series(1, 400000) g")
-    return env, "backup.start", None, []
+    """pg_dump held in the backup: an app's session holds a table it must lock (a dump of any size
+    is over too fast to be interrupted on time)."""
+    db.query("CREATE TABLE filler AS SELECT g AS id, md5(g::text) AS a FROM generate_series(1, 1000) g")
+    holder = db.connect(application_name="app")
+    holder.autocommit = False
+    holder.cursor().execute("LOCK TABLE filler IN ACCESS EXCLUSIVE MODE")
+    return env, _once_the_job(db, DUMP_WAITS_ON_A_LOCK), holder, []
 
 
 def _in_a_revision(db: Db, env: dict[str, str], tmp_path: Path) -> tuple[dict[str, str], Any, Any, list[str]]:
