@@ -398,7 +398,7 @@ def restore(database: Database, store: Any, name: str, sha256: str, application_
         only once pg_restore read the whole archive and it matched its sha256."""
         nonlocal unread
         try:
-            runner.stdin.write(clearing.encode() + b"\n")
+            runner.stdin.write(RESTORE_SETTINGS.encode() + clearing.encode() + b"\n")
             while chunk := script.stdout.read(CHUNK):
                 runner.stdin.write(chunk)
             source.join()
@@ -449,6 +449,15 @@ def restore(database: Database, store: Any, name: str, sha256: str, application_
         with psql_errors:
             stderr = archive.written(psql_errors)
         raise RestoreFailed(f"the restore failed, the database is unchanged{why}: {first_error(stderr)}")
+
+
+# The restore's own session: its index and constraint builds (most of a restore after the data)
+# sort in maintenance_work_mem, 64 MB by default; 1 GB (never less than the server gives) lets
+# them sort in memory (by hand on a 1.2 GB database: 16.9 s instead of 20.9 s). One index is built
+# at a time, so that is the most this session asks for.
+RESTORE_SETTINGS = """SELECT set_config('maintenance_work_mem', '1GB', false)
+ WHERE pg_size_bytes(current_setting('maintenance_work_mem')) < pg_size_bytes('1GB');
+"""
 
 
 def archive_database(store: Any, name: str, sha256: str) -> str | None:
