@@ -22,6 +22,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 
@@ -371,56 +372,53 @@ def realistic_database(megabytes: int) -> tuple[str, int]:
     """A new database of at least `megabytes` whose rows compress like an application's (not
     pgbench's filler): orders with names, emails, a status, amounts, times, a free-text note and a
     JSON document, with a primary key and two indexes; its name and size in bytes."""
-    name = new_database()
-    conn = psycopg2.connect(url_of(name))
-    conn.autocommit = True
     words = ("alpha bravo charlie delivery express fragile gift handle invoice jacket kettle lamp monitor "
              "notebook orange parcel quick return shipped tracking urgent voucher warehouse yellow zipper "
              "customer asked about the second item please call before noon leave at the door").split()
     names = "Ada Alan Grace Edsger Barbara Donald Margaret Ken Dennis Frances Niklaus Radia Tim Linus Guido".split()
-    with conn.cursor() as cur:
-        cur.execute("SELECT setseed(0.26)")
-        cur.execute(
-            "CREATE TABLE orders (id bigint PRIMARY KEY, customer text NOT NULL, email text NOT NULL, "
-            "status text NOT NULL, amount numeric(12, 2) NOT NULL, created_at timestamptz NOT NULL, "
-            "note text, details jsonb NOT NULL)")
-        cur.execute(
-            """INSERT INTO orders
-               SELECT g, n || ' ' || n2, lower(n) || '.' || g %% 9973 || '@example.org',
-                      (ARRAY['new', 'paid', 'shipped', 'delivered', 'returned'])[1 + g %% 5],
-                      round((random() * 500)::numeric, 2), '2024-01-01'::timestamptz + g * interval '7 seconds',
-                      (SELECT string_agg((%(words)s::text[])[1 + floor(random() * %(count)s)::int], ' ')
-                         FROM generate_series(1, 4 + g %% 12) WHERE g > 0),
-                      jsonb_build_object('sku', 'SKU-' || (g::bigint * 7919) %% 100000, 'qty', 1 + g %% 4,
-                                         'gift', g %% 11 = 0, 'tags', jsonb_build_array((%(words)s::text[])[1 + g %% %(count)s]),
-                                         'address', jsonb_build_object('city', n2 || 'ville', 'zip', lpad((g %% 99999)::text, 5, '0')))
-                 FROM generate_series(1, %(rows)s) g,
-                      LATERAL (SELECT (%(names)s::text[])[1 + g %% %(name_count)s] AS n,
-                                      (%(names)s::text[])[1 + (g / 7) %% %(name_count)s] AS n2) people""",
-            {"words": words, "count": len(words), "names": names, "name_count": len(names),
-             "rows": megabytes * 1024 * 1024 // 330})
-        cur.execute("CREATE INDEX orders_customer ON orders (customer)")
-        cur.execute("CREATE INDEX orders_created_at ON orders (created_at)")
-        cur.execute("VACUUM ANALYZE orders")
-        cur.execute("SELECT pg_database_size(current_database())")
-        size = cur.fetchone()[0]
-    conn.close()
-    return name, size
+    return filled_database(
+        ("SELECT setseed(0.26)", None),
+        ("CREATE TABLE orders (id bigint PRIMARY KEY, customer text NOT NULL, email text NOT NULL, "
+         "status text NOT NULL, amount numeric(12, 2) NOT NULL, created_at timestamptz NOT NULL, "
+         "note text, details jsonb NOT NULL)", None),
+        ("""INSERT INTO orders
+           SELECT g, n || ' ' || n2, lower(n) || '.' || g %% 9973 || '@example.org',
+                  (ARRAY['new', 'paid', 'shipped', 'delivered', 'returned'])[1 + g %% 5],
+                  round((random() * 500)::numeric, 2), '2024-01-01'::timestamptz + g * interval '7 seconds',
+                  (SELECT string_agg((%(words)s::text[])[1 + floor(random() * %(count)s)::int], ' ')
+                     FROM generate_series(1, 4 + g %% 12) WHERE g > 0),
+                  jsonb_build_object('sku', 'SKU-' || (g::bigint * 7919) %% 100000, 'qty', 1 + g %% 4,
+                                     'gift', g %% 11 = 0, 'tags', jsonb_build_array((%(words)s::text[])[1 + g %% %(count)s]),
+                                     'address', jsonb_build_object('city', n2 || 'ville', 'zip', lpad((g %% 99999)::text, 5, '0')))
+             FROM generate_series(1, %(rows)s) g,
+                  LATERAL (SELECT (%(names)s::text[])[1 + g %% %(name_count)s] AS n,
+                                  (%(names)s::text[])[1 + (g / 7) %% %(name_count)s] AS n2) people""",
+        {"words": words, "count": len(words), "names": names, "name_count": len(names),
+         "rows": megabytes * 1024 * 1024 // 330}),
+        ("CREATE INDEX orders_customer ON orders (customer)", None),
+        ("CREATE INDEX orders_created_at ON orders (created_at)", None),
+    )
 
 
 def big_database(megabytes: int) -> tuple[str, int]:
     """A new database with one table `big` (a primary key, two text columns, a timestamp) of at
     least `megabytes`; its name and size in bytes."""
+    return filled_database(
+        ("CREATE TABLE big AS SELECT g AS id, md5(g::text) || md5((g * 7)::text) AS a, "
+         "md5((g * 13)::text) AS b, now() AS t FROM generate_series(1, %s) g", (megabytes * 1024 * 1024 // 140,)),
+        ("ALTER TABLE big ADD PRIMARY KEY (id)", None),
+    )
+
+
+def filled_database(*statements: tuple[str, Any]) -> tuple[str, int]:
+    """A new database, `statements` (SQL, parameters) run in it, vacuumed: its name and size in bytes."""
     name = new_database()
     conn = psycopg2.connect(url_of(name))
     conn.autocommit = True
     with conn.cursor() as cur:
-        cur.execute(
-            "CREATE TABLE big AS SELECT g AS id, md5(g::text) || md5((g * 7)::text) AS a, "
-            "md5((g * 13)::text) AS b, now() AS t FROM generate_series(1, %s) g", (megabytes * 1024 * 1024 // 140,)
-        )
-        cur.execute("ALTER TABLE big ADD PRIMARY KEY (id)")
-        cur.execute("VACUUM ANALYZE big")
+        for statement, parameters in statements:
+            cur.execute(statement, parameters)
+        cur.execute("VACUUM ANALYZE")
         cur.execute("SELECT pg_database_size(current_database())")
         size = cur.fetchone()[0]
     conn.close()
