@@ -66,6 +66,28 @@ class Lister:
         return self._result
 
 
+class Hashed:
+    """Stored bytes as they are read, hashed (sha256) and counted on the way. Iterating again goes
+    on where the last iteration stopped; `rest()` reads what is left."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self._digest = hashlib.sha256()
+        self.size = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._chunks:
+            self._digest.update(chunk)
+            self.size += len(chunk)
+            yield chunk
+
+    def rest(self) -> str:
+        """Read to the end: the sha256 of everything."""
+        for _ in self:
+            pass
+        return self._digest.hexdigest()
+
+
 class Dumped:
     """pg_dump's archive as it comes out of its stdout, in one pass: `pg_restore --list` reads its
     table of contents from the bytes as pg_dump wrote them, and iterating gives the bytes to store
@@ -75,30 +97,28 @@ class Dumped:
         self._stdout = stdout
         self._method = method
         self._lister = Lister(pg_restore, env)
-        self._digest = hashlib.sha256()
-        self._size = 0
+        self._stored = Hashed(self._compressed())
 
     def __iter__(self) -> Iterator[bytes]:
-        compressor = self._method.compressor()
-        while raw := self._stdout.read(CHUNK):
-            self._lister.feed(raw)
-            yield from self._counted(compressor.compress(raw))
-        yield from self._counted(compressor.flush())
+        return iter(self._stored)
 
     def read(self) -> Read:
         """What was stored: its size and sha256, and the archive's table of contents (BackupFailed
         where pg_restore could not read it)."""
-        return Read(self._size, self._digest.hexdigest(), self._lister.listing())
+        return Read(self._stored.size, self._stored.rest(), self._lister.listing())
 
     def close(self) -> None:
         """End pg_restore --list, whatever happened (pg_dump is gone by now)."""
         with contextlib.suppress(BackupFailed):
             self._lister.listing()
 
-    def _counted(self, stored: bytes) -> Iterator[bytes]:
-        if stored:
-            self._digest.update(stored)
-            self._size += len(stored)
+    def _compressed(self) -> Iterator[bytes]:
+        compressor = self._method.compressor()
+        while raw := self._stdout.read(CHUNK):
+            self._lister.feed(raw)
+            if stored := compressor.compress(raw):
+                yield stored
+        if stored := compressor.flush():
             yield stored
 
 
@@ -118,24 +138,13 @@ def read(chunks: Iterable[bytes], pg_restore: str, env: Mapping[str, str], whole
     with `whole` False, stop reading once pg_restore has the table of contents. (Once it has, the
     rest is hashed, never decompressed.)"""
     lister = Lister(pg_restore, env)
-    digest, size = hashlib.sha256(), 0
-
-    def stored() -> Iterator[bytes]:
-        nonlocal size
-        for chunk in chunks:
-            digest.update(chunk)
-            size += len(chunk)
-            yield chunk
-
-    stream = stored()
+    stream = Hashed(chunks)
     try:
         for piece in compression.decoded(stream):
             lister.feed(piece)
             if not lister.wanting:
                 break
-        if whole:
-            for _ in stream:
-                pass
+        sha256 = stream.rest() if whole else None
     except BaseException as e:
         with contextlib.suppress(BackupFailed):
             lister.listing()  # (pg_restore ends with its input)
@@ -143,7 +152,7 @@ def read(chunks: Iterable[bytes], pg_restore: str, env: Mapping[str, str], whole
             raise BackupFailed(f"the backup is damaged: {e}") from None
         raise
     listing = lister.listing()
-    return Read(size, digest.hexdigest(), listing) if whole else Read(None, None, listing)
+    return Read(stream.size, sha256, listing) if whole else Read(None, None, listing)
 
 
 def dumped_by(listing: str) -> str:

@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 from job import archive, children, compression, credentials, db, tables
 from job.archive import first_error
@@ -362,16 +362,10 @@ def restore(database: Database, store: Any, name: str, sha256: str, application_
         """The archive from the store into pg_restore, decompressed (job.compression), hashed as
         stored; read to its end even if pg_restore stops or the archive does not decompress, so
         that damage is named as such."""
-        digest, writing = hashlib.sha256(), True
-
-        def stored(chunks: Iterator[bytes]) -> Iterator[bytes]:
-            for chunk in chunks:
-                digest.update(chunk)
-                yield chunk
-
+        writing = True
         try:
             with store.chunks(name) as chunks:
-                stream = stored(chunks)
+                stream = archive.Hashed(chunks)
                 try:
                     for piece in compression.decoded(stream):
                         if done.is_set():
@@ -386,7 +380,7 @@ def restore(database: Database, store: Any, name: str, sha256: str, application_
                 for _ in stream:  # (what pg_restore did not need, or what did not decompress)
                     if done.is_set():
                         return
-            read["sha256"] = digest.hexdigest()
+                read["sha256"] = stream.rest()
         except Exception as e:
             read["error"] = str(e)
         finally:
@@ -468,11 +462,9 @@ def archive_database(store: Any, name: str, sha256: str) -> str | None:
         with store.chunks(name) as chunks:
             return archive.dumped_from(archive.read(chunks, tool("pg_restore"), {}, whole=False).listing)
     except BackupFailed as e:
-        digest = hashlib.sha256()
         with store.chunks(name) as chunks:
-            for chunk in chunks:
-                digest.update(chunk)
-        if digest.hexdigest() != sha256:
+            damaged = archive.Hashed(chunks).rest() != sha256
+        if damaged:
             raise RestoreFailed(f"backup {store.path_of(name)!r} does not match its sidecar's sha256: it is damaged "
                                 "or was changed; the database is unchanged") from None
         raise RestoreFailed(f"backup {store.path_of(name)!r} cannot be restored, the database is unchanged: {e}") from None

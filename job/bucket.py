@@ -222,11 +222,8 @@ class Bucket:
         if stored:
             matches = stored.split("-")[0] == sent.composite
         else:
-            digest = hashlib.sha256()
             with self.chunks(name) as chunks:
-                for chunk in chunks:
-                    digest.update(chunk)
-            matches = digest.hexdigest() == sent.sha256
+                matches = archive.Hashed(chunks).rest() == sent.sha256
         if not matches:
             raise BackupFailed(f"the stored backup {self.path_of(name)!r} does not match the sha256 of what was sent")
 
