@@ -10,11 +10,8 @@ import time
 import warnings
 from typing import Any, Callable
 
-import psycopg2
-
-from job import __version__, commands, config, credentials, db, logs, pipeline, text
-from job.errors import (ConfigError, DatabaseUnavailable, Interrupted, JobError, LockTimeout, Pending, RevisionError,
-                        first_line)
+from job import __version__, commands, config, credentials, db, ending, logs, pipeline, text
+from job.errors import ConfigError, Pending, RevisionError
 from job.logs import log
 
 class _Parser(argparse.ArgumentParser):
@@ -204,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser().parse_args(argv or ["run"])
     except ConfigError as e:
         logs.configure(*config.log_options(env, {}))
-        return _failed(e, started, config.termination_log(env, {}))
+        return ending.failed(e, started, config.termination_log(env, {}))[0]
     prints = args.command in PRINTS or getattr(args, "format", "text") == "json" or getattr(args, "list", False)
     # `run` holds its first lines until it has tried the lock (see job.logs)
     logs.configure(*config.log_options(env, vars(args)), stream=sys.stderr if prints else sys.stdout,
@@ -213,58 +210,20 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = logs.show_warning
     log.info("run.start", command=args.command, version=__version__)
     termination = config.termination_log(env, vars(args))  # (the setting, read before the others)
-    try:
+
+    def work() -> tuple[Any, ...]:
         offline = args.command == "manifest" or (args.command == "lint" and args.all)
         settings = config.load(env, vars(args), need_database=not offline)
         logs.redactor.add(settings.secrets)
         credentials.install(settings.password_source, logs.redactor.add)
-        outcome, code = COMMANDS[args.command](settings, args)
-    except BaseException as e:
-        signum = db.received_signal()
-        if isinstance(e, Interrupted) or (signum is not None and (not isinstance(e, JobError)
-                                                                  or isinstance(e, DatabaseUnavailable))):
-            # whatever a signal's cancel made fail (a read waiting on a lock, a connection), the signal ends the run
-            return _failed(e if isinstance(e, Interrupted) else Interrupted(signum), started, termination)
-        if isinstance(e, JobError):
-            return _failed(e, started, termination)
-        if db.sqlstate(e) == db.LOCK_NOT_AVAILABLE:  # the job's own read waited out its lock_timeout
-            return _failed(LockTimeout(f"the job's own statement waited longer than MIGRATE_STATEMENT_LOCK_TIMEOUT for a "
-                                       f"table lock ({first_line(e)}): another session holds one on the job's or "
-                                       "Alembic's tables; nothing was changed, run the job again"), started, termination)
-        if isinstance(e, (psycopg2.OperationalError, psycopg2.InterfaceError)):  # the job's own session, outside a revision
-            return _failed(DatabaseUnavailable(f"the connection to the database was lost: {first_line(e)}; "
-                                               "nothing was left half-done: run the job again"), started, termination)
-        import traceback
+        if args.command == "run" and settings.fleet:
+            from job import fleet
 
-        return _failed(e, started, termination, detail=traceback.format_exc())
-    log.info("run.done", outcome=outcome, exit_code=code, seconds=_since(started))
-    logs.terminate(termination, f"{outcome} (exit {code})")
-    return code
+            return fleet.run(settings, env, vars(args))
+        return COMMANDS[args.command](settings, args)
 
-
-def _failed(error: BaseException, started: float, termination: str | None, detail: str | None = None) -> int:
-    """Log run.failed with a one-line error, write the termination message, return the exit code."""
-    if isinstance(error, Interrupted):
-        message = f"interrupted by signal {error.signum}: the running revision was rolled back, the lock released"
-        if error.left_behind:
-            message += f". {error.left_behind}"
-    elif isinstance(error, JobError):
-        message = str(error)
-    else:
-        message = f"unexpected error: {type(error).__name__}: {error}"
-    code = getattr(error, "exit_code", 1)
-    message = " ".join(message.split())
-    fields: dict[str, Any] = {"error_type": type(error).__name__, "error": message, "exit_code": code}
-    if detail:
-        fields["traceback"] = detail
-    log.error("run.failed", seconds=_since(started), **fields)
-    logs.terminate(termination, logs.redactor.text(f"failed (exit {code}): {message}"))
-    return code
+    return ending.attempt(work, started, termination).exit_code
 
 
 def _out(text: str) -> None:
     logs.output_for(sys.stdout).write(text if text.endswith("\n") else text + "\n")
-
-
-def _since(started: float) -> float:
-    return round(time.monotonic() - started, 3)

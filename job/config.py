@@ -289,6 +289,14 @@ class Settings(NamedTuple):
     password_cache: float = 60.0
     # what those make (None: the URL's or PGPASSWORD's password, read once)
     password_source: credentials.Source | None = None
+    # `run` over many databases (job.fleet): the targets as given (a list, @FILE or a query), how
+    # many run at once, how many complete before the rest start, whether a failure stops the rest
+    fleet: str | None = None
+    fleet_parallel: int = 4
+    fleet_canary: int = 0
+    fleet_fail_fast: bool = False
+    # an Indexed Job's pods (JOB_COMPLETION_INDEX) each take their share of the fleet
+    fleet_shards: int = 1
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -706,6 +714,19 @@ OPTIONS: tuple[Option, ...] = (
            "run history table (and the job's other tables beside it); off disables them"),
     Option("allow_ahead", "--allow-ahead", "MIGRATE_ALLOW_AHEAD", lambda value, name: _boolean(value, name, True), True,
            "start on a database ahead of these scripts on their own line (older code after newer)"),
+    Option("fleet", "--fleet", "MIGRATE_FLEET", _text, None,
+           "run every database of a fleet: URLs or database names (spaces, commas or lines), @FILE of them, "
+           "or a SELECT on DATABASE_URL's database that gives them"),
+    Option("fleet_parallel", "--fleet-parallel", "MIGRATE_FLEET_PARALLEL", count(1, 64), 4,
+           "how many of the fleet's databases are migrated at once"),
+    Option("fleet_canary", "--fleet-canary", "MIGRATE_FLEET_CANARY", count(0, 10000), 0,
+           "how many of the fleet's first databases must succeed before the others start"),
+    Option("fleet_fail_fast", "--fleet-fail-fast", "MIGRATE_FLEET_FAIL_FAST",
+           lambda value, name: _boolean(value, name, False), False,
+           "start no more of the fleet's databases once one failed"),
+    Option("fleet_shards", "--fleet-shards", "MIGRATE_FLEET_SHARDS", count(1, 10000), 1,
+           "the fleet is shared among this many pods (an Indexed Job's completions): each migrates the "
+           "databases of its JOB_COMPLETION_INDEX"),
     Option("termination_log", "--termination-log", "MIGRATE_TERMINATION_LOG", _text, None,
            "where the one-line outcome is written (default /dev/termination-log, when it exists)"),
     Option("lint_allow", "--lint-allow", "MIGRATE_LINT_ALLOW", _text, None,

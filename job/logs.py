@@ -157,6 +157,7 @@ class Output:
         self._queued = 0
         self._dropped = 0
         self._busy = False  # a line is being written
+        self._partial = ""  # the start of a line whose end is still to come
         self._ready = threading.Condition()
         self._writer: threading.Thread | None = None
         outputs.append(self)
@@ -164,23 +165,30 @@ class Output:
     def write(self, text: str) -> int:
         if self.gone or not text:
             return len(text)
+        written = len(text)
         with self._ready:
+            # whole lines only, each in one write: print() writes a line's text and its newline
+            # apart, and the fleet's runs (job.fleet) share one stdout, where halves would interleave
+            self._partial += text
+            if not text.endswith("\n"):
+                return written
+            text, self._partial = self._partial, ""
             if not self._lines and not self._busy and len(text) <= select.PIPE_BUF and self._room():
                 # the common case, written at once: a pipe with room for PIPE_BUF bytes takes a line
                 # that long without blocking (a thread switch per line costs many replicas starting
                 # together on a few cores: make bench's 16-replica row)
                 self._put(text)
-                return len(text)
+                return written
             if self._queued + len(text) > QUEUED:
                 self._dropped += 1
-                return len(text)
+                return written
             self._lines.append(text)
             self._queued += len(text)
             self._ready.notify()
         if self._writer is None:
             self._writer = threading.Thread(target=self._write_out, name="output", daemon=True)
             self._writer.start()
-        return len(text)
+        return written
 
     def _put(self, text: str) -> None:
         try:
@@ -242,6 +250,15 @@ class Output:
 outputs: list[Output] = []
 # the most bytes of lines waiting to be written to one stream
 QUEUED = 4 << 20
+
+
+def _forget_outputs() -> None:
+    """In a forked process (job.fleet's runs): the parent's outputs, their queues and writer
+    threads are the parent's; this process makes its own on first use."""
+    outputs.clear()
+
+
+os.register_at_fork(after_in_child=_forget_outputs)
 
 
 def output_for(stream: Any) -> Output:

@@ -1,0 +1,313 @@
+"""`run` over a fleet of databases (MIGRATE_FLEET): one database per tenant, one code version.
+
+Each database is migrated exactly as `run` migrates one (job.pipeline: its own lock, backup, plan,
+revisions and history), in a process of its own forked from this one: Python, the job and the
+Alembic project's modules are loaded once, and a database at its head costs what a run at head
+costs (a query or two), not a Python start-up. At most MIGRATE_FLEET_PARALLEL run at once; the
+first MIGRATE_FLEET_CANARY must all succeed before the others start; with
+MIGRATE_FLEET_FAIL_FAST, none starts once one failed. A signal stops the fleet: the running
+databases get it (each rolls back its running revision and releases its lock, as `run` does),
+no other starts, and the summary says which were done.
+
+Every line a database's run logs carries `tenant` (the database, without its password) and
+`fleet_run_id`; `fleet.target` says how each ended, `fleet.done` sums up. The fleet exits 0 when
+every database succeeded, 6 when any failed (its own exit code is in its `fleet.target`), 143/130
+when a signal stopped it. A re-run redoes only what is not at its target: the others answer at head.
+
+With MIGRATE_FLEET_SHARDS, each pod of an Indexed Job takes the databases of its shard
+(JOB_COMPLETION_INDEX), by a hash of each one's name (`shard_of`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import re
+import signal
+import sys
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple
+
+from job import __version__, config, db, logs
+from job.config import Settings
+from job.errors import ConfigError, MigrationFailed, first_line
+from job.logs import log
+
+# what a target's line says when the fleet did not start it, and when its run succeeded
+NOT_STARTED = "not-started"
+SUCCEEDED = ("migrated", "up-to-date")
+FAILED_CODE = MigrationFailed.exit_code  # (whatever each failed target exited with)
+SIGNAL_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
+QUERY = re.compile(r"^\s*(select|with)\b", re.IGNORECASE)
+
+
+class Target(NamedTuple):
+    """One database of the fleet: its URL (what `run` gets as DATABASE_URL) and how logs name it."""
+
+    url: str
+    label: str
+
+
+class Ended(NamedTuple):
+    """How one target's run ended."""
+
+    target: Target
+    outcome: str  # migrated, up-to-date, failed, interrupted, not-started
+    exit_code: int | None
+    seconds: float
+    error: str | None = None
+
+
+def targets(settings: Settings, env: Mapping[str, str]) -> list[Target]:
+    """The fleet MIGRATE_FLEET names: its entries (spaces, commas or lines), the lines of @FILE, or
+    the first column of a SELECT run on DATABASE_URL's database. An entry is a PostgreSQL URL, or
+    a database name on DATABASE_URL's server (its user, password and parameters)."""
+    given = (settings.fleet or "").strip()
+    if given.startswith("@"):
+        path = Path(given[1:])
+        try:
+            given = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"MIGRATE_FLEET={given!r}: cannot read {path}: {e}") from None
+        entries = [line.strip() for line in given.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    elif QUERY.match(given):
+        entries = _queried(settings, given)
+    else:
+        entries = [entry for entry in re.split(r"[\s,]+", given) if entry]
+    found: dict[str, Target] = {}
+    for entry in entries:
+        target = _target(entry, env)
+        found.setdefault(target.label, target)  # (a database listed twice is migrated once)
+    if not found:
+        raise ConfigError("MIGRATE_FLEET names no database: give URLs or database names, @FILE, or a SELECT")
+    index = shard_index(settings.fleet_shards, env)
+    return [t for t in found.values() if shard_of(t, settings.fleet_shards) == index]
+
+
+def shard_index(shards: int, env: Mapping[str, str]) -> int:
+    """This pod's shard: JOB_COMPLETION_INDEX, which the Job controller gives each pod of an
+    Indexed Job (0 to completions - 1)."""
+    if shards == 1:
+        return 0
+    given = env.get("JOB_COMPLETION_INDEX", "")
+    if not given.strip().isdigit() or int(given) >= shards:
+        raise ConfigError(f"MIGRATE_FLEET_SHARDS={shards} needs JOB_COMPLETION_INDEX, 0 to {shards - 1} (an Indexed "
+                          f"Job's pod gets it from the Job controller), not {given!r}")
+    return int(given)
+
+
+def shard_of(target: Target, shards: int) -> int:
+    """The shard a database belongs to, by its name alone: every pod agrees on it whatever order
+    its list came in, and a database added later moves no other."""
+    return int.from_bytes(hashlib.sha256(target.label.encode()).digest()[:8], "big") % shards
+
+
+def _queried(settings: Settings, query: str) -> list[str]:
+    """The first column of `query`'s rows, on DATABASE_URL's database (closed before any fork)."""
+    import psycopg2
+
+    from job import wait
+
+    try:
+        with wait.connected(settings, primary=False) as conn, conn.cursor() as cur:
+            cur.execute(query)
+            return [str(row[0]).strip() for row in cur.fetchall() if row and row[0] is not None]
+    except psycopg2.Error as e:
+        raise ConfigError(f"MIGRATE_FLEET's query failed: {first_line(e)}") from None
+
+
+def _target(entry: str, env: Mapping[str, str]) -> Target:
+    if "://" in entry:
+        database = config.Database.from_url(entry)  # (refuses what `run` would refuse)
+        params = database.params
+        return Target(entry, f"{params.get('host', '')}:{params.get('port', '5432')}/{params.get('dbname', '')}")
+    if not re.fullmatch(r"[^\s/?#@:]{1,63}", entry):
+        raise ConfigError(f"MIGRATE_FLEET: {config.redact_url(entry)!r} is neither a PostgreSQL URL nor a database name")
+    base = env.get("DATABASE_URL")
+    if not base:
+        raise ConfigError(f"MIGRATE_FLEET names the database {entry!r} by name: set DATABASE_URL to a database "
+                          "on its server (its user, password and parameters are used), or give each as a URL")
+    parts = urllib.parse.urlsplit(base)
+    return Target(urllib.parse.urlunsplit(parts._replace(path="/" + urllib.parse.quote(entry, safe=""))), entry)
+
+
+def run(settings: Settings, env: Mapping[str, str], flags: Mapping[str, Any]) -> tuple[str, int, str]:
+    """Migrate every database of the fleet: the fleet's outcome, exit code (module docstring) and
+    termination message."""
+    log.release()  # (a single run holds its lines until the lock; the fleet takes none itself)
+    fleet = targets(settings, env)
+    log.info("fleet.start", targets=len(fleet), parallel=settings.fleet_parallel, canary=settings.fleet_canary,
+             fail_fast=settings.fleet_fail_fast,
+             **({"shard": shard_index(settings.fleet_shards, env), "shards": settings.fleet_shards}
+                if settings.fleet_shards > 1 else {}))
+    # what a run with work to do loads (job.pipeline), loaded here once: every forked run has it
+    for module in ("job.backup", "job.drift", "job.migrate"):
+        importlib.import_module(module)
+
+    scheduler = _Scheduler(settings, env, flags)
+    canary, rest = fleet[:settings.fleet_canary], fleet[settings.fleet_canary:]
+    ended = scheduler.run(canary)
+    if any(e.outcome not in SUCCEEDED for e in ended):
+        if canary:
+            log.warning("fleet.canary_failed", failed=[e.target.label for e in ended if e.exit_code],
+                        not_started=len(rest))
+        ended += not_started(rest)
+    else:
+        ended += scheduler.run(rest)
+    return summary(ended, scheduler.signalled)
+
+
+def summary(ended: list[Ended], signalled: int | None) -> tuple[str, int, str]:
+    """Log fleet.done; the fleet's outcome, exit code and termination message (failures first)."""
+    counts: dict[str, int] = {}
+    for e in ended:
+        counts[e.outcome] = counts.get(e.outcome, 0) + 1
+    failed = [e for e in ended if e.outcome in ("failed", "interrupted")]
+    code = SIGNAL_CODES.get(signalled, 143) if signalled else (FAILED_CODE if failed or NOT_STARTED in counts else 0)
+    log.info("fleet.done", targets=len(ended), counts=counts, exit_code=code,
+             failed=[{"tenant": e.target.label, "exit_code": e.exit_code} for e in failed][:100])
+    outcome = "interrupted" if signalled else ("fleet-failed" if code else "fleet-done")
+    done = ", ".join(f"{n} {what}" for what, n in sorted(counts.items()) if what not in ("failed", "interrupted"))
+    message = (f"{outcome}: {len(failed)} of {len(ended)} failed" + "".join(
+        f"; {e.target.label} (exit {e.exit_code}): {e.error or e.outcome}" for e in failed) + f"; {done}")
+    return outcome, code, logs.redactor.text(message)
+
+
+def not_started(batch: list[Target]) -> list[Ended]:
+    """The targets the fleet stopped before starting them, each said (a re-run starts them)."""
+    for target in batch:
+        log.info("fleet.target", tenant=target.label, outcome=NOT_STARTED)
+    return [Ended(target, NOT_STARTED, None, 0.0) for target in batch]
+
+
+class _Scheduler:
+    """Forks a run per target, at most `parallel` at a time, and waits for them."""
+
+    def __init__(self, settings: Settings, env: Mapping[str, str], flags: Mapping[str, Any]) -> None:
+        self.settings, self.env, self.flags = settings, env, flags
+        self.signalled: int | None = None
+        self.failed = False
+        self.running: dict[int, tuple[Target, float, int]] = {}  # pid: (target, started, the result pipe)
+
+    def run(self, batch: list[Target]) -> list[Ended]:
+        ended: list[Ended] = []
+        waiting = list(batch)
+        previous = {s: signal.signal(s, self._on_signal) for s in SIGNAL_CODES}
+        try:
+            while waiting or self.running:
+                while waiting and len(self.running) < self.settings.fleet_parallel and not self._stopping():
+                    self._start(waiting.pop(0))
+                if self._stopping():
+                    ended += not_started(waiting)
+                    waiting = []
+                if self.running:
+                    ended.append(self._reap())
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return ended
+
+    def _stopping(self) -> bool:
+        return self.signalled is not None or (self.failed and self.settings.fleet_fail_fast)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        """Stop the fleet: pass the signal on to every running target (each ends as `run` does)."""
+        if self.signalled is None:
+            self.signalled = signum
+            log.warning("fleet.stopping", signal=signum, running=[t.label for t, _, _ in self.running.values()])
+        for pid in self.running:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def _start(self, target: Target) -> None:
+        logs.drain(1.0)  # (nothing of ours waits in a queue the child would inherit)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        reader, writer = os.pipe()
+        # a signal to the fleet in the moment of the fork must not reach the child's copy of our handler
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNAL_CODES)
+        try:
+            pid = os.fork()
+            if pid == 0:  # the target's run
+                code = 1
+                try:
+                    os.close(reader)
+                    for s in SIGNAL_CODES:
+                        signal.signal(s, signal.SIG_DFL)
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNAL_CODES)
+                    code = _run_target(target, self.settings, self.env, self.flags, writer)
+                finally:
+                    os._exit(code)
+        finally:
+            if pid != 0:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNAL_CODES)
+        os.close(writer)
+        self.running[pid] = (target, time.monotonic(), reader)
+
+    def _reap(self) -> Ended:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:  # (never: we wait only while one runs)
+                raise RuntimeError("the fleet lost track of its runs") from None
+            if pid in self.running:
+                break
+        target, started, reader = self.running.pop(pid)
+        with os.fdopen(reader, "rb") as pipe:
+            said = pipe.read()
+        try:
+            result = json.loads(said)
+        except ValueError:  # killed before it could say (SIGKILL, the OOM killer)
+            code = os.waitstatus_to_exitcode(status)
+            result = {"outcome": "failed", "exit_code": code if code > 0 else 128 - code,
+                      "error": f"its process ended without a result ({_how(status)})"}
+        ended = Ended(target, result["outcome"], result["exit_code"], round(time.monotonic() - started, 3),
+                      result.get("error"))
+        self.failed = self.failed or ended.outcome not in SUCCEEDED
+        log.info("fleet.target", tenant=target.label, outcome=ended.outcome, exit_code=ended.exit_code,
+                 seconds=ended.seconds, **({"error": ended.error} if ended.error else {}))
+        return ended
+
+
+def _run_target(target: Target, settings: Settings, env: Mapping[str, str], flags: Mapping[str, Any],
+                result: int) -> int:
+    """In the forked process: `run` on one target, exactly as the CLI runs it, its lines carrying
+    the target; how it ended goes to the parent through `result` (a pipe)."""
+    from job import ending, pipeline
+
+    started = time.monotonic()
+    fleet_run_id = logs.run_id()
+    logs.configure(*config.log_options(env, flags), stream=sys.stdout, hold=True)
+    db.install_signal_handlers()
+    # env.py, and the project's settings it imports, often read DATABASE_URL themselves: it is the target's
+    for variable in ("MIGRATE_FLEET", "DATABASE_URL_FILE"):
+        os.environ.pop(variable, None)
+    os.environ["DATABASE_URL"] = target.url
+    child_env = {**{k: v for k, v in env.items() if k not in ("MIGRATE_FLEET", "DATABASE_URL_FILE")},
+                 "DATABASE_URL": target.url}
+    child_flags = {**flags, "fleet": None, "database_url": target.url}
+    with logs.about(tenant=target.label, fleet_run_id=fleet_run_id):
+        log.info("run.start", command="run", version=__version__)
+
+        def work() -> tuple[str, int]:
+            one = config.load(child_env, child_flags)
+            logs.redactor.add(one.secrets)
+            return pipeline.run(one), 0
+
+        ended = ending.attempt(work, started, os.devnull)  # (the fleet writes the termination message)
+    with os.fdopen(result, "w") as pipe:
+        pipe.write(json.dumps({"outcome": ended.outcome, "exit_code": ended.exit_code, "error": ended.error}))
+    logs.drain(2.0)
+    return ended.exit_code
+
+
+def _how(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit {os.waitstatus_to_exitcode(status)}"
