@@ -696,3 +696,44 @@ def test_every_values_key_has_a_comment_above_it() -> None:
             undocumented.append(f"{number + 1}: {stripped}")
 
     assert [] == undocumented
+
+
+# --- a fleet -----------------------------------------------------------------------------------
+
+def test_a_fleet_shared_among_shards_is_an_indexed_job_that_retries_each_shard_alone() -> None:
+    values = {"migration": {"fleet": {"targets": "tenant_a,tenant_b", "shards": 3, "parallelism": 2,
+                                      "failFast": True}}, "backups": {"mode": "off"}}
+    job = one(render(values), "Job")
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"], spec["backoffLimitPerIndex"]) == \
+        ("Indexed", 3, 2, 2)
+    assert "backoffLimit" not in spec  # (a shard's retries are its own: backoffLimitPerIndex)
+    env = env_of(spec["template"]["spec"]["containers"][0])
+    assert {k: v for k, v in env.items() if k.startswith("MIGRATE_FLEET")} == {
+        "MIGRATE_FLEET": "tenant_a,tenant_b", "MIGRATE_FLEET_PARALLEL": "4", "MIGRATE_FLEET_CANARY": "0",
+        "MIGRATE_FLEET_FAIL_FAST": "true", "MIGRATE_FLEET_SHARDS": "3"}
+    kubernetes_validate.validate(job, KUBERNETES, strict=True)
+
+
+def test_a_fleet_in_one_pod_is_a_plain_job_and_no_fleet_renders_nothing_of_it() -> None:
+    one_pod = one(render({"migration": {"fleet": {"targets": "@/etc/tenants/list"}}, "backups": {"mode": "off"}}),
+                  "Job")["spec"]
+    assert "completionMode" not in one_pod and one_pod["backoffLimit"] == 2
+    env = env_of(one_pod["template"]["spec"]["containers"][0])
+    assert env["MIGRATE_FLEET"] == "@/etc/tenants/list" and "MIGRATE_FLEET_SHARDS" not in env
+    plain = env_of(one(render(), "Job")["spec"]["template"]["spec"]["containers"][0])
+    assert not [k for k in plain if k.startswith("MIGRATE_FLEET")]
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"migration": {"fleet": {"shards": 3}}, "backups": {"mode": "off"}}, "it needs migration.mode: hook and migration.fleet.targets"),
+    ({"migration": {"mode": "initContainer", "fleet": {"targets": "a", "shards": 2}}, "backups": {"mode": "off"}},
+     "it needs migration.mode: hook"),
+    ({"migration": {"fleet": {"targets": "a", "shards": 2}}, "backups": {"persistence": {"create": True}}},
+     "must be ReadWriteMany"),
+    ({"migration": {"fleet": {"parallel": 0}}}, "parallel"),
+])
+def test_fleet_values_that_cannot_work_fail_to_render(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(Exception) as raised:
+        render(values)
+    assert message in str(raised.value)

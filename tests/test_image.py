@@ -38,7 +38,7 @@ import helm_python
 import pytest
 import yaml
 
-from tests.conftest import ROOT, Db, Result
+from tests.conftest import ADMIN_URL, ROOT, Db, Result, create_database, drop_database
 from tests.pgcluster import free_port
 
 pytestmark = [pytest.mark.image, pytest.mark.xdist_group("image")]
@@ -459,3 +459,39 @@ def test_a_failing_revision_shows_exit_6_and_the_termination_message(cluster: Cl
     assert failed.code == 6
     message = cluster.outcome(container)
     assert message.startswith("failed (exit 6): revision 0001") and 'relation "users" already exists' in message
+
+
+def test_a_fleet_in_three_shards_each_pod_migrates_its_share_and_a_failing_tenant_fails_its_shard_alone(
+        cluster: Cluster) -> None:
+    """The chart's Indexed Job played as the Job controller runs it: three pods, each with its
+    JOB_COMPLETION_INDEX; a tenant in whose way the first revision's table stands fails its
+    shard (exit 6), the other shards succeed, and every other tenant is at head."""
+    from job.fleet import Target, shard_of
+
+    tenants: list[Db] = []
+    while any(sum(shard_of(Target("", t.name), 3) == s for t in tenants) < 2 for s in range(3)):
+        tenants.append(create_database(ADMIN_URL, prefix="fleet"))  # (until each shard has two)
+    try:
+        broken = tenants[0]
+        broken.query("CREATE TABLE users (id int)")
+        docs = chart(tenants[0], migration={"fleet": {"targets": ",".join(t.name for t in tenants), "shards": 3}},
+                     backups={"mode": "off"})
+        pods = cluster.pods_of(docs, "Job", replicas=3)
+        for index, pod in enumerate(pods):
+            for container in pod["spec"]["containers"]:
+                container["env"].append({"name": "JOB_COMPLETION_INDEX", "value": str(index)})
+        cluster.play(pods)
+        failing = shard_of(Target("", broken.name), 3)
+        ended = [cluster.finished(f"{pod['metadata']['name']}-migrate", timeout=300) for pod in pods]
+        assert [e.code for e in ended] == [6 if i == failing else 0 for i in range(3)], \
+            [cluster.outcome(f"{pod['metadata']['name']}-migrate") for pod in pods]
+        assert cluster.outcome(f"{pods[failing]['metadata']['name']}-migrate").startswith(
+            f"fleet-failed: 1 of {sum(shard_of(Target('', t.name), 3) == failing for t in tenants)} failed; "
+            f"{broken.name} (exit 6)")
+        for index, result in enumerate(ended):
+            said = {e["tenant"] for e in result.events("fleet.target")}
+            assert said == {t.name for t in tenants if shard_of(Target("", t.name), 3) == index}
+        assert [t.version() for t in tenants[1:]] == [["0006"]] * (len(tenants) - 1)
+    finally:
+        for tenant in tenants:
+            drop_database(tenant)

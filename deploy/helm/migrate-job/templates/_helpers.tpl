@@ -82,6 +82,14 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- if and (eq .Values.migration.mode "initContainer") (include "migrate-job.backupsOnClaim" .) (not .Values.backups.persistence.existingClaim) (gt (int .Values.app.replicas) 1) (not (has "ReadWriteMany" .Values.backups.persistence.accessModes)) -}}
 {{- fail "backups: in initContainer mode every app pod mounts the backup claim; with more than one replica it must be ReadWriteMany (backups.persistence.accessModes), an existingClaim that is; or keep backups in a bucket (backups.s3.bucket), or set backups.mode: off" -}}
 {{- end -}}
+{{- with .Values.migration.fleet -}}
+{{- if and (gt (int .shards) 1) (or (ne $.Values.migration.mode "hook") (not .targets)) -}}
+{{- fail "migration.fleet.shards: an Indexed Job shares a fleet among its pods: it needs migration.mode: hook and migration.fleet.targets" -}}
+{{- end -}}
+{{- if and (gt (int .shards) 1) (include "migrate-job.backupsOnClaim" $) (not $.Values.backups.persistence.existingClaim) (not (has "ReadWriteMany" $.Values.backups.persistence.accessModes)) -}}
+{{- fail "backups: the fleet's shards run at once, each mounting the backup claim: it must be ReadWriteMany (backups.persistence.accessModes), an existingClaim that is; or keep backups in a bucket (backups.s3.bucket), or set backups.mode: off" -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{/* Pod-level settings every pod of the chart shares */}}
@@ -122,6 +130,22 @@ imagePullSecrets:
 {{- if .withBackups }}
 - name: MIGRATE_BACKUP
   value: {{ .root.Values.backups.mode | quote }}
+{{- with .root.Values.migration.fleet }}
+{{- if .targets }}
+- name: MIGRATE_FLEET
+  value: {{ .targets | quote }}
+- name: MIGRATE_FLEET_PARALLEL
+  value: {{ .parallel | quote }}
+- name: MIGRATE_FLEET_CANARY
+  value: {{ .canary | quote }}
+- name: MIGRATE_FLEET_FAIL_FAST
+  value: {{ .failFast | quote }}
+{{- end }}
+{{- if gt (int .shards) 1 }}
+- name: MIGRATE_FLEET_SHARDS
+  value: {{ .shards | quote }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- if and .withBackups (include "migrate-job.backupsOnClaim" .root) }}
 - name: MIGRATE_BACKUP_DIR
