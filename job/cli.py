@@ -216,10 +216,14 @@ def main(argv: list[str] | None = None) -> int:
         settings = config.load(env, vars(args), need_database=not offline)
         logs.redactor.add(settings.secrets)
         credentials.install(settings.password_source, logs.redactor.add)
-        if args.command == "run" and settings.fleet:
+        if settings.fleet and args.command in ("run", "check"):
             from job import fleet
 
-            return fleet.run(settings, env, vars(args))
+            if args.command == "check" and args.format == "json":
+                raise ConfigError("check over a fleet (MIGRATE_FLEET) says each database's state in its "
+                                  "fleet.target line: --format json is for one database")
+            return fleet.run(settings, env, vars(args), args.command,
+                             None if args.command == "run" else lambda one: COMMANDS[args.command](one, args))
         return COMMANDS[args.command](settings, args)
 
     return ending.attempt(work, started, termination).exit_code

@@ -30,16 +30,17 @@ import sys
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 from job import __version__, config, db, logs
 from job.config import Settings
-from job.errors import ConfigError, MigrationFailed, first_line
+from job.errors import ConfigError, MigrationFailed, Pending, first_line
 from job.logs import log
 
 # what a target's line says when the fleet did not start it, and when its run succeeded
 NOT_STARTED = "not-started"
-SUCCEEDED = ("migrated", "up-to-date")
+SUCCEEDED = ("migrated", "up-to-date", "at-target")
+PENDING = "pending"  # (`check`: not a failure, not yet done)
 FAILED_CODE = MigrationFailed.exit_code  # (whatever each failed target exited with)
 SIGNAL_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
 QUERY = re.compile(r"^\s*(select|with)\b", re.IGNORECASE)
@@ -135,20 +136,24 @@ def _target(entry: str, env: Mapping[str, str]) -> Target:
     return Target(urllib.parse.urlunsplit(parts._replace(path="/" + urllib.parse.quote(entry, safe=""))), entry)
 
 
-def run(settings: Settings, env: Mapping[str, str], flags: Mapping[str, Any]) -> tuple[str, int, str]:
-    """Migrate every database of the fleet: the fleet's outcome, exit code (module docstring) and
-    termination message."""
+def run(settings: Settings, env: Mapping[str, str], flags: Mapping[str, Any], command: str = "run",
+        work: Callable[[Settings], tuple[str, int]] | None = None) -> tuple[str, int, str]:
+    """`command` on every database of the fleet (`run`: job.pipeline; `check`: `work`, the CLI's
+    check of one database): the fleet's outcome, exit code (module docstring) and termination message."""
     log.release()  # (a single run holds its lines until the lock; the fleet takes none itself)
     fleet = targets(settings, env)
-    log.info("fleet.start", targets=len(fleet), parallel=settings.fleet_parallel, canary=settings.fleet_canary,
-             fail_fast=settings.fleet_fail_fast,
+    log.info("fleet.start", command=command, targets=len(fleet), parallel=settings.fleet_parallel,
+             canary=settings.fleet_canary, fail_fast=settings.fleet_fail_fast,
              **({"shard": shard_index(settings.fleet_shards, env), "shards": settings.fleet_shards}
                 if settings.fleet_shards > 1 else {}))
-    # what a run with work to do loads (job.pipeline), loaded here once: every forked run has it
-    for module in ("job.backup", "job.drift", "job.migrate"):
-        importlib.import_module(module)
+    if work is None:
+        from job import pipeline
 
-    scheduler = _Scheduler(settings, env, flags)
+        # what a run with work to do loads (job.pipeline), loaded here once: every forked run has it
+        for module in ("job.backup", "job.drift", "job.migrate"):
+            importlib.import_module(module)
+        work = lambda one: (pipeline.run(one), 0)  # noqa: E731
+    scheduler = _Scheduler(settings, env, flags, command, work)
     canary, rest = fleet[:settings.fleet_canary], fleet[settings.fleet_canary:]
     ended = scheduler.run(canary)
     if any(e.outcome not in SUCCEEDED for e in ended):
@@ -158,19 +163,27 @@ def run(settings: Settings, env: Mapping[str, str], flags: Mapping[str, Any]) ->
         ended += not_started(rest)
     else:
         ended += scheduler.run(rest)
-    return summary(ended, scheduler.signalled)
+    return summary(ended, scheduler.signalled, command)
 
 
-def summary(ended: list[Ended], signalled: int | None) -> tuple[str, int, str]:
-    """Log fleet.done; the fleet's outcome, exit code and termination message (failures first)."""
+def summary(ended: list[Ended], signalled: int | None, command: str = "run") -> tuple[str, int, str]:
+    """Log fleet.done; the fleet's outcome, exit code and termination message (failures first).
+    `run`: 0, or 6 when any database failed or was not started. `check`: 0 when every database is
+    at its target, 8 when any is pending and none failed, else the first failure's exit code."""
     counts: dict[str, int] = {}
     for e in ended:
         counts[e.outcome] = counts.get(e.outcome, 0) + 1
     failed = [e for e in ended if e.outcome in ("failed", "interrupted")]
-    code = SIGNAL_CODES.get(signalled, 143) if signalled else (FAILED_CODE if failed or NOT_STARTED in counts else 0)
-    log.info("fleet.done", targets=len(ended), counts=counts, exit_code=code,
+    if signalled:
+        code = SIGNAL_CODES.get(signalled, 143)
+    elif command == "check":
+        code = failed[0].exit_code or 1 if failed else (Pending.exit_code if PENDING in counts else 0)
+    else:
+        code = FAILED_CODE if failed or NOT_STARTED in counts else 0
+    log.info("fleet.done", command=command, targets=len(ended), counts=counts, exit_code=code,
              failed=[{"tenant": e.target.label, "exit_code": e.exit_code} for e in failed][:100])
-    outcome = "interrupted" if signalled else ("fleet-failed" if code else "fleet-done")
+    outcome = ("interrupted" if signalled else "fleet-failed" if failed else "fleet-pending" if code
+               else "fleet-done")
     done = ", ".join(f"{n} {what}" for what, n in sorted(counts.items()) if what not in ("failed", "interrupted"))
     message = (f"{outcome}: {len(failed)} of {len(ended)} failed" + "".join(
         f"; {e.target.label} (exit {e.exit_code}): {e.error or e.outcome}" for e in failed) + f"; {done}")
@@ -187,8 +200,9 @@ def not_started(batch: list[Target]) -> list[Ended]:
 class _Scheduler:
     """Forks a run per target, at most `parallel` at a time, and waits for them."""
 
-    def __init__(self, settings: Settings, env: Mapping[str, str], flags: Mapping[str, Any]) -> None:
-        self.settings, self.env, self.flags = settings, env, flags
+    def __init__(self, settings: Settings, env: Mapping[str, str], flags: Mapping[str, Any], command: str,
+                 work: Callable[[Settings], tuple[str, int]]) -> None:
+        self.settings, self.env, self.flags, self.command, self.work = settings, env, flags, command, work
         self.signalled: int | None = None
         self.failed = False
         self.running: dict[int, tuple[Target, float, int]] = {}  # pid: (target, started, the result pipe)
@@ -241,7 +255,7 @@ class _Scheduler:
                     for s in SIGNAL_CODES:
                         signal.signal(s, signal.SIG_DFL)
                     signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNAL_CODES)
-                    code = _run_target(target, self.settings, self.env, self.flags, writer)
+                    code = _run_target(target, self.command, self.work, self.env, self.flags, writer)
                 finally:
                     os._exit(code)
         finally:
@@ -269,21 +283,21 @@ class _Scheduler:
                       "error": f"its process ended without a result ({_how(status)})"}
         ended = Ended(target, result["outcome"], result["exit_code"], round(time.monotonic() - started, 3),
                       result.get("error"))
-        self.failed = self.failed or ended.outcome not in SUCCEEDED
+        self.failed = self.failed or ended.outcome not in (*SUCCEEDED, PENDING)
         log.info("fleet.target", tenant=target.label, outcome=ended.outcome, exit_code=ended.exit_code,
                  seconds=ended.seconds, **({"error": ended.error} if ended.error else {}))
         return ended
 
 
-def _run_target(target: Target, settings: Settings, env: Mapping[str, str], flags: Mapping[str, Any],
-                result: int) -> int:
-    """In the forked process: `run` on one target, exactly as the CLI runs it, its lines carrying
-    the target; how it ended goes to the parent through `result` (a pipe)."""
-    from job import ending, pipeline
+def _run_target(target: Target, command: str, work: Callable[[Settings], tuple[str, int]], env: Mapping[str, str],
+                flags: Mapping[str, Any], result: int) -> int:
+    """In the forked process: `command` on one target, exactly as the CLI runs it, its lines
+    carrying the target; how it ended goes to the parent through `result` (a pipe)."""
+    from job import ending
 
     started = time.monotonic()
     fleet_run_id = logs.run_id()
-    logs.configure(*config.log_options(env, flags), stream=sys.stdout, hold=True)
+    logs.configure(*config.log_options(env, flags), stream=sys.stdout, hold=command == "run")
     db.install_signal_handlers()
     # env.py, and the project's settings it imports, often read DATABASE_URL themselves: it is the target's
     for variable in ("MIGRATE_FLEET", "DATABASE_URL_FILE"):
@@ -293,14 +307,14 @@ def _run_target(target: Target, settings: Settings, env: Mapping[str, str], flag
                  "DATABASE_URL": target.url}
     child_flags = {**flags, "fleet": None, "database_url": target.url}
     with logs.about(tenant=target.label, fleet_run_id=fleet_run_id):
-        log.info("run.start", command="run", version=__version__)
+        log.info("run.start", command=command, version=__version__)
 
-        def work() -> tuple[str, int]:
-            one = config.load(child_env, child_flags)
-            logs.redactor.add(one.secrets)
-            return pipeline.run(one), 0
+        def one() -> tuple[str, int]:
+            settings = config.load(child_env, child_flags)
+            logs.redactor.add(settings.secrets)
+            return work(settings)
 
-        ended = ending.attempt(work, started, os.devnull)  # (the fleet writes the termination message)
+        ended = ending.attempt(one, started, os.devnull)  # (the fleet writes the termination message)
     with os.fdopen(result, "w") as pipe:
         pipe.write(json.dumps({"outcome": ended.outcome, "exit_code": ended.exit_code, "error": ended.error}))
     logs.drain(2.0)

@@ -713,6 +713,10 @@ def test_a_fleet_shared_among_shards_is_an_indexed_job_that_retries_each_shard_a
         "MIGRATE_FLEET": "tenant_a,tenant_b", "MIGRATE_FLEET_PARALLEL": "4", "MIGRATE_FLEET_CANARY": "0",
         "MIGRATE_FLEET_FAIL_FAST": "true", "MIGRATE_FLEET_SHARDS": "3"}
     kubernetes_validate.validate(job, KUBERNETES, strict=True)
+    # the app waits for the whole fleet, not a shard of it
+    (waiter,) = one(render(values), "Deployment")["spec"]["template"]["spec"]["initContainers"]
+    assert waiter["args"][:2] == ["check", "--wait"]
+    assert env_of(waiter)["MIGRATE_FLEET"] == "tenant_a,tenant_b" and "MIGRATE_FLEET_SHARDS" not in env_of(waiter)
 
 
 def test_a_fleet_in_one_pod_is_a_plain_job_and_no_fleet_renders_nothing_of_it() -> None:

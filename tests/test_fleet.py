@@ -265,3 +265,27 @@ def test_shards_without_a_completion_index_that_fits_exit_2(tmp_path: Path, tena
     result = run_job("run", env=env)
     assert result.code == 2 and "JOB_COMPLETION_INDEX, 0 to 2" in result.failure
     assert version(tenants[0]) == []
+
+
+@pytest.mark.count(4)
+def test_check_over_a_fleet_says_each_database_and_exits_8_while_any_is_pending(tmp_path: Path,
+                                                                              tenants: list[Db]) -> None:
+    env = fleet_env(tmp_path, tenants, MIGRATE_BACKUP="off")
+    assert run_job("run", env={**env, "MIGRATE_FLEET": ",".join(t.name for t in tenants[:2])}).code == 0
+
+    checked = run_job("check", env=env)
+    assert checked.code == 8, checked.stdout[-2000:]
+    assert outcomes(checked) == {**{t.name: "at-target" for t in tenants[:2]}, **{t.name: "pending" for t in tenants[2:]}}
+    assert checked.event("fleet.done")["counts"] == {"at-target": 2, "pending": 2}
+    assert (tmp_path / "termination-log").read_text().startswith("fleet-pending: 0 of 4 failed; 2 at-target, 2 pending")
+    assert [version(t) for t in tenants[2:]] == [[], []]  # (check changes nothing)
+
+    # `check --wait` (the app's init container) returns once the whole fleet is at its target
+    out = tmp_path / "check.out"
+    waiting = start_logged({**env, "MIGRATE_WAIT_TIMEOUT": "60"}, out, "check", "--wait")
+    assert run_job("run", env=env, timeout=300).code == 0
+    waited = finish_logged(waiting, out, timeout=90)
+    assert waited.code == 0, waited.stdout[-2000:]
+    assert set(outcomes(waited).values()) == {"at-target"}
+
+    assert run_job("check", "--format", "json", env=env).code == 2

@@ -465,7 +465,8 @@ def test_a_fleet_in_three_shards_each_pod_migrates_its_share_and_a_failing_tenan
         cluster: Cluster) -> None:
     """The chart's Indexed Job played as the Job controller runs it: three pods, each with its
     JOB_COMPLETION_INDEX; a tenant in whose way the first revision's table stands fails its
-    shard (exit 6), the other shards succeed, and every other tenant is at head."""
+    shard (exit 6), the other shards succeed, and every other tenant is at head; the shard retried
+    once the tenant is mended succeeds, and the app pod, which waits for the whole fleet, starts."""
     from job.fleet import Target, shard_of
 
     tenants: list[Db] = []
@@ -492,6 +493,20 @@ def test_a_fleet_in_three_shards_each_pod_migrates_its_share_and_a_failing_tenan
             said = {e["tenant"] for e in result.events("fleet.target")}
             assert said == {t.name for t in tenants if shard_of(Target("", t.name), 3) == index}
         assert [t.version() for t in tenants[1:]] == [["0006"]] * (len(tenants) - 1)
+
+        # the tenant mended, the failing shard's pod again (what backoffLimitPerIndex does): then
+        # the app's wait-for-migrations, which waits for the whole fleet, lets the app start
+        broken.query("DROP TABLE users")
+        retried = pods[failing]
+        cluster.podman("pod", "rm", "--force", "--time", "0", retried["metadata"]["name"])
+        cluster.play([retried])
+        assert cluster.finished(f"{retried['metadata']['name']}-migrate", timeout=300).code == 0
+        assert broken.version() == ["0006"]
+        (app_pod,) = cluster.pods_of(docs, "Deployment")
+        cluster.play([app_pod])
+        waiter = f"{app_pod['metadata']['name']}-wait-for-migrations"
+        assert cluster.outcome(waiter).startswith(f"fleet-done: 0 of {len(tenants)} failed; {len(tenants)} at-target")
+        assert cluster.ready(f"{app_pod['metadata']['name']}-app") == 200
     finally:
         for tenant in tenants:
             drop_database(tenant)

@@ -127,11 +127,9 @@ imagePullSecrets:
   value: {{ .root.Values.migration.logFormat | quote }}
 - name: MIGRATE_LOG_LEVEL
   value: {{ .root.Values.migration.logLevel | quote }}
-{{- if .withBackups }}
-- name: MIGRATE_BACKUP
-  value: {{ .root.Values.backups.mode | quote }}
 {{- with .root.Values.migration.fleet }}
 {{- if .targets }}
+# (the migration runs over the fleet; the app's wait-for-migrations waits for all of it)
 - name: MIGRATE_FLEET
   value: {{ .targets | quote }}
 - name: MIGRATE_FLEET_PARALLEL
@@ -140,12 +138,15 @@ imagePullSecrets:
   value: {{ .canary | quote }}
 - name: MIGRATE_FLEET_FAIL_FAST
   value: {{ .failFast | quote }}
-{{- end }}
-{{- if gt (int .shards) 1 }}
+{{- if and $.withBackups (gt (int .shards) 1) }}
 - name: MIGRATE_FLEET_SHARDS
   value: {{ .shards | quote }}
 {{- end }}
 {{- end }}
+{{- end }}
+{{- if .withBackups }}
+- name: MIGRATE_BACKUP
+  value: {{ .root.Values.backups.mode | quote }}
 {{- end }}
 {{- if and .withBackups (include "migrate-job.backupsOnClaim" .root) }}
 - name: MIGRATE_BACKUP_DIR
