@@ -64,6 +64,7 @@ class Project:
             os.environ.update(database.driver_environment())
         else:  # offline: env.py only needs a dialect
             self.config.set_main_option("sqlalchemy.url", "postgresql+psycopg2://")
+        self._multidb = bool(sections)
         for section, named in sections:  # a multidb env.py's engines (MIGRATE_DATABASES)
             self.config.set_section_option(section, "sqlalchemy.url", named.sqlalchemy_url().replace("%", "%%"))
             os.environ.update(named.driver_environment())
@@ -175,6 +176,8 @@ class Project:
             self.rollback()
         if not seen:
             raise ConfigError("env.py ran no migrations online (it never called context.run_migrations())")
+        if len(seen) > 1 and not self._multidb:
+            raise ConfigError(_loops_itself(seen))
         self._version_table = seen[0]
         return seen[0]
 
@@ -476,6 +479,19 @@ def _config(files: AlembicFiles) -> Config:
 
 
 # --- what every command that loads Alembic shares ---------------------------------------------
+
+def _loops_itself(seen: list[VersionTable]) -> str:
+    """Why the job refuses an env.py that runs the migrations more than once in one run (but for a
+    multidb env.py's engines): it loops over tenants itself, a schema each (Netflix Dispatch's
+    shape), with a version table in each schema or the search_path alone. The job would take one
+    version table for all of them: plan one tenant's revisions, record the others' as more of them,
+    and call a tenant added later up to date."""
+    tables = sorted({f"{t.schema}.{t.name}" if t.schema else f"{t.name} (on the search_path)" for t in seen})
+    return (f"env.py runs the migrations {len(seen)} times in one run (version tables: {', '.join(tables)}): it loops "
+            "over tenants itself, one schema each. The job plans, locks, backs up and records one database per run "
+            "and cannot follow such a loop; nothing was changed. Give each tenant a database of its own and list "
+            "them in MIGRATE_FLEET (README: Many tenants), or migrate this project with bare Alembic")
+
 
 @contextlib.contextmanager
 def project_of(settings: Settings, conn: Any | None) -> Iterator[Project]:
