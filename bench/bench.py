@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WHEELS = ROOT / ".local" / "wheels"
 ADMIN_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 RUNS = int(os.environ.get("BENCH_RUNS", "15"))
+FLEET_TENANTS = int(os.environ.get("BENCH_FLEET_TENANTS", "200"))
 BACKUP_MB = int(os.environ.get("BENCH_BACKUP_MB", "1100"))
 REHEARSAL_MB = int(os.environ.get("BENCH_REHEARSAL_MB", "1100"))
 WATCHED_MB = int(os.environ.get("BENCH_WATCHED_MB", "400"))
@@ -54,7 +55,8 @@ def main() -> int:
     image_venv()
     only = [name for name in os.environ.get("BENCH_ONLY", "").split(",") if name]
     rows = []
-    for measure in (at_head, revisions_flat, long_history, replicas, handoff, backup, rehearsal, watched, drift_check):
+    for measure in (at_head, revisions_flat, long_history, replicas, handoff, backup, rehearsal, watched, drift_check,
+                    fleet):
         if not only or measure.__name__ in only:
             measured = measure()
             rows.extend(measured if isinstance(measured, list) else [measured])
@@ -586,6 +588,30 @@ def drift_check(tables: int = 300) -> list[tuple[str, str, str]]:
          "<=50 ms"),
         ("  recording the schema a run left (after its last revision)", f"{statistics.median(records)*1000:.1f} ms", ""),
         (f"  migrate-job drift, {tables} tables (recorded, models, files)", f"{med(runs):.2f} s", "<=2 s"),
+    ]
+
+def fleet() -> list[tuple[str, str, str]]:
+    """migrate-job run over FLEET_TENANTS tenant databases (MIGRATE_FLEET), 3 pending revisions each,
+    vs a shell loop of `alembic upgrade head` per tenant (DATABASE_URL set for each, as such loops
+    do), each on its own fresh set; then the same fleet again, at head."""
+    ini = ROOT / "tests" / "scenarios" / "tenant" / "alembic.ini"
+    loop = ("for url in $TENANTS; do DATABASE_URL=$url " + str(BIN / "alembic") + " -c " + str(ini)
+            + " upgrade head || exit 1; done")
+    ours, theirs, at_head = [], [], []
+    for _ in range(2):
+        sets = [[new_database() for _ in range(FLEET_TENANTS)] for _ in range(2)]
+        env = env_for(sets[0][0], ini, MIGRATE_FLEET=",".join(sets[0]))
+        ours.append(timed([str(BIN / "migrate-job"), "run"], env, ROOT))
+        theirs.append(timed(["bash", "-c", loop], {**env, "TENANTS": " ".join(url_of(n) for n in sets[1])}, ROOT))
+        at_head += [timed([str(BIN / "migrate-job"), "run"], env, ROOT) for _ in range(3)]
+        for name in sets[0] + sets[1]:
+            admin(f'DROP DATABASE "{name}" WITH (FORCE)')
+    print(f"fleet of {FLEET_TENANTS} tenant databases, 3 revisions each: migrate-job {med(ours):.1f} s, "
+          f"shell loop of alembic upgrade head {med(theirs):.1f} s; at head {med(at_head):.2f} s")
+    return [
+        (f"fleet of {FLEET_TENANTS} databases x 3 revisions vs a loop of alembic", f"{med(ours)/med(theirs):.2f}x",
+         "<=0.25x"),
+        ("  the same fleet at head", f"{med(at_head):.2f} s", "<=2 s"),
     ]
 
 
