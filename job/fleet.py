@@ -20,11 +20,13 @@ With MIGRATE_FLEET_SHARDS, each pod of an Indexed Job takes the databases of its
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
 import os
 import re
+import select
 import signal
 import sys
 import time
@@ -155,14 +157,17 @@ def run(settings: Settings, env: Mapping[str, str], flags: Mapping[str, Any], co
         work = lambda one: (pipeline.run(one), 0)  # noqa: E731
     scheduler = _Scheduler(settings, env, flags, command, work)
     canary, rest = fleet[:settings.fleet_canary], fleet[settings.fleet_canary:]
-    ended = scheduler.run(canary)
-    if any(e.outcome not in SUCCEEDED for e in ended):
-        if canary:
-            log.warning("fleet.canary_failed", failed=[e.target.label for e in ended if e.exit_code],
-                        not_started=len(rest))
-        ended += not_started(rest)
-    else:
-        ended += scheduler.run(rest)
+    try:
+        ended = scheduler.run(canary)
+        if any(e.outcome not in SUCCEEDED for e in ended):
+            if canary:
+                log.warning("fleet.canary_failed", failed=[e.target.label for e in ended if e.exit_code],
+                            not_started=len(rest))
+            ended += not_started(rest)
+        else:
+            ended += scheduler.run(rest)
+    finally:
+        scheduler.close()
     return summary(ended, scheduler.signalled, command)
 
 
@@ -197,33 +202,74 @@ def not_started(batch: list[Target]) -> list[Ended]:
     return [Ended(target, NOT_STARTED, None, 0.0) for target in batch]
 
 
+class _Worker:
+    """A process forked from the fleet's that runs targets in turn: while they are at their target
+    (a run at head loads nothing and leaves nothing behind) it takes the next; a run that did work,
+    or failed, is its last, so that whatever Alembic and the project's env.py loaded stays with it."""
+
+    def __init__(self, pid: int, tasks: int, results: int) -> None:
+        self.pid, self.tasks = pid, tasks
+        self.results = os.fdopen(results, "r")
+        self.target: Target | None = None
+        self.started = 0.0
+
+    def give(self, target: Target) -> None:
+        self.target, self.started = target, time.monotonic()
+        os.write(self.tasks, (json.dumps(target._asdict()) + "\n").encode())
+
+    def close(self) -> None:
+        """No more targets: the worker ends once it has read to the end of its tasks."""
+        with contextlib.suppress(OSError):
+            os.close(self.tasks)
+        self.results.close()
+
+
+# the outcomes after which a worker takes another target (nothing was loaded or changed)
+AT_TARGET = ("up-to-date", "at-target")
+
+
 class _Scheduler:
-    """Forks a run per target, at most `parallel` at a time, and waits for them."""
+    """Targets given to at most `parallel` workers (`_Worker`) at a time, and their results collected."""
 
     def __init__(self, settings: Settings, env: Mapping[str, str], flags: Mapping[str, Any], command: str,
                  work: Callable[[Settings], tuple[str, int]]) -> None:
         self.settings, self.env, self.flags, self.command, self.work = settings, env, flags, command, work
         self.signalled: int | None = None
         self.failed = False
-        self.running: dict[int, tuple[Target, float, int]] = {}  # pid: (target, started, the result pipe)
+        self.workers: list[_Worker] = []
 
     def run(self, batch: list[Target]) -> list[Ended]:
         ended: list[Ended] = []
         waiting = list(batch)
         previous = {s: signal.signal(s, self._on_signal) for s in SIGNAL_CODES}
         try:
-            while waiting or self.running:
-                while waiting and len(self.running) < self.settings.fleet_parallel and not self._stopping():
-                    self._start(waiting.pop(0))
+            while waiting or self._busy():
+                while waiting and not self._stopping():
+                    idle = [w for w in self.workers if w.target is None]
+                    if not idle and len(self.workers) >= self.settings.fleet_parallel:
+                        break
+                    (idle[0] if idle else self._fork()).give(waiting.pop(0))
                 if self._stopping():
                     ended += not_started(waiting)
                     waiting = []
-                if self.running:
-                    ended.append(self._reap())
+                if self._busy():
+                    ended += self._collect()
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
         return ended
+
+    def close(self) -> None:
+        """End every worker (they are idle: the batches are over)."""
+        for worker in self.workers:
+            worker.close()
+        for worker in self.workers:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(worker.pid, 0)
+        self.workers = []
+
+    def _busy(self) -> list[_Worker]:
+        return [w for w in self.workers if w.target is not None]
 
     def _stopping(self) -> bool:
         return self.signalled is not None or (self.failed and self.settings.fleet_fail_fast)
@@ -232,67 +278,94 @@ class _Scheduler:
         """Stop the fleet: pass the signal on to every running target (each ends as `run` does)."""
         if self.signalled is None:
             self.signalled = signum
-            log.warning("fleet.stopping", signal=signum, running=[t.label for t, _, _ in self.running.values()])
-        for pid in self.running:
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
+            log.warning("fleet.stopping", signal=signum, running=[w.target.label for w in self._busy() if w.target])
+        for worker in self._busy():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signum)
 
-    def _start(self, target: Target) -> None:
+    def _fork(self) -> _Worker:
         logs.drain(1.0)  # (nothing of ours waits in a queue the child would inherit)
         sys.stdout.flush()
         sys.stderr.flush()
-        reader, writer = os.pipe()
+        tasks_read, tasks_write = os.pipe()
+        results_read, results_write = os.pipe()
         # a signal to the fleet in the moment of the fork must not reach the child's copy of our handler
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNAL_CODES)
         try:
             pid = os.fork()
-            if pid == 0:  # the target's run
+            if pid == 0:  # the worker
                 code = 1
                 try:
-                    os.close(reader)
+                    for fd in [tasks_write, results_read, *(w.tasks for w in self.workers),
+                               *(w.results.fileno() for w in self.workers)]:
+                        os.close(fd)  # (the others' ends are the fleet's: their EOF must not wait for us)
                     for s in SIGNAL_CODES:
                         signal.signal(s, signal.SIG_DFL)
                     signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNAL_CODES)
-                    code = _run_target(target, self.command, self.work, self.env, self.flags, writer)
+                    code = _serve(tasks_read, results_write, self.command, self.work, self.env, self.flags)
                 finally:
                     os._exit(code)
         finally:
             if pid != 0:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNAL_CODES)
-        os.close(writer)
-        self.running[pid] = (target, time.monotonic(), reader)
+        os.close(tasks_read)
+        os.close(results_write)
+        worker = _Worker(pid, tasks_write, results_read)
+        self.workers.append(worker)
+        return worker
 
-    def _reap(self) -> Ended:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, 0)
-            except ChildProcessError:  # (never: we wait only while one runs)
-                raise RuntimeError("the fleet lost track of its runs") from None
-            if pid in self.running:
-                break
-        target, started, reader = self.running.pop(pid)
-        with os.fdopen(reader, "rb") as pipe:
-            said = pipe.read()
-        try:
-            result = json.loads(said)
-        except ValueError:  # killed before it could say (SIGKILL, the OOM killer)
-            code = os.waitstatus_to_exitcode(status)
-            result = {"outcome": "failed", "exit_code": code if code > 0 else 128 - code,
-                      "error": f"its process ended without a result ({_how(status)})"}
-        ended = Ended(target, result["outcome"], result["exit_code"], round(time.monotonic() - started, 3),
-                      result.get("error"))
-        self.failed = self.failed or ended.outcome not in (*SUCCEEDED, PENDING)
-        log.info("fleet.target", tenant=target.label, outcome=ended.outcome, exit_code=ended.exit_code,
-                 seconds=ended.seconds, **({"error": ended.error} if ended.error else {}))
+    def _collect(self) -> list[Ended]:
+        """Wait for a result (or the end) of any busy worker; what ended."""
+        busy = {w.results.fileno(): w for w in self._busy()}
+        readable, _, _ = select.select(list(busy), [], [])
+        ended = []
+        for fd in readable:
+            worker = busy[fd]
+            target, started = worker.target, worker.started
+            assert target is not None
+            line = worker.results.readline()
+            if line:
+                result = json.loads(line)
+            else:  # killed before it could say (SIGKILL, the OOM killer)
+                _, status = os.waitpid(worker.pid, 0)
+                code = os.waitstatus_to_exitcode(status)
+                result = {"outcome": "failed", "exit_code": code if code > 0 else 128 - code,
+                          "error": f"its process ended without a result ({_how(status)})"}
+            worker.target = None
+            if not line or result["outcome"] not in AT_TARGET:  # (that run was the worker's last)
+                self.workers.remove(worker)
+                worker.close()
+                if line:
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(worker.pid, 0)
+            done = Ended(target, result["outcome"], result["exit_code"], round(time.monotonic() - started, 3),
+                         result.get("error"))
+            self.failed = self.failed or done.outcome not in (*SUCCEEDED, PENDING)
+            log.info("fleet.target", tenant=target.label, outcome=done.outcome, exit_code=done.exit_code,
+                     seconds=done.seconds, **({"error": done.error} if done.error else {}))
+            ended.append(done)
         return ended
 
 
+def _serve(tasks: int, results: int, command: str, work: Callable[[Settings], tuple[str, int]],
+           env: Mapping[str, str], flags: Mapping[str, Any]) -> int:
+    """A worker: each target it reads from `tasks` run in turn, how each ended written to `results`;
+    it ends after a run that did not find its database at the target, or at the end of its tasks."""
+    with os.fdopen(tasks, "r") as given, os.fdopen(results, "w") as said:
+        for line in given:
+            ended = _run_target(Target(**json.loads(line)), command, work, env, flags)
+            said.write(json.dumps({"outcome": ended.outcome, "exit_code": ended.exit_code, "error": ended.error})
+                       + "\n")
+            said.flush()
+            if ended.outcome not in AT_TARGET:
+                return ended.exit_code
+    return 0
+
+
 def _run_target(target: Target, command: str, work: Callable[[Settings], tuple[str, int]], env: Mapping[str, str],
-                flags: Mapping[str, Any], result: int) -> int:
-    """In the forked process: `command` on one target, exactly as the CLI runs it, its lines
-    carrying the target; how it ended goes to the parent through `result` (a pipe)."""
+                flags: Mapping[str, Any]) -> Any:
+    """In a worker: `command` on one target, exactly as the CLI runs it, its lines carrying the
+    target; how it ended (job.ending.Ended)."""
     from job import ending
 
     started = time.monotonic()
@@ -315,10 +388,8 @@ def _run_target(target: Target, command: str, work: Callable[[Settings], tuple[s
             return work(settings)
 
         ended = ending.attempt(one, started, os.devnull)  # (the fleet writes the termination message)
-    with os.fdopen(result, "w") as pipe:
-        pipe.write(json.dumps({"outcome": ended.outcome, "exit_code": ended.exit_code, "error": ended.error}))
     logs.drain(2.0)
-    return ended.exit_code
+    return ended
 
 
 def _how(status: int) -> str:
