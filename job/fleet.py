@@ -126,6 +126,7 @@ def _queried(settings: Settings, query: str) -> list[str]:
 def _target(entry: str, env: Mapping[str, str]) -> Target:
     if "://" in entry:
         database = config.Database.from_url(entry)  # (refuses what `run` would refuse)
+        logs.redactor.add([database.password] if database.password else [])
         params = database.params
         return Target(entry, f"{params.get('host', '')}:{params.get('port', '5432')}/{params.get('dbname', '')}")
     if not re.fullmatch(r"[^\s/?#@:]{1,63}", entry):
@@ -248,7 +249,13 @@ class _Scheduler:
                     idle = [w for w in self.workers if w.target is None]
                     if not idle and len(self.workers) >= self.settings.fleet_parallel:
                         break
-                    (idle[0] if idle else self._fork()).give(waiting.pop(0))
+                    worker = idle[0] if idle else self._fork()
+                    try:
+                        worker.give(waiting[0])
+                    except OSError:  # an idle worker that died (the OOM killer): another takes the target
+                        self._forget(worker)
+                        continue
+                    waiting.pop(0)
                 if self._stopping():
                     ended += not_started(waiting)
                     waiting = []
@@ -267,6 +274,15 @@ class _Scheduler:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(worker.pid, 0)
         self.workers = []
+
+    def _forget(self, worker: _Worker, reaped: bool = False) -> None:
+        """A worker that has ended, or is ending: no more targets for it."""
+        self.workers.remove(worker)
+        worker.target = None
+        worker.close()
+        if not reaped:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(worker.pid, 0)
 
     def _busy(self) -> list[_Worker]:
         return [w for w in self.workers if w.target is not None]
@@ -333,11 +349,7 @@ class _Scheduler:
                           "error": f"its process ended without a result ({_how(status)})"}
             worker.target = None
             if not line or result["outcome"] not in AT_TARGET:  # (that run was the worker's last)
-                self.workers.remove(worker)
-                worker.close()
-                if line:
-                    with contextlib.suppress(ChildProcessError):
-                        os.waitpid(worker.pid, 0)
+                self._forget(worker, reaped=not line)
             done = Ended(target, result["outcome"], result["exit_code"], round(time.monotonic() - started, 3),
                          result.get("error"))
             self.failed = self.failed or done.outcome not in (*SUCCEEDED, PENDING)

@@ -155,9 +155,11 @@ def test_fail_fast_starts_no_more_once_one_failed(tmp_path: Path, tenants: list[
 @pytest.mark.count(4)
 def test_the_list_from_a_file_urls_and_a_query(tmp_path: Path, tenants: list[Db]) -> None:
     listing = tmp_path / "tenants"
-    listing.write_text(f"# tenants\n{tenants[0].url}\n\n{tenants[1].name}\n")
+    with_password = tenants[0].url.replace("postgres@", "postgres:Fl33tS3cret@")  # (trust auth: any will do)
+    listing.write_text(f"# tenants\n{with_password}\n\n{tenants[1].name}\n")
     result = run_job("run", env=fleet_env(tmp_path, tenants, MIGRATE_FLEET=f"@{listing}"), timeout=300)
     assert result.code == 0, result.stdout[-2000:]
+    assert "Fl33tS3cret" not in result.stdout + result.stderr + (tmp_path / "termination-log").read_text()
     assert sorted(outcomes(result).values()) == ["migrated", "migrated"]
     assert version(tenants[0]) == HEAD and version(tenants[1]) == HEAD and version(tenants[2]) == []
 
