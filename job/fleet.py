@@ -1,9 +1,10 @@
 """`run` over a fleet of databases (MIGRATE_FLEET): one database per tenant, one code version.
 
 Each database is migrated exactly as `run` migrates one (job.pipeline: its own lock, backup, plan,
-revisions and history), in a process of its own forked from this one: Python, the job and the
-Alembic project's modules are loaded once, and a database at its head costs what a run at head
-costs (a query or two), not a Python start-up. At most MIGRATE_FLEET_PARALLEL run at once; the
+revisions and history), by one of at most MIGRATE_FLEET_PARALLEL workers forked from this process:
+Python, the job and Alembic are loaded once. A worker runs databases in turn while it finds them
+at their target (a run at head costs its few queries, not a Python start-up, nor a fork: `make
+bench`, 200 databases at head in 1.9 s); a run that did work or failed is its last. The
 first MIGRATE_FLEET_CANARY must all succeed before the others start; with
 MIGRATE_FLEET_FAIL_FAST, none starts once one failed. A signal stops the fleet: the running
 databases get it (each rolls back its running revision and releases its lock, as `run` does),
