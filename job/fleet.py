@@ -35,7 +35,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
 
-from job import __version__, config, db, logs
+from job import __version__, config, credentials, db, logs
 from job.config import Settings
 from job.errors import ConfigError, MigrationFailed, Pending, first_line
 from job.logs import log
@@ -395,9 +395,10 @@ def _run_target(target: Target, command: str, work: Callable[[Settings], tuple[s
     with logs.about(tenant=target.label, fleet_run_id=fleet_run_id):
         log.info("run.start", command=command, version=__version__)
 
-        def one() -> tuple[str, int]:
+        def one() -> tuple[str, int]:  # (as cli.main prepares a command)
             settings = config.load(child_env, child_flags)
             logs.redactor.add(settings.secrets)
+            credentials.install(settings.password_source, logs.redactor.add)  # (this database's, not the fleet's)
             return work(settings)
 
         ended = ending.attempt(one, started, os.devnull)  # (the fleet writes the termination message)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -306,3 +307,26 @@ def test_an_env_py_that_loops_over_tenant_schemas_itself_is_refused_before_anyth
     assert "runs the migrations 3 times in one run" in result.failure and "MIGRATE_FLEET" in result.failure
     assert db.query("SELECT count(*) FROM pg_tables WHERE tablename IN ('things', 'alembic_version')") == [(0,)]
     assert not result.events("migration.start") and not result.events("backup.start")
+
+
+def test_each_database_of_a_fleet_gets_its_password_from_the_password_file(password_cluster, tmp_path: Path) -> None:
+    """Names on DATABASE_URL's server, DATABASE_URL without a password, the password in a mounted
+    file (job.credentials): every database's run, and the env.py engine it builds, connects with it."""
+    from tests.conftest import SECRET
+
+    names = [f"pf_{uuid.uuid4().hex[:12]}" for _ in range(3)]
+    for name in names:
+        password_cluster.psql(f'CREATE DATABASE "{name}" OWNER app')
+    try:
+        secret = tmp_path / "password"
+        secret.write_text(SECRET)
+        env = base_env(DATABASE_URL=f"postgresql://app@127.0.0.1:{password_cluster.port}/{names[0]}",
+                       DATABASE_PASSWORD_FILE=str(secret), MIGRATE_FLEET=" ".join(names),
+                       ALEMBIC_CONFIG=scenario("tenant"), MIGRATE_BACKUP="off", MIGRATE_WAIT_TIMEOUT="10")
+        result = run_job("run", env=env, timeout=300)
+        assert result.code == 0, result.stdout[-2000:]
+        assert outcomes(result) == {name: "migrated" for name in names}
+        assert SECRET not in result.stdout + result.stderr
+    finally:
+        for name in names:
+            password_cluster.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
