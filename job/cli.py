@@ -1,4 +1,4 @@
-"""Command line: argparse verbs → settings → pipeline; JobError → exit code."""
+"""Command line: argparse verbs → settings → the command (the pipeline, a command, or a fleet of either); job.ending turns how it ended into the exit code."""
 
 from __future__ import annotations
 
