@@ -1,4 +1,5 @@
-"""Command line: argparse verbs → settings → the command (the pipeline, a command, or a fleet of either); job.ending turns how it ended into the exit code."""
+"""Command line: argparse verbs → settings → the command (the pipeline, another command, or a fleet
+of either); job.ending turns how it ended into the exit code."""
 
 from __future__ import annotations
 
