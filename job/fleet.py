@@ -44,7 +44,7 @@ from job.logs import log
 NOT_STARTED = "not-started"
 SUCCEEDED = ("migrated", "up-to-date", "at-target")
 PENDING = "pending"  # (`check`: not a failure, not yet done)
-FAILED_CODE = MigrationFailed.exit_code  # (whatever each failed target exited with)
+FAILED_CODE = MigrationFailed.exit_code  # a fleet `run` with a failure (each database's own code is in its fleet.target)
 SIGNAL_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
 QUERY = re.compile(r"^\s*(select|with)\b", re.IGNORECASE)
 
@@ -184,7 +184,7 @@ def summary(ended: list[Ended], signalled: int | None, command: str = "run") -> 
     if signalled:
         code = SIGNAL_CODES.get(signalled, 143)
     elif command == "check":
-        code = failed[0].exit_code or 1 if failed else (Pending.exit_code if PENDING in counts else 0)
+        code = (failed[0].exit_code or 1) if failed else (Pending.exit_code if PENDING in counts else 0)
     else:
         code = FAILED_CODE if failed or NOT_STARTED in counts else 0
     log.info("fleet.done", command=command, targets=len(ended), counts=counts, exit_code=code,
