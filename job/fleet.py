@@ -68,7 +68,7 @@ class Ended(NamedTuple):
 
 def targets(settings: Settings, env: Mapping[str, str]) -> list[Target]:
     """The fleet MIGRATE_FLEET names: its entries (spaces, commas or lines), the lines of @FILE, or
-    the first column of a SELECT run on DATABASE_URL's database. An entry is a PostgreSQL URL, or
+    the first column of `query:SQL` (or a bare SELECT/WITH) run on DATABASE_URL's database. An entry is a PostgreSQL URL, or
     a database name on DATABASE_URL's server (its user, password and parameters)."""
     given = (settings.fleet or "").strip()
     if given.startswith("@"):
@@ -78,6 +78,8 @@ def targets(settings: Settings, env: Mapping[str, str]) -> list[Target]:
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"MIGRATE_FLEET={given!r}: cannot read {path}: {e}") from None
         entries = [line.strip() for line in given.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    elif given.lower().startswith("query:"):  # (CONTRACT.md's form)
+        entries = _queried(settings, given[len("query:"):])
     elif QUERY.match(given):
         entries = _queried(settings, given)
     else:

@@ -170,6 +170,9 @@ def test_the_list_from_a_file_urls_and_a_query(tmp_path: Path, tenants: list[Db]
     assert result.code == 0
     assert sorted(outcomes(result).items()) == sorted(
         (t.name, "up-to-date" if t in tenants[:2] else "migrated") for t in tenants)
+    # CONTRACT.md's form of a query
+    result = run_job("run", env=fleet_env(tmp_path, tenants, MIGRATE_FLEET=f"query:{query}"), timeout=300)
+    assert result.code == 0 and set(outcomes(result).values()) == {"up-to-date"} and len(outcomes(result)) == 4
 
 
 @pytest.mark.count(1)
