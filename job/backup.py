@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
 
+from psycopg2 import sql
+
 from job import archive, children, compression, credentials, db, tables
 from job.archive import first_error
 from job.config import S3_SCHEME, Database, Settings, milliseconds, parse_s3
@@ -60,6 +62,9 @@ class Backup(NamedTuple):
     # how the archive is compressed (job.compression): zstd:LEVEL, a zstd frame around a
     # custom-format archive; gzip:LEVEL (older backups have no field: pg_dump's default), none
     compression: str = "gzip:6"
+    # a tenant's schema (MIGRATE_TENANT_SCHEMA): the backup holds that schema alone, and a restore
+    # replaces that schema alone (None: the whole database)
+    schema: str | None = None
 
 
 # what a sidecar must hold to be taken for one of ours
@@ -73,24 +78,28 @@ NOTHING_TO_BACK_UP_SQL = """
 WITH own AS (SELECT to_regclass(t) AS oid FROM unnest(%(own)s::text[]) t)
 SELECT NOT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                    WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', %(schema)s) AND n.nspname NOT LIKE 'pg\\_%%'
+                     AND (%(only)s::text IS NULL OR n.nspname = %(only)s::text)
                      AND c.oid NOT IN (SELECT oid FROM own WHERE oid IS NOT NULL)
                      AND c.oid NOT IN (SELECT d.objid FROM pg_depend d JOIN own ON d.refobjid = own.oid)
                      AND c.oid NOT IN (SELECT i.indexrelid FROM pg_index i JOIN own ON i.indrelid = own.oid))
    AND NOT EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-                   WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%%')
+                   WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%%'
+                     AND (%(only)s::text IS NULL OR n.nspname = %(only)s::text))
    AND NOT EXISTS (SELECT 1 FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
                    WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%%'
+                     AND (%(only)s::text IS NULL OR n.nspname = %(only)s::text)
                      AND t.typtype IN ('b', 'd', 'e', 'r', 'm') AND t.typelem = 0)
-   AND NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname <> 'plpgsql')
+   AND NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname <> 'plpgsql' AND %(only)s::text IS NULL)
 """
 
 
-def nothing_to_back_up(conn: Any, own: tables.Own | None) -> bool:
-    """Whether the database holds nothing of its own (a first deploy): its backup could restore nothing."""
+def nothing_to_back_up(conn: Any, own: tables.Own | None, only: str | None = None) -> bool:
+    """Whether the database (with `only`, that tenant's schema) holds nothing of its own (a first
+    deploy): its backup could restore nothing."""
     with conn.cursor() as cur:
         cur.execute(NOTHING_TO_BACK_UP_SQL, {
             "own": [t.identifier().as_string(conn) for t in own.all()] if own else [],
-            "schema": own.schema if own and own.own_schema else ""})
+            "schema": own.schema if own and own.own_schema else "", "only": only})
         return bool(cur.fetchone()[0])
 
 
@@ -129,9 +138,11 @@ def child_env(database: Database, env: Mapping[str, str]) -> dict[str, str]:
     return child
 
 
-def set_of(server: str, database: str) -> str:
-    """The backup set of one database on one server: 8 hex characters, in names and sidecars."""
-    return hashlib.sha256(f"{server}/{database}".encode()).hexdigest()[:8]
+def set_of(server: str, database: str, schema: str | None = None) -> str:
+    """The backup set of one database on one server (or of one tenant's schema in it): 8 hex
+    characters, in names and sidecars. Each set is kept and pruned on its own."""
+    scope = f"/{schema}" if schema is not None else ""
+    return hashlib.sha256(f"{server}/{database}{scope}".encode()).hexdigest()[:8]
 
 
 def file_name(moment: dt.datetime, database: str, set_key: str, from_revision: list[str], to_revision: list[str]) -> str:
@@ -181,16 +192,20 @@ def take(
     set_key: str = "",
     wait_timeout: float = 0,
     method: compression.Method = compression.parse(compression.DEFAULT),
+    schema: str | None = None,
 ) -> Backup:
     """Dump the database into the store, verify it, write the sidecar, prune the set (`prune`)."""
     pg_dump, pg_restore = tool("pg_dump"), tool("pg_restore")
     store.ready()
     moment = dt.datetime.now(dt.timezone.utc)
-    name = file_name(moment, database_name, set_key, from_revision, to_revision)
+    name = file_name(moment, database_name if schema is None else f"{database_name}.{schema}", set_key,
+                     from_revision, to_revision)
     log.info("backup.start", path=store.path_of(name), database=database_name)
     started = time.monotonic()
     argv = [pg_dump, "--format=custom", method.pg_dump_option(),
-            *dump_options(database, application_name, lock_wait_timeout, own)]
+            *dump_options(database, application_name, lock_wait_timeout, own),
+            # (quoted: the schema's name as it is, not a pattern folded to lower case)
+            *([f'--schema="{schema}"'] if schema is not None else [])]
     earlier = listing(store, database_name, set_key)
     coming = {"path": store.path_of(name), "from_revision": from_revision, "to_revision": to_revision}
 
@@ -219,6 +234,7 @@ def take(
             set=set_key,
             sequence=sequence,
             compression=str(method),
+            schema=schema,
         )
         store.write(name + SIDECAR, _json(backup._asdict()))
     except BaseException:
@@ -517,8 +533,11 @@ SELECT format('DROP TYPE IF EXISTS %%I.%%I CASCADE;', n.nspname, t.typname)
 """
 
 
-def clearing_sql(conn: Any, own: tables.Own | None) -> str:
-    """DROP statements for everything the database holds besides the job's own tables (and its schema)."""
+def clearing_sql(conn: Any, own: tables.Own | None, schema: str | None = None) -> str:
+    """DROP statements for everything the database holds besides the job's own tables (and its
+    schema); for a backup of one tenant's schema, that schema (the archive creates it again)."""
+    if schema is not None:
+        return sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE;").format(sql.Identifier(schema)).as_string(conn)
     kept_tables = [t.identifier().as_string(conn) for t in own.all()] if own else []
     with conn.cursor() as cur:
         cur.execute("SELECT array_agg(t) FROM unnest(%s::text[]) t WHERE to_regclass(t) IS NOT NULL", (kept_tables,))
@@ -667,7 +686,8 @@ def store(settings: Settings) -> Any:
 
 def needs_backup(settings: Settings, conn: Any, current: tuple[str, ...]) -> bool:
     """`auto` does not back up a database that holds nothing yet (a first deploy: nothing to restore)."""
-    if settings.backup == "auto" and not current and nothing_to_back_up(conn, tables.of(settings.history_table)):
+    if settings.backup == "auto" and not current and nothing_to_back_up(conn, tables.of(settings.history_table),
+                                                                        settings.tenant_schema):
         log.info("backup.skipped", database=db.database_name(conn),
                  reason="the database holds nothing yet (a first deploy): nothing to restore")
         return False
@@ -690,9 +710,10 @@ def take_backup(settings: Settings, conn: Any, from_revision: tuple[str, ...], t
         os.environ,
         lock_wait_timeout=settings.lock_timeout,
         own=tables.of(settings.history_table),
-        set_key=set_of(db.server_identity(conn), db.database_name(conn)),
+        set_key=set_of(db.server_identity(conn), db.database_name(conn), settings.tenant_schema),
         wait_timeout=settings.wait_timeout,
         method=settings.backup_compression,
+        schema=settings.tenant_schema,
     )
 
 

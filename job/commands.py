@@ -140,6 +140,8 @@ class Status(NamedTuple):
     # and when that was recorded (None: nothing was)
     drift: list[dict[str, Any]]
     schema_recorded_at: str | None
+    # MIGRATE_TENANT_SCHEMA: the tenant's schema all of the above is about (None: the database)
+    tenant_schema: str | None = None
 
 
 def status(settings: Settings) -> Status:
@@ -165,22 +167,24 @@ def status(settings: Settings) -> Status:
             heads=heads, pending_count=None if pending is None else len(pending), pending=pending, ahead=ahead,
             problem=problem, lock={"key": key, "held": holder is not None, "holder": holder},
             backups=newest, backups_problem=backups_problem,
-            history=history.recent(conn, tables.of(settings.history_table)),
+            history=history.recent(conn, tables.of(settings.history_table), schema=settings.tenant_schema),
             databases=[{"section": section, "current": list(current)}
                        for section, current in others_current(settings, version_table)],
-            drift=[f.as_dict() for f in found], schema_recorded_at=recorded_at,
+            drift=[f.as_dict() for f in found], schema_recorded_at=recorded_at, tenant_schema=settings.tenant_schema,
         )
 
 
 def _newest_backups(settings: Settings, database: str) -> tuple[list[dict[str, Any]], str | None]:
-    """The five newest backups of `database`, with their age; or why they could not be listed."""
+    """The five newest backups of `database` (or of its tenant's schema), with their age; or why they
+    could not be listed."""
     from job import backup
 
     now = dt.datetime.now(dt.timezone.utc)
     try:
         store = backup.store(settings)
         store.ready()
-        newest = backup.listing(store, database)[:5]
+        # (a tenant's schema has backups of its own: MIGRATE_TENANT_SCHEMA's, else the whole database's)
+        newest = [b for b in backup.listing(store, database) if b.get("schema") == settings.tenant_schema][:5]
     except BackupFailed as e:  # still show everything else
         return [], str(e)
     return [{"path": b["path"], "from": b["from_revision"], "to": b["to_revision"], "bytes": b["bytes"],
@@ -233,6 +237,12 @@ def restore(settings: Settings, name: str, force: bool = False) -> tuple[list[st
                     f"backup {name} is of database {claimed!r}, not {database!r}: "
                     "add --force to restore it here anyway"
                 )
+        if meta.get("schema") != settings.tenant_schema:  # (never with --force: the other tenants' data is at stake)
+            raise ConfigError(
+                f"backup {name} holds the schema {meta['schema']!r} alone: restore it with MIGRATE_TENANT_SCHEMA="
+                f"{meta['schema']}" if meta.get("schema") else
+                f"backup {name} holds the whole database, and MIGRATE_TENANT_SCHEMA={settings.tenant_schema} names one "
+                "tenant's schema: restoring it would replace every tenant's; unset MIGRATE_TENANT_SCHEMA to do that")
         with lock.locked(settings, conn), history.of(settings, conn).run("restore") as record:
             version_table = version_table_of(settings, conn)
             before = list(plan.current_revisions(conn, version_table))
@@ -241,7 +251,7 @@ def restore(settings: Settings, name: str, force: bool = False) -> tuple[list[st
             record.backup_path = path
             backup.restore(settings.database, store, name, meta["sha256"], settings.application_name, os.environ,
                            lambda name: lock.cancel_lock_waits(conn, name, settings.lock_timeout),
-                           backup.clearing_sql(conn, tables.of(settings.history_table)))
+                           backup.clearing_sql(conn, tables.of(settings.history_table), settings.tenant_schema))
             after = list(plan.current_revisions(conn, version_table))
             log.info("restore.done", path=path, before=before, after=after)
             return before, after

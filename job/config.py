@@ -297,6 +297,10 @@ class Settings(NamedTuple):
     fleet_fail_fast: bool = False
     # an Indexed Job's pods (JOB_COMPLETION_INDEX) each take their share of the fleet
     fleet_shards: int = 1
+    # the schema this run migrates, for a tenant kept in a schema of a shared database (None: the
+    # database); how env.py learns it: the sessions' search_path, or an -x argument (`x:KEY`)
+    tenant_schema: str | None = None
+    tenant_schema_via: str = "search_path"
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -345,13 +349,41 @@ def version_table_of(files: AlembicFiles) -> VersionTable:
     return VersionTable(name, schema)
 
 
+def schema_name(value: str, name: str) -> str:
+    """A tenant's schema name (MIGRATE_TENANT_SCHEMA, a MIGRATE_FLEET entry): always quoted where the job
+    writes it, so letters, digits, `_`, `$` and `-` as tenants are usually named, up to 63 bytes."""
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_$-]{0,62}", value):
+        raise ConfigError(f"{name}={value!r} is not a schema name (letters, digits, _, $ and -, up to 63)")
+    return value
+
+
+def _schema_via(value: str, name: str) -> str:
+    key = value[2:] if value.startswith("x:") else None
+    if value != "search_path" and not (key and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", key)):
+        raise ConfigError(f"{name}={value!r}: give search_path (the sessions' search path is the schema) or x:KEY "
+                          "(env.py gets -x KEY=SCHEMA)")
+    return value
+
+
+def in_schema(database: Database, schema: str) -> Database:
+    """The database with its sessions' search_path set to `schema` alone, as libpq's `options`
+    (after any the URL gives): the job's own sessions, pg_dump's, and env.py's engine, whichever
+    driver, all resolve unqualified names there, as a tenant's revisions expect."""
+    option = f'-csearch_path="{schema}"'  # (no spaces in a schema name: nothing for libpq to escape)
+    given = database.params.get("options")
+    return database._replace(params={**database.params, "options": f"{given} {option}" if given else option})
+
+
 def load(env: Mapping[str, str], flags: Mapping[str, object], need_database: bool = True) -> Settings:
     """Resolve settings: flags override the environment, which overrides the defaults (OPTIONS)."""
     values = {o.field: (o.parse(raw, o.variable) if (raw := _given(o, env, flags)) is not None else o.default)
               for o in OPTIONS if o.parse is not None}
     # the settings that depend on others or on more than one variable
+    x_args = values.pop("x_args")
+    if values["tenant_schema"] is not None and values["tenant_schema_via"].startswith("x:"):
+        x_args = (*x_args, f"{values['tenant_schema_via'][2:]}={values['tenant_schema']}")  # (env.py reads the tenant from -x)
     alembic = AlembicFiles.find(Path(_given(_OPTION["config"], env, flags) or "alembic.ini"),
-                                values.pop("ini_section"), values.pop("x_args"))
+                                values.pop("ini_section"), x_args)
     url = _given(_OPTION["database_url"], env, flags)
     listed = _given(_OPTION["databases"], env, flags)
     multidb = _multidb_urls(alembic) if listed is None else {}
@@ -370,10 +402,19 @@ def load(env: Mapping[str, str], flags: Mapping[str, object], need_database: boo
         if values["rehearsal_server"] is not None:
             server = values["rehearsal_server"]
             values["rehearsal_server"] = server._replace(params=credentials.cloud_tls(server.params, env))
+    version_table = version_table_of(alembic)
+    if values["tenant_schema"] is not None:
+        if listed is not None or multidb:
+            raise ConfigError("MIGRATE_TENANT_SCHEMA migrates one schema of one database: a multidb env.py's databases "
+                              "(MIGRATE_DATABASES) cannot each be given it")
+        if values["tenant_schema_via"] == "search_path":
+            database = in_schema(database, values["tenant_schema"])
+        # (its own version table, unless the config files name the schema it is in)
+        version_table = version_table._replace(schema=version_table.schema or values["tenant_schema"])
     return Settings(
         database=database,
         alembic=alembic,
-        version_table=version_table_of(alembic),
+        version_table=version_table,
         **values,
         application_name=f"migrate-job/{socket.gethostname()}"[:63],
         sections=(_sections(listed, database) if listed is not None else
@@ -727,6 +768,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("fleet_shards", "--fleet-shards", "MIGRATE_FLEET_SHARDS", count(1, 10000), 1,
            "the fleet is shared among this many pods (an Indexed Job's completions): each migrates the "
            "databases of its JOB_COMPLETION_INDEX"),
+    Option("tenant_schema", "--tenant-schema", "MIGRATE_TENANT_SCHEMA", schema_name, None,
+           "migrate one schema of the database (a tenant's): its own version table, lock, backup and records"),
+    Option("tenant_schema_via", "--tenant-schema-via", "MIGRATE_TENANT_SCHEMA_VIA", _schema_via, "search_path",
+           "how env.py gets MIGRATE_TENANT_SCHEMA: search_path (every session's search path is the schema), or x:KEY "
+           "(-x KEY=SCHEMA, for an env.py that sets the search path or version_table_schema itself)"),
     Option("termination_log", "--termination-log", "MIGRATE_TERMINATION_LOG", _text, None,
            "where the one-line outcome is written (default /dev/termination-log, when it exists)"),
     Option("lint_allow", "--lint-allow", "MIGRATE_LINT_ALLOW", _text, None,

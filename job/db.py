@@ -255,6 +255,13 @@ def table_exists(cur: Any, table: Any) -> bool:
     return bool(cur.fetchone()[0])
 
 
+def has_column(cur: Any, table: Any, column: str) -> bool:
+    """Whether `table` (a psycopg2.sql Identifier, existing) has `column`, asked of the catalog."""
+    cur.execute("SELECT EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = %s "
+                "AND NOT attisdropped)", (table.as_string(cur.connection), column))
+    return bool(cur.fetchone()[0])
+
+
 def literal(value: str) -> str:
     """A SQL string literal, for statements run on any driver (each has its own parameter style)."""
     return "'" + value.replace("'", "''") + "'"

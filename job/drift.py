@@ -107,7 +107,7 @@ def live(settings: Settings, conn: Any, version_table: Any) -> schema.Snapshot:
     another session's lock kept a table from being read within READ_LOCK_TIMEOUT."""
     try:
         return schema.snapshot(conn, *schema.excluded_by_job(conn, tables.of(settings.history_table), version_table),
-                               lock_timeout=READ_LOCK_TIMEOUT)
+                               lock_timeout=READ_LOCK_TIMEOUT, only=settings.tenant_schema)
     except psycopg2.Error as e:
         db.raise_if_signalled()
         if db.sqlstate(e) != db.LOCK_NOT_AVAILABLE:
@@ -129,8 +129,7 @@ def record_schema(settings: Settings, conn: Any, version_table: Any, how: str, b
     current = sorted(plan.current_revisions(conn, version_table))
 
     def write(cur: Any) -> None:
-        table = tables.prepare(cur, own, "schema").identifier()
-        cur.execute(sql.SQL(SCHEMA_DDL).format(table=table))
+        table = tables.prepare(cur, own, "schema", SCHEMA_DDL).identifier()
         cur.execute(sql.SQL(RECORD_SQL).format(table=table), {
             "version_table": str(version_table), "revisions": current, "fingerprint": schema.fingerprint(objects),
             "objects": json.dumps(sorted([k, n, d] for (k, n), d in objects.items())), "recorded": how,

@@ -50,10 +50,12 @@ QUERY = re.compile(r"^\s*(select|with)\b", re.IGNORECASE)
 
 
 class Target(NamedTuple):
-    """One database of the fleet: its URL (what `run` gets as DATABASE_URL) and how logs name it."""
+    """One tenant of the fleet: its database's URL (what `run` gets as DATABASE_URL), its schema
+    there for a tenant kept in a schema (what `run` gets as MIGRATE_TENANT_SCHEMA), and how logs name it."""
 
     url: str
     label: str
+    schema: str | None = None
 
 
 class Ended(NamedTuple):
@@ -84,12 +86,13 @@ def targets(settings: Settings, env: Mapping[str, str]) -> list[Target]:
         entries = _queried(settings, given)
     else:
         entries = [entry for entry in re.split(r"[\s,]+", given) if entry]
-    found: dict[str, Target] = {}
+    found: dict[tuple[str, str | None], Target] = {}
     for entry in entries:
         target = _target(entry, env)
-        found.setdefault(target.label, target)  # (a database listed twice is migrated once)
+        found.setdefault((target.url, target.schema), target)  # (a tenant listed twice is migrated once)
     if not found:
-        raise ConfigError("MIGRATE_FLEET names no database: give URLs or database names, @FILE, or a SELECT")
+        raise ConfigError("MIGRATE_FLEET names no tenant: give schema names, URLs or database:NAME entries, @FILE, "
+                          "or a SELECT")
     index = shard_index(settings.fleet_shards, env)
     return [t for t in found.values() if shard_of(t, settings.fleet_shards) == index]
 
@@ -127,19 +130,33 @@ def _queried(settings: Settings, query: str) -> list[str]:
 
 
 def _target(entry: str, env: Mapping[str, str]) -> Target:
+    """An entry of the list: a URL (a tenant database), `database:NAME` (a database on DATABASE_URL's
+    server), or a schema name (a tenant schema in DATABASE_URL's database)."""
     if "://" in entry:
         database = config.Database.from_url(entry)  # (refuses what `run` would refuse)
         logs.redactor.add([database.password] if database.password else [])
         params = database.params
         return Target(entry, f"{params.get('host', '')}:{params.get('port', '5432')}/{params.get('dbname', '')}")
-    if not re.fullmatch(r"[^\s/?#@:]{1,63}", entry):
-        raise ConfigError(f"MIGRATE_FLEET: {config.redact_url(entry)!r} is neither a PostgreSQL URL nor a database name")
+    kind, colon, name = entry.partition(":")
+    if colon and kind.lower() == "database":
+        if not re.fullmatch(r"[^\s/?#@:]{1,63}", name):
+            raise ConfigError(f"MIGRATE_FLEET: {config.redact_url(entry)!r}: {name!r} is not a database name")
+        parts = urllib.parse.urlsplit(_base(entry, env, "a database on its server"))
+        return Target(urllib.parse.urlunsplit(parts._replace(path="/" + urllib.parse.quote(name, safe=""))), name)
+    if colon:
+        raise ConfigError(f"MIGRATE_FLEET: {config.redact_url(entry)!r} is neither a PostgreSQL URL, database:NAME, "
+                          "nor a schema name")
+    schema = config.schema_name(entry, "MIGRATE_FLEET's entry")
+    return Target("", schema, schema)  # (in the database DATABASE_URL or DATABASE_URL_FILE names)
+
+
+def _base(entry: str, env: Mapping[str, str], what: str) -> str:
+    """DATABASE_URL, which an entry given by name is relative to."""
     base = env.get("DATABASE_URL")
     if not base:
-        raise ConfigError(f"MIGRATE_FLEET names the database {entry!r} by name: set DATABASE_URL to a database "
-                          "on its server (its user, password and parameters are used), or give each as a URL")
-    parts = urllib.parse.urlsplit(base)
-    return Target(urllib.parse.urlunsplit(parts._replace(path="/" + urllib.parse.quote(entry, safe=""))), entry)
+        raise ConfigError(f"MIGRATE_FLEET names {entry!r}: set DATABASE_URL to {what} (its user, password and "
+                          "parameters are used), or give each tenant as a URL")
+    return base
 
 
 def run(settings: Settings, env: Mapping[str, str], flags: Mapping[str, Any], command: str = "run",
@@ -387,13 +404,16 @@ def _run_target(target: Target, command: str, work: Callable[[Settings], tuple[s
     fleet_run_id = logs.run_id()
     logs.configure(*config.log_options(env, flags), stream=sys.stdout, hold=command == "run")
     db.install_signal_handlers()
-    # env.py, and the project's settings it imports, often read DATABASE_URL themselves: it is the target's
-    for variable in ("MIGRATE_FLEET", "DATABASE_URL_FILE"):
-        os.environ.pop(variable, None)
-    os.environ["DATABASE_URL"] = target.url
-    child_env = {**{k: v for k, v in env.items() if k not in ("MIGRATE_FLEET", "DATABASE_URL_FILE")},
-                 "DATABASE_URL": target.url}
-    child_flags = {**flags, "fleet": None, "database_url": target.url}
+    os.environ.pop("MIGRATE_FLEET", None)
+    child_env = {k: v for k, v in env.items() if k != "MIGRATE_FLEET"}
+    child_flags = {**flags, "fleet": None}
+    if target.schema is not None:  # a tenant schema: `run` with MIGRATE_TENANT_SCHEMA, on the fleet's database
+        os.environ["MIGRATE_TENANT_SCHEMA"] = child_env["MIGRATE_TENANT_SCHEMA"] = child_flags["tenant_schema"] = target.schema
+    else:
+        # env.py, and the project's settings it imports, often read DATABASE_URL themselves: it is the target's
+        os.environ.pop("DATABASE_URL_FILE", None)
+        os.environ["DATABASE_URL"] = child_env["DATABASE_URL"] = child_flags["database_url"] = target.url
+        child_env.pop("DATABASE_URL_FILE", None)
     with logs.about(tenant=target.label, fleet_run_id=fleet_run_id):
         log.info("run.start", command=command, version=__version__)
 

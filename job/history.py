@@ -34,9 +34,13 @@ CREATE TABLE IF NOT EXISTS {table} (
     outcome text,                  -- NULL while running (or if the process was killed)
     error text,
     backup_path text,
-    host text NOT NULL
+    host text NOT NULL,
+    tenant_schema text             -- MIGRATE_TENANT_SCHEMA: the tenant's schema the run migrated (NULL: the database)
 )
 """
+# (a table an older version made gains the column once, checked first: ALTER TABLE waits for every
+# other tenant's run writing here)
+ADD_TENANT_SCHEMA = "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS tenant_schema text"
 
 
 class Interruption(NamedTuple):
@@ -53,8 +57,10 @@ class Interruption(NamedTuple):
 class History:
     """Writes to the history table on `conn`; no tables of the job's (None) turns it off."""
 
-    def __init__(self, conn: Any, own: tables.Own | None, run_id: str) -> None:
+    def __init__(self, conn: Any, own: tables.Own | None, run_id: str, schema: str | None = None) -> None:
         self.conn = conn
+        # a tenant's schema (MIGRATE_TENANT_SCHEMA): its runs are told from the other tenants' in the one table
+        self.schema = schema
         self.own = own
         self.table = own.table("history").identifier() if own is not None else None
         self.run_id = run_id
@@ -71,8 +77,9 @@ class History:
 
         def write(cur: Any) -> Any:
             if not self._created:
-                tables.prepare(cur, self.own, "history")
-                cur.execute(sql.SQL(DDL).format(table=table))
+                tables.prepare(cur, self.own, "history", DDL)
+                if not db.has_column(cur, table, "tenant_schema"):
+                    cur.execute(sql.SQL(ADD_TENANT_SCHEMA).format(table=table))
                 self._created = True
             cur.execute(sql.SQL(statement).format(table=table), params)
             return cur.fetchone() if cur.description else None
@@ -88,9 +95,9 @@ class History:
         """Record a run: its row now, its outcome (or error) when the body ends."""
         started = dt.datetime.now(dt.timezone.utc)
         row = self._write(
-            "INSERT INTO {table} (run_id, kind, command, started_at, host) "
-            "VALUES (%(run_id)s, 'run', %(command)s, %(started)s, %(host)s) RETURNING id",
-            {"run_id": self.run_id, "command": command, "started": started, "host": self.host},
+            "INSERT INTO {table} (run_id, kind, command, started_at, host, tenant_schema) "
+            "VALUES (%(run_id)s, 'run', %(command)s, %(started)s, %(host)s, %(schema)s) RETURNING id",
+            {"run_id": self.run_id, "command": command, "started": started, "host": self.host, "schema": self.schema},
         )
         outcome, error = "succeeded", None
         try:
@@ -118,10 +125,10 @@ class History:
         crash) leaves this row, which tells the next run what happened (`interrupted`). Its id,
         for `revision` and `revision_within` to complete; None when there is no history table."""
         row = self._write(
-            "INSERT INTO {table} (run_id, kind, revision, direction, started_at, host) VALUES (%(run_id)s, "
-            "'revision', %(revision)s, %(direction)s, %(started)s, %(host)s) RETURNING id",
+            "INSERT INTO {table} (run_id, kind, revision, direction, started_at, host, tenant_schema) VALUES ("
+            "%(run_id)s, 'revision', %(revision)s, %(direction)s, %(started)s, %(host)s, %(schema)s) RETURNING id",
             {"run_id": self.run_id, "revision": revision, "direction": direction, "started": started,
-             "host": self.host})
+             "host": self.host, "schema": self.schema})
         return row[0] if row else None
 
     def interrupted(self, revisions: Iterable[str], direction: str) -> dict[str, Interruption]:
@@ -140,8 +147,9 @@ class History:
             cur.execute(sql.SQL(
                 "SELECT revision, run_id, host, started_at FROM (SELECT DISTINCT ON (revision) revision, run_id, "
                 "host, started_at, outcome FROM {table} WHERE kind = 'revision' AND direction = %s "
-                "AND revision = ANY(%s) ORDER BY revision, id DESC) newest WHERE outcome IS NULL AND run_id <> %s"
-            ).format(table=table), (direction, revisions, self.run_id))
+                "AND revision = ANY(%s) AND tenant_schema IS NOT DISTINCT FROM %s ORDER BY revision, id DESC) newest "
+                "WHERE outcome IS NULL AND run_id <> %s"
+            ).format(table=table), (direction, revisions, self.schema, self.run_id))
             return cur.fetchall()
 
         rows, problem = db.best_effort(self.conn, read)
@@ -162,10 +170,12 @@ class History:
             return
         self._write(
             "INSERT INTO {table} (run_id, kind, revision, direction, started_at, finished_at, seconds, outcome, "
-            "error, host) VALUES (%(run_id)s, 'revision', %(revision)s, %(direction)s, %(started)s, "
-            "%(started)s + make_interval(secs => %(seconds)s), %(seconds)s, %(outcome)s, %(error)s, %(host)s)",
+            "error, host, tenant_schema) VALUES (%(run_id)s, 'revision', %(revision)s, %(direction)s, %(started)s, "
+            "%(started)s + make_interval(secs => %(seconds)s), %(seconds)s, %(outcome)s, %(error)s, %(host)s, "
+            "%(schema)s)",
             {"run_id": self.run_id, "revision": revision, "direction": direction, "started": started,
-             "seconds": seconds, "outcome": outcome, "error": error and redactor.text(error), "host": self.host},
+             "seconds": seconds, "outcome": outcome, "error": error and redactor.text(error), "host": self.host,
+             "schema": self.schema},
         )
 
     def revision_within(self, connection: Any, revision: str, direction: str, started: dt.datetime,
@@ -183,6 +193,9 @@ class History:
         if any(db.DO_TAG in value for value in values):
             return False
         run_id, revision, direction, started_at, seconds_text, host = (db.literal(v) for v in values)
+        if self.schema is not None and db.DO_TAG in self.schema:
+            return False
+        schema = "NULL" if self.schema is None else db.literal(self.schema)
         if row is not None:  # (the row `begun` wrote, completed in the version row's transaction)
             db.plpgsql(connection, (
                 f"{prelude} BEGIN UPDATE {self.table.as_string(self.conn)} SET finished_at = {started_at}::timestamptz "
@@ -192,27 +205,31 @@ class History:
             return True
         db.plpgsql(connection, (
             f"{prelude} BEGIN INSERT INTO {self.table.as_string(self.conn)} (run_id, kind, revision, direction, "
-            f"started_at, finished_at, seconds, outcome, host) VALUES ({run_id}, 'revision', {revision}, {direction}, "
-            f"{started_at}::timestamptz, {started_at}::timestamptz + make_interval(secs => {seconds_text}::float8), "
-            f"{seconds_text}::float8, 'applied', {host}); EXCEPTION WHEN OTHERS THEN "
+            f"started_at, finished_at, seconds, outcome, host, tenant_schema) VALUES ({run_id}, 'revision', {revision}, "
+            f"{direction}, {started_at}::timestamptz, {started_at}::timestamptz + make_interval(secs => "
+            f"{seconds_text}::float8), {seconds_text}::float8, 'applied', {host}, {schema}); EXCEPTION WHEN OTHERS THEN "
             f"RAISE WARNING USING MESSAGE = 'migrate-job history: ' || SQLERRM; END;"))
         return True
 
 
-def recent(conn: Any, own: tables.Own | None, limit: int = 10) -> list[dict[str, Any]]:
-    """The newest runs, for `status`; empty when the table is off or not there yet."""
+def recent(conn: Any, own: tables.Own | None, limit: int = 10, schema: str | None = None) -> list[dict[str, Any]]:
+    """The newest runs (of the tenant's schema `schema`, else of the database), for `status`;
+    empty when the table is off or not there yet."""
     table = tables.found(conn, own, "history")
     if table is None:
         return []
+    with conn.cursor() as cur:
+        scoped = db.has_column(cur, table.identifier(), "tenant_schema")
     with conn.cursor() as cur:
         cur.execute(
             sql.SQL(
                 "SELECT run_id, command, started_at, seconds, outcome, error, backup_path, host, "
                 "(SELECT string_agg(r.revision || ' ' || r.direction || ' ' || coalesce(r.outcome, '?'), ', ' "
                 "ORDER BY r.id) FROM {table} r WHERE r.run_id = t.run_id AND r.kind = 'revision') "
-                "FROM {table} t WHERE kind = 'run' ORDER BY id DESC LIMIT %s"
+                "FROM {table} t WHERE kind = 'run' AND " + ("tenant_schema IS NOT DISTINCT FROM %s" if scoped else
+                                                            "%s::text IS NULL") + " ORDER BY id DESC LIMIT %s"
             ).format(table=table.identifier()),
-            (limit,),
+            (schema, limit),
         )
         rows = cur.fetchall()
     keys = ("run_id", "command", "started_at", "seconds", "outcome", "error", "backup_path", "host", "revisions")
@@ -223,4 +240,4 @@ def recent(conn: Any, own: tables.Own | None, limit: int = 10) -> list[dict[str,
 
 def of(settings: Settings, conn: Any) -> History:
     """This run's history, in MIGRATE_HISTORY_TABLE (off: none)."""
-    return History(conn, tables.of(settings.history_table), run_id())
+    return History(conn, tables.of(settings.history_table), run_id(), settings.tenant_schema)

@@ -181,8 +181,7 @@ def record(settings: Settings, conn: Any, version_table: Any, hashes: dict[str, 
                        for r, h in hashes.items()])
 
     def write(cur: Any) -> None:
-        table = tables.prepare(cur, own, "revisions").identifier()
-        cur.execute(sql.SQL(REVISIONS_DDL).format(table=table))
+        table = tables.prepare(cur, own, "revisions", REVISIONS_DDL).identifier()
         cur.execute(sql.SQL(RECORD_SQL).format(table=table),
                     {"version_table": str(version_table), "rows": rows, "recorded": how, "run_id": logs.run_id(),
                      "by": by, "reason": reason})

@@ -67,8 +67,7 @@ def record(conn: Any, own: tables.Own | None, version_table: str, revisions: Ite
                            "breaking": r.breaking} for r in revisions])
 
     def write(cur: Any) -> None:
-        table = tables.prepare(cur, own, "lineage").identifier()
-        cur.execute(sql.SQL(LINEAGE_DDL).format(table=table))
+        table = tables.prepare(cur, own, "lineage", LINEAGE_DDL).identifier()
         cur.execute(sql.SQL(RECORD_SQL).format(table=table), {"version_table": version_table, "revisions": payload})
 
     return db.best_effort(conn, write)[1]

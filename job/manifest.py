@@ -154,15 +154,16 @@ ALTER TABLE {table} ADD COLUMN IF NOT EXISTS locations text[] NOT NULL DEFAULT '
 """
 
 
-def from_database(conn: Any, own: tables.Own | None, found: Scripts) -> Known | None:
+def from_database(conn: Any, own: tables.Own | None, found: Scripts, schema: str | None = None) -> Known | None:
     """What an earlier run recorded for these exact scripts, if anything (and its seal holds). The
-    row is read whole, as JSON: a table an older version made lacks the newer columns."""
+    row is read whole, as JSON: a table an older version made lacks the newer columns. A tenant's
+    schema (MIGRATE_TENANT_SCHEMA) has a record of its own: its version table is its own."""
     table = tables.found(conn, own, "heads")
     if table is None:
         return None
     with conn.cursor() as cur:
         cur.execute(sql.SQL("SELECT to_jsonb(r) FROM {} r WHERE scripts = %s").format(table.identifier()),
-                    (_record_id(found),))
+                    (_record_id(found, schema),))
         row = cur.fetchone()
     if row is None:
         return None
@@ -172,15 +173,14 @@ def from_database(conn: Any, own: tables.Own | None, found: Scripts) -> Known | 
     return known if hmac.compare_digest(record["seal"], _seal(found, known)) and known.holds() else None
 
 
-def remember(conn: Any, own: tables.Own | None, found: Scripts, known: Known) -> str | None:
+def remember(conn: Any, own: tables.Own | None, found: Scripts, known: Known, schema: str | None = None) -> str | None:
     """Record what Alembic answered for these scripts; return why it could not be, if it could not.
     (Runs on the session holding the migration lock.)"""
     if own is None:
         return None
 
     def write(cur: Any) -> None:
-        table = tables.prepare(cur, own, "heads").identifier()
-        cur.execute(sql.SQL(RECORD_DDL).format(table=table))
+        table = tables.prepare(cur, own, "heads", RECORD_DDL).identifier()
         cur.execute(
             sql.SQL(
                 "INSERT INTO {} (scripts, heads, version_table, version_table_schema, locations, locations_fingerprint, "
@@ -189,15 +189,16 @@ def remember(conn: Any, own: tables.Own | None, found: Scripts, known: Known) ->
                 "locations = EXCLUDED.locations, locations_fingerprint = EXCLUDED.locations_fingerprint, "
                 "seal = EXCLUDED.seal, recorded_at = now()"
             ).format(table),
-            (_record_id(found), list(known.heads), known.version_table.name, known.version_table.schema,
+            (_record_id(found, schema), list(known.heads), known.version_table.name, known.version_table.schema,
              list(known.locations), known.locations_fingerprint, _seal(found, known)),
         )
 
     return db.best_effort(conn, write)[1]
 
 
-def _record_id(found: Scripts) -> str:
-    return hashlib.sha256(f"migrate-job scripts {found.fingerprint}".encode()).hexdigest()
+def _record_id(found: Scripts, schema: str | None) -> str:
+    scope = f" schema {schema}" if schema is not None else ""  # (a database's own: the id earlier versions wrote)
+    return hashlib.sha256(f"migrate-job scripts {found.fingerprint}{scope}".encode()).hexdigest()
 
 
 def _seal(found: Scripts, known: Known) -> str:
@@ -316,7 +317,7 @@ def known_scripts(settings: Settings, conn: Any, found: Scripts | None) -> Known
     run of these exact scripts (it asked env.py where the version table is), else the heads manifest."""
     if found is None:
         return None
-    return (from_database(conn, tables.of(settings.history_table), found)
+    return (from_database(conn, tables.of(settings.history_table), found, settings.tenant_schema)
             or from_file(found, settings.version_table))
 
 
@@ -324,6 +325,6 @@ def learned(settings: Settings, conn: Any, found: Scripts | None, known: Known |
     """Record what Alembic said of these scripts, so that the next start need not load it."""
     if found is None or known == learned:
         return
-    problem = remember(conn, tables.of(settings.history_table), found, learned)
+    problem = remember(conn, tables.of(settings.history_table), found, learned, settings.tenant_schema)
     if problem:
         log.warning("heads.unrecorded", error=problem)

@@ -55,8 +55,11 @@ class Project:
     SQLAlchemy engine, async ones included (whatever URL or engine env.py builds)."""
 
     def __init__(self, files: AlembicFiles, database: Database | None = None, raw_connection: Any | None = None,
-                 session: Mapping[str, str] | None = None, sections: tuple[tuple[str, Database], ...] = ()) -> None:
+                 session: Mapping[str, str] | None = None, sections: tuple[tuple[str, Database], ...] = (),
+                 schema: str | None = None) -> None:
         self.files = files
+        # a tenant's schema (MIGRATE_TENANT_SCHEMA): where its version table is, unless env.py says
+        self.schema = schema
         self.config = _config(files)
         if database is not None:
             # configparser interpolation would read a URL-encoded password's % as a reference
@@ -174,6 +177,11 @@ class Project:
                               f"{stepper.async_hint(e)}") from None
         finally:
             self.rollback()
+        if not seen and self.schema is not None:
+            raise ConfigError(f"env.py ran no migrations in the tenant's schema {self.schema!r} (MIGRATE_TENANT_SCHEMA): "
+                              "it configured every run for another schema (its version_table_schema, or the "
+                              "connection's search path). With MIGRATE_TENANT_SCHEMA_VIA=search_path the job sets the "
+                              "search path; an env.py that sets its own needs x:KEY, and to read the schema from -x KEY")
         if not seen:
             raise ConfigError("env.py ran no migrations online (it never called context.run_migrations())")
         if len(seen) > 1 and not self._multidb:
@@ -294,7 +302,7 @@ class Project:
         scripts are wherever env.py put them."""
         if not as_sql:
             self.connection()
-        environment = _environment(self.config, self.script, on_version_apply, fn=fn, as_sql=as_sql, **kw)
+        environment = _environment(self.config, self.script, on_version_apply, self.schema, fn=fn, as_sql=as_sql, **kw)
         try:
             with logs.project_code(), environment:
                 self.script.run_env()
@@ -442,25 +450,60 @@ def _breaking(marker: Any) -> str | None:
 
 
 def _environment(config: Config, script: ScriptDirectory, on_version_apply: Callable[..., None] | None,
-                 **kw: Any) -> EnvironmentContext:
+                 schema: str | None = None, **kw: Any) -> EnvironmentContext:
     """The context env.py configures: whatever it passes, every revision gets a transaction of its
     own (`transaction_per_migration`), so that a failure leaves the database at the last revision
     that committed and the job can report each one (see `Stepper`). (Wrapped on the instance: the
     `alembic.context` module proxy is set up for EnvironmentContext itself, not for subclasses.)"""
     environment = EnvironmentContext(config, script, **kw)
-    configure = environment.configure
+    configure, run_migrations = environment.configure, environment.run_migrations
 
     def per_migration(*args: Any, **options: Any) -> None:
         callbacks = list(options.get("on_version_apply") or ())
         if on_version_apply is not None:
             callbacks.append(on_version_apply)
+        environment.elsewhere = schema is not None and _another_schema(options, schema)
+        if environment.elsewhere:  # (configured as env.py asks, then passed over: `run_for_the_tenant`)
+            configure(*args, **options)
+            return
+        if schema is not None and not options.get("version_table_schema"):
+            # a tenant's version table in its schema, named so: the one the job reads and locks by,
+            # whatever else the search path holds (where Alembic would create it on that path anyway)
+            options["version_table_schema"] = schema
         environment.configured = VersionTable(options.get("version_table") or "alembic_version",
                                               options.get("version_table_schema"))
         configure(*args, **{**options, "transaction_per_migration": True, "on_version_apply": callbacks})
 
+    def run_for_the_tenant(**kw: Any) -> None:
+        """An env.py that loops over tenant schemas itself (Netflix Dispatch's shape) runs the
+        migrations once per schema it finds; with a tenant's schema to migrate (MIGRATE_TENANT_SCHEMA,
+        a fleet's entry), every other schema's turn is passed over, so that each run plans, locks,
+        backs up and records that one tenant."""
+        if not environment.elsewhere:
+            run_migrations(**kw)
+
     environment.configure = per_migration  # type: ignore[method-assign]
+    environment.run_migrations = run_for_the_tenant  # type: ignore[method-assign]
     environment.configured = None  # (the version table env.py configured, once it has: for errors)
+    environment.elsewhere = False
     return environment
+
+
+def _another_schema(options: Mapping[str, Any], schema: str) -> bool:
+    """Whether env.py configured this turn for a schema other than the tenant's: by its version
+    table's schema, else by the search path of the connection it passed. (Asked on that
+    connection without leaving a transaction open that env.py did not have.)"""
+    named = options.get("version_table_schema")
+    if named:
+        return named != schema
+    connection = options.get("connection")
+    if connection is None or not hasattr(connection, "exec_driver_sql"):
+        return False
+    began = not connection.in_transaction()
+    current = connection.exec_driver_sql("SELECT current_schema()").scalar()
+    if began:
+        connection.rollback()
+    return current is not None and current != schema
 
 
 def _config(files: AlembicFiles) -> Config:
@@ -488,16 +531,18 @@ def _loops_itself(seen: list[VersionTable]) -> str:
     and call a tenant added later up to date."""
     tables = sorted({f"{t.schema}.{t.name}" if t.schema else f"{t.name} (on the search_path)" for t in seen})
     return (f"env.py runs the migrations {len(seen)} times in one run (version tables: {', '.join(tables)}): it loops "
-            "over tenants itself, one schema each. The job plans, locks, backs up and records one database per run "
-            "and cannot follow such a loop; nothing was changed. Give each tenant a database of its own and list "
-            "them in MIGRATE_FLEET (README: Many tenants), or migrate this project with bare Alembic")
+            "over tenants itself, one schema each. The job plans, locks, backs up and records one schema per run; "
+            "nothing was changed. List the tenant schemas in MIGRATE_FLEET (for instance MIGRATE_FLEET=\"query:SELECT "
+            "nspname FROM pg_namespace WHERE nspname LIKE 'tenant%'\"), or name one in MIGRATE_TENANT_SCHEMA: each "
+            "run then migrates that schema's turn of the loop alone (README: Many tenants)")
 
 
 @contextlib.contextmanager
 def project_of(settings: Settings, conn: Any | None) -> Iterator[Project]:
     """The Alembic project; with `conn`, env.py migrates on that connection (the one holding the lock)."""
     settings.database.check_driver_installed()
-    project = Project(settings.alembic, settings.database, conn, session_options(settings), settings.sections)
+    project = Project(settings.alembic, settings.database, conn, session_options(settings), settings.sections,
+                      settings.tenant_schema)
     for _, database in settings.other_databases:  # env.py may connect to these too
         with connected(settings._replace(database=database)) as other:
             project.allow([other])
@@ -554,11 +599,24 @@ def verify(settings: Settings, conn: Any, project: Project, version_table: Versi
         )
 
 
+def refuse_missing_schema(settings: Settings, conn: Any) -> None:
+    """A tenant's schema (MIGRATE_TENANT_SCHEMA) must be there: the job does not create one (a mistyped
+    name would become a tenant), and its revisions would create their tables nowhere."""
+    if settings.tenant_schema is None:
+        return
+    with conn.cursor() as cur:
+        cur.execute("SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = %s)", (settings.tenant_schema,))
+        if not cur.fetchone()[0]:
+            raise ConfigError(f"the schema {settings.tenant_schema!r} (MIGRATE_TENANT_SCHEMA) is not in the database "
+                              f"{db.database_name(conn)!r}: create it first (CREATE SCHEMA), or correct the name")
+
+
 def plan_run(settings: Settings, conn: Any, project: Project, version_table: VersionTable, others: list[lock.Other],
              scripts: manifest.Scripts | None, known: manifest.Known | None) -> plan.Plan:
     """`run`'s plan, by Alembic, under the exclusive lock: every other database env.py migrates at
     the same revision, what Alembic said recorded (`record_scripts`), the plan logged, and its
     revisions' transaction endings checked before anything runs."""
+    refuse_missing_schema(settings, conn)
     the_plan = plan_for(settings, conn, project, version_table)
     plan.refuse_out_of_step(conn, others, version_table, the_plan.current,
                             "restore the one that moved alone, or bring it to the same revision by hand")

@@ -53,7 +53,7 @@ def version_table_of(settings: Settings, conn: Any, project: Project | None = No
     if project is not None:
         return project.locate()
     found = manifest.scripts(settings.alembic)
-    recorded = found and manifest.from_database(conn, tables.of(settings.history_table), found)
+    recorded = found and manifest.from_database(conn, tables.of(settings.history_table), found, settings.tenant_schema)
     if recorded:
         return recorded.version_table
     with Alembic(settings, conn) as alembic:

@@ -26,7 +26,7 @@ WITH excluded(oid) AS (SELECT unnest(%(excluded)s::oid[])),
 ns AS (
     SELECT oid, nspname FROM pg_namespace
     WHERE nspname NOT IN ('pg_catalog', 'information_schema') AND nspname NOT LIKE 'pg\_%%'
-      AND nspname <> ALL(%(excluded_schemas)s::text[])
+      AND nspname <> ALL(%(excluded_schemas)s::text[]) AND (%(only)s::text IS NULL OR nspname = %(only)s::text)
       AND oid NOT IN (SELECT objid FROM pg_depend WHERE classid = 'pg_namespace'::regclass AND deptype = 'e')
 ),
 extension_owned AS (SELECT classid, objid FROM pg_depend WHERE deptype = 'e'),
@@ -46,7 +46,8 @@ rel AS (
 SELECT 'schema', quote_ident(nspname), '' FROM ns
 UNION ALL
 SELECT 'extension', quote_ident(e.extname), e.extversion || ' in ' || quote_ident(n.nspname)
-  FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname <> 'plpgsql'
+  FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+ WHERE e.extname <> 'plpgsql' AND %(only)s::text IS NULL
 UNION ALL
 SELECT CASE r.relkind WHEN 'v' THEN 'view' WHEN 'm' THEN 'materialized view' WHEN 'S' THEN 'sequence'
                       WHEN 'f' THEN 'foreign table' ELSE 'table' END,
@@ -159,7 +160,7 @@ class Difference(NamedTuple):
 
 
 def snapshot(conn: Any, excluded_tables: Iterable[str] = (), excluded_schemas: Iterable[str] = (),
-             lock_timeout: float | None = None) -> Snapshot:
+             lock_timeout: float | None = None, only: str | None = None) -> Snapshot:
     """The schema of the database `conn` (psycopg2) is on, leaving out `excluded_tables` (names as
     SQL would write them) and `excluded_schemas`. (Printing a default or a view's definition opens
     its table: with `lock_timeout`, a table another session holds ACCESS EXCLUSIVE is waited for
@@ -175,7 +176,7 @@ def snapshot(conn: Any, excluded_tables: Iterable[str] = (), excluded_schemas: I
         if lock_timeout is not None:
             cur.execute("SELECT set_config('lock_timeout', %s, true)", (f"{max(int(lock_timeout * 1000), 1)}ms",))
         try:
-            cur.execute(SNAPSHOT_SQL, {"excluded": excluded, "excluded_schemas": list(excluded_schemas)})
+            cur.execute(SNAPSHOT_SQL, {"excluded": excluded, "excluded_schemas": list(excluded_schemas), "only": only})
             rows = cur.fetchall()
         finally:
             cur.execute("ROLLBACK")

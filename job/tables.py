@@ -14,6 +14,7 @@ is a configuration error, never a write into it.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, NamedTuple
 
 from psycopg2 import sql
@@ -30,6 +31,9 @@ COLUMNS = {
     "revisions": {"version_table", "revision", "code_sha256", "file_sha256", "accepted_reason"},
     "schema": {"version_table", "revisions", "fingerprint", "objects"},
 }
+# the advisory lock under which the tables are made or moved (a key of its own: never a
+# migration lock's)
+CREATING_KEY = int.from_bytes(b"mjtables", "big") - 2**63
 SUFFIXES = {"history": "", "heads": "_heads", "lineage": "_lineage", "revisions": "_revisions", "schema": "_schema"}
 
 
@@ -92,25 +96,37 @@ def found(conn: Any, own: Own | None, kind: str) -> Table | None:
     return None
 
 
-def prepare(cur: Any, own: Own, kind: str) -> Table:
+def prepare(cur: Any, own: Own, kind: str, ddl: str) -> Table:
     """Before writing the table of `kind` (under the migration lock): the schema made, all that an
     older version kept on the search path moved into it (every table at once, so none is left
-    behind), and whatever stands under the name checked to be the job's. The caller then creates
-    the table if it is not there."""
+    behind), whatever stands under the name checked to be the job's, and then `ddl` run for it
+    (its CREATE TABLE IF NOT EXISTS, {table} the table)."""
     table = own.table(kind)
     pairs = [(k, own.table(k), own.legacy(k)) for k in SUFFIXES]
     present = _columns(cur.connection, [t for _, new, old in pairs for t in (new, old) if t is not None])
     if table in present and all(old is None or old not in present or new in present for _, new, old in pairs):
         _check(table, kind, present[table])
+        cur.execute(sql.SQL(ddl).format(table=table.identifier()))
         return table
-    if own.schema is not None:
-        cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(own.schema)))
-    for k, new, old in pairs:
-        if new in present:
-            _check(new, k, present[new])
-        elif old is not None and old in present:
-            _check(old, k, present[old])
-            cur.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(old.identifier(), sql.Identifier(own.schema)))
+    # the runs of several tenant schemas of one database share these tables: the first to make one
+    # must not race another (two CREATE ... IF NOT EXISTS at once fail on a duplicate catalog key).
+    # (In autocommit, as the job writes its tables: a session-level lock, released here.)
+    cur.execute("SELECT pg_advisory_lock(%s)", (CREATING_KEY,))
+    try:
+        present = _columns(cur.connection, [t for _, new, old in pairs for t in (new, old) if t is not None])
+        if own.schema is not None:
+            cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(own.schema)))
+        for k, new, old in pairs:
+            if new in present:
+                _check(new, k, present[new])
+            elif old is not None and old in present:
+                _check(old, k, present[old])
+                cur.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(old.identifier(),
+                                                                          sql.Identifier(own.schema)))
+        cur.execute(sql.SQL(ddl).format(table=table.identifier()))
+    finally:
+        with contextlib.suppress(Exception):  # (a session gone: its lock went with it)
+            cur.execute("SELECT pg_advisory_unlock(%s)", (CREATING_KEY,))
     return table
 
 

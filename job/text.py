@@ -23,7 +23,7 @@ def plan(the_plan: Plan) -> str:
 def status(report: Status) -> str:
     holder = report.lock["holder"]
     return "\n".join([
-        f"database: {report.database}",
+        f"database: {report.database}" + (f" (tenant schema {report.tenant_schema})" if report.tenant_schema else ""),
         f"current:  {', '.join(report.current) or 'base (empty)'}",
         f"heads:    {', '.join(report.heads)}",
         f"pending:  {report.pending_count if report.problem is None else 'unknown: ' + report.problem}",

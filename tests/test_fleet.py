@@ -35,7 +35,7 @@ def fleet_env(tmp_path: Path, tenants: list[Db], **extra: str) -> dict[str, str]
     backups.mkdir(exist_ok=True)
     return base_env(**{
         "DATABASE_URL": tenants[0].url,
-        "MIGRATE_FLEET": ",".join(t.name for t in tenants),
+        "MIGRATE_FLEET": ",".join("database:" + t.name for t in tenants),
         "ALEMBIC_CONFIG": str(ROOT / "alembic.ini"),
         "MIGRATE_BACKUP_DIR": str(backups),
         "MIGRATE_TERMINATION_LOG": str(tmp_path / "termination-log"),
@@ -92,7 +92,7 @@ def test_twenty_tenants_one_failing_then_resumed_and_one_added(tmp_path: Path, t
     broken.query("DROP TABLE users")
     added = create_database(ADMIN_URL, prefix="fleet")
     try:
-        env["MIGRATE_FLEET"] += f",{added.name}"
+        env["MIGRATE_FLEET"] += f",database:{added.name}"
         again = run_job("run", env=env, timeout=300)
         assert again.code == 0, again.stdout[-3000:]
         assert outcomes(again) == {**{t.name: "up-to-date" for t in tenants}, broken.name: "migrated",
@@ -146,7 +146,7 @@ def test_fail_fast_starts_no_more_once_one_failed(tmp_path: Path, tenants: list[
 
     # without fail-fast the rest of the fleet goes on past the failure
     env["MIGRATE_FLEET_FAIL_FAST"] = "false"
-    env["MIGRATE_FLEET"] = ",".join(t.name for t in tenants[1:])
+    env["MIGRATE_FLEET"] = ",".join("database:" + t.name for t in tenants[1:])
     env["DATABASE_URL"] = tenants[1].url
     result = run_job("run", env=env, timeout=300)
     assert result.code == 6
@@ -157,7 +157,7 @@ def test_fail_fast_starts_no_more_once_one_failed(tmp_path: Path, tenants: list[
 def test_the_list_from_a_file_urls_and_a_query(tmp_path: Path, tenants: list[Db]) -> None:
     listing = tmp_path / "tenants"
     with_password = tenants[0].url.replace("postgres@", "postgres:Fl33tS3cret@")  # (trust auth: any will do)
-    listing.write_text(f"# tenants\n{with_password}\n\n{tenants[1].name}\n")
+    listing.write_text(f"# tenants\n{with_password}\n\ndatabase:{tenants[1].name}\n")
     result = run_job("run", env=fleet_env(tmp_path, tenants, MIGRATE_FLEET=f"@{listing}"), timeout=300)
     assert result.code == 0, result.stdout[-2000:]
     assert "Fl33tS3cret" not in result.stdout + result.stderr + (tmp_path / "termination-log").read_text()
@@ -165,7 +165,7 @@ def test_the_list_from_a_file_urls_and_a_query(tmp_path: Path, tenants: list[Db]
     assert version(tenants[0]) == HEAD and version(tenants[1]) == HEAD and version(tenants[2]) == []
 
     names = ", ".join(f"'{t.name}'" for t in tenants)
-    query = f"SELECT datname FROM pg_database WHERE datname IN ({names}) ORDER BY datname"
+    query = f"SELECT 'database:' || datname FROM pg_database WHERE datname IN ({names}) ORDER BY datname"
     result = run_job("run", env=fleet_env(tmp_path, tenants, MIGRATE_FLEET=query), timeout=300)
     assert result.code == 0
     assert sorted(outcomes(result).items()) == sorted(
@@ -180,8 +180,10 @@ def test_the_list_from_a_file_urls_and_a_query(tmp_path: Path, tenants: list[Db]
     ("@/nonexistent/tenants", "cannot read /nonexistent/tenants"),
     ("SELECT nosuchcolumn FROM pg_database", "MIGRATE_FLEET's query failed"),
     ("mysql://u:hunter2@h/db", "unsupported database URL"),
-    ("has/slash", "neither a PostgreSQL URL nor a database name"),
-    (" , ", "names no database"),
+    ("has/slash", "is not a schema name"),
+    ("database:has/slash", "is not a database name"),
+    ("table:users", "neither a PostgreSQL URL, database:NAME, nor a schema name"),
+    (" , ", "names no tenant"),
 ])
 def test_a_fleet_that_cannot_be_read_exits_2_before_anything_runs(tmp_path: Path, tenants: list[Db], given: str,
                                                                  says: str) -> None:
@@ -257,7 +259,7 @@ def test_three_shards_of_an_indexed_job_share_the_fleet_each_database_once(tmp_p
     assert sum(len(shard) for shard in taken) == 9 and set().union(*taken) == {t.name for t in tenants}
     assert all(version(t) == HEAD for t in tenants)
     # the shards do not depend on the list's order
-    reordered = {**env, "MIGRATE_FLEET": ",".join(t.name for t in reversed(tenants)), "JOB_COMPLETION_INDEX": "1"}
+    reordered = {**env, "MIGRATE_FLEET": ",".join("database:" + t.name for t in reversed(tenants)), "JOB_COMPLETION_INDEX": "1"}
     assert set(outcomes(run_job("run", env=reordered, timeout=300))) == taken[1]
 
 
@@ -277,7 +279,7 @@ def test_shards_without_a_completion_index_that_fits_exit_2(tmp_path: Path, tena
 def test_check_over_a_fleet_says_each_database_and_exits_8_while_any_is_pending(tmp_path: Path,
                                                                               tenants: list[Db]) -> None:
     env = fleet_env(tmp_path, tenants, MIGRATE_BACKUP="off")
-    assert run_job("run", env={**env, "MIGRATE_FLEET": ",".join(t.name for t in tenants[:2])}).code == 0
+    assert run_job("run", env={**env, "MIGRATE_FLEET": ",".join("database:" + t.name for t in tenants[:2])}).code == 0
 
     checked = run_job("check", env=env)
     assert checked.code == 8, checked.stdout[-2000:]
@@ -324,7 +326,7 @@ def test_each_database_of_a_fleet_gets_its_password_from_the_password_file(passw
         secret = tmp_path / "password"
         secret.write_text(SECRET)
         env = base_env(DATABASE_URL=f"postgresql://app@127.0.0.1:{password_cluster.port}/{names[0]}",
-                       DATABASE_PASSWORD_FILE=str(secret), MIGRATE_FLEET=" ".join(names),
+                       DATABASE_PASSWORD_FILE=str(secret), MIGRATE_FLEET=" ".join("database:" + name for name in names),
                        ALEMBIC_CONFIG=scenario("tenant"), MIGRATE_BACKUP="off", MIGRATE_WAIT_TIMEOUT="10")
         result = run_job("run", env=env, timeout=300)
         assert result.code == 0, result.stdout[-2000:]

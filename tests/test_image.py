@@ -475,7 +475,7 @@ def test_a_fleet_in_three_shards_each_pod_migrates_its_share_and_a_failing_tenan
     try:
         broken = tenants[0]
         broken.query("CREATE TABLE users (id int)")
-        docs = chart(tenants[0], migration={"fleet": {"targets": ",".join(t.name for t in tenants), "shards": 3}},
+        docs = chart(tenants[0], migration={"fleet": {"targets": ",".join("database:" + t.name for t in tenants), "shards": 3}},
                      backups={"mode": "off"})
         pods = cluster.pods_of(docs, "Job", replicas=3)
         for index, pod in enumerate(pods):

@@ -1,0 +1,204 @@
+"""Tenants kept as schemas of one database (MIGRATE_TENANT_SCHEMA, and MIGRATE_FLEET's schema
+names), on the machine's PostgreSQL: each schema migrated as `run` migrates a database (its own
+version table, lock, backup, heads record, history and schema record), however env.py learns the
+schema (the search path the job sets, `-x tenant=…`, or a loop of its own over the schemas)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from job import schema as schemas
+from tests.conftest import ROOT, Db, base_env, run_job, scenario
+
+TENANT_HEAD = ["t003"]
+
+
+def tenant_env(db: Db, tmp_path: Path, **extra: str) -> dict[str, str]:
+    backups = tmp_path / "backups"
+    backups.mkdir(exist_ok=True)
+    return base_env(**{
+        "DATABASE_URL": db.url,
+        "ALEMBIC_CONFIG": scenario("tenant"),
+        "MIGRATE_BACKUP_DIR": str(backups),
+        "MIGRATE_TERMINATION_LOG": str(tmp_path / "termination-log"),
+        "MIGRATE_WAIT_TIMEOUT": "10",
+        "MIGRATE_LOCK_TIMEOUT": "30",
+        **extra,
+    })
+
+
+def make_schemas(db: Db, names: list[str]) -> None:
+    db.query("".join(f'CREATE SCHEMA "{name}";' for name in names))
+
+
+def versions(db: Db) -> dict[str, list[str]]:
+    """Each schema's version table's rows (a schema without one is left out)."""
+    rows = db.query("SELECT table_schema FROM information_schema.tables WHERE table_name = 'alembic_version'")
+    return {s: sorted(r[0] for r in db.query(f'SELECT version_num FROM "{s}".alembic_version')) for (s,) in rows}
+
+
+def outcomes(result) -> dict[str, str]:
+    return {e["tenant"]: e["outcome"] for e in result.events("fleet.target")}
+
+
+def test_two_hundred_tenant_schemas_one_failing_then_resumed_and_one_added(db: Db, tmp_path: Path) -> None:
+    names = [f"tenant_{i:03d}" for i in range(200)]
+    make_schemas(db, names)
+    broken = "tenant_042"
+    db.query(f"CREATE TABLE {broken}.tenant_table_1 (id int)")  # (its first revision fails: already there)
+    db.query("CREATE TABLE public.shared_plans (id int)")  # (what the app keeps outside the tenants: untouched)
+    env = tenant_env(db, tmp_path, MIGRATE_FLEET="query:SELECT nspname FROM pg_namespace WHERE nspname LIKE "
+                                                 "'tenant\\_%' ORDER BY 1", MIGRATE_FLEET_PARALLEL="4")
+
+    result = run_job("run", env=env, timeout=600)
+
+    assert result.code == 6, result.stdout[-3000:]
+    assert outcomes(result) == {name: "failed" if name == broken else "migrated" for name in names}
+    assert result.event("fleet.done")["failed"] == [{"tenant": broken, "exit_code": 6}]
+    found = versions(db)
+    assert found == {name: TENANT_HEAD for name in names if name != broken}  # (the broken one's rolled back whole)
+    assert "public" not in found and db.tables("public") == {"shared_plans"}
+    assert db.query("SELECT count(*) FROM tenant_199.tenant_table_1") == [(100,)]
+    # each schema its own lock: 200 keys, none shared
+    assert len({e["key"] for e in result.events("lock.acquired")}) == 200
+    # the history tells the tenants apart: one run per schema, its revisions with it
+    assert db.query("SELECT count(DISTINCT tenant_schema), count(*) FILTER (WHERE tenant_schema IS NULL) "
+                    "FROM migrate_job.migrate_job_history") == [(200, 0)]
+    assert (tmp_path / "termination-log").read_text().startswith(f"fleet-failed: 1 of 200 failed; {broken} (exit 6)")
+
+    # resume: the broken tenant fixed and one added; a re-run migrates those two alone
+    db.query(f"DROP TABLE {broken}.tenant_table_1")
+    make_schemas(db, ["tenant_200"])
+    again = run_job("run", env=env, timeout=600)
+    assert again.code == 0, again.stdout[-3000:]
+    assert outcomes(again) == {**{name: "up-to-date" for name in names}, broken: "migrated", "tenant_200": "migrated"}
+    assert versions(db)[broken] == TENANT_HEAD and versions(db)["tenant_200"] == TENANT_HEAD
+    assert not [e for e in again.lines if e.get("event") == "schema.drift"]  # (another tenant's change is not drift)
+
+
+@pytest.mark.parametrize("via, project", [("search_path", "tenant"), ("search_path", None), ("x:tenant", "tenant_x")])
+def test_one_tenant_schema_reaches_env_py_the_way_the_project_expects(db: Db, tmp_path: Path, via: str,
+                                                                      project: str | None) -> None:
+    """The three ways a schema reaches env.py: the search path the job sets (an env.py that builds its
+    engine from DATABASE_URL itself, and the blog's, from sqlalchemy.url), or -x tenant=NAME for an
+    env.py that points its connection and version table at the schema itself."""
+    make_schemas(db, ["Acme-1", "globex"])
+    config = scenario(project) if project else str(ROOT / "alembic.ini")
+    env = tenant_env(db, tmp_path, ALEMBIC_CONFIG=config, MIGRATE_TENANT_SCHEMA="Acme-1", MIGRATE_TENANT_SCHEMA_VIA=via)
+
+    result = run_job("run", env=env)
+
+    assert result.code == 0, result.stdout[-3000:]
+    head = TENANT_HEAD if project else ["0006"]
+    assert versions(db) == {"Acme-1": head}
+    tables = {r[0] for r in db.query("SELECT tablename FROM pg_tables WHERE schemaname = 'Acme-1'")}
+    assert ("tenant_table_3" if project else "comments") in tables
+    assert db.tables("public") == set() and db.tables("globex") == set()
+    assert run_job("run", env=env).event("run.done")["outcome"] == "up-to-date"
+    assert run_job("check", env=env).code == 0
+    assert run_job("check", env={**env, "MIGRATE_TENANT_SCHEMA": "globex"}).code == 8
+
+
+def test_a_tenant_schema_the_database_lacks_is_exit_2_and_creates_nothing(db: Db, tmp_path: Path) -> None:
+    result = run_job("run", env=tenant_env(db, tmp_path, MIGRATE_TENANT_SCHEMA="nosuch"))
+    assert result.code == 2 and "the schema 'nosuch' (MIGRATE_TENANT_SCHEMA) is not in the database" in result.failure
+    assert db.query("SELECT count(*) FROM pg_namespace WHERE nspname = 'nosuch'") == [(0,)]
+    for bad in ("two words", "semi;colon", 'quo"te'):
+        result = run_job("run", env=tenant_env(db, tmp_path, MIGRATE_TENANT_SCHEMA=bad))
+        assert result.code == 2 and "is not a schema name" in result.failure, bad
+
+
+def test_the_job_and_bare_alembic_leave_the_same_tenant_schema(db: Db, tmp_path: Path) -> None:
+    """The same project into two schemas: by the job with MIGRATE_TENANT_SCHEMA, and by bare
+    `alembic upgrade head` with the search path in PGOPTIONS, as a shell loop would: the same
+    objects, the same rows, the same version."""
+    make_schemas(db, ["by_job", "by_alembic"])
+    assert run_job("run", env=tenant_env(db, tmp_path, MIGRATE_TENANT_SCHEMA="by_job")).code == 0
+    bare = subprocess.run([sys.executable, "-m", "alembic", "-c", scenario("tenant"), "upgrade", "head"],
+                          env={**os.environ, "DATABASE_URL": db.url, "PGOPTIONS": "-csearch_path=by_alembic"},
+                          capture_output=True, text=True, cwd=ROOT)
+    assert bare.returncode == 0, bare.stderr
+
+    conn = db.connect()
+    try:
+        job_side, alembic_side = (
+            {(kind, re.sub(rf"\b{s}\b", "S", name)): re.sub(rf"\b{s}\b", "S", d)
+             for (kind, name), d in schemas.snapshot(conn, only=s).items()} for s in ("by_job", "by_alembic"))
+    finally:
+        conn.close()
+    assert job_side == alembic_side and len(job_side) > 5
+    assert versions(db) == {"by_job": TENANT_HEAD, "by_alembic": TENANT_HEAD}
+    assert (db.query("SELECT count(*), sum(id) FROM by_job.tenant_table_1")
+            == db.query("SELECT count(*), sum(id) FROM by_alembic.tenant_table_1"))
+
+
+def test_a_tenant_backup_holds_its_schema_and_restores_it_alone(db: Db, tmp_path: Path) -> None:
+    make_schemas(db, ["acme", "globex"])
+    acme, globex = (tenant_env(db, tmp_path, MIGRATE_TENANT_SCHEMA=s, MIGRATE_TARGET="t001") for s in ("acme", "globex"))
+    for env in (acme, globex):
+        assert run_job("run", env=env).code == 0
+    db.query("INSERT INTO globex.tenant_table_1 (name) VALUES ('globex keeps this')")
+    # acme upgraded: its backup is taken first, of its schema alone
+    result = run_job("run", env={**acme, "MIGRATE_TARGET": "head"})
+    assert result.code == 0, result.stdout[-2000:]
+    path = result.event("backup.done")["path"]
+    assert "acme" in Path(path).name
+    assert "globex" not in subprocess.run(["pg_restore", "--list"], input=_archive(path), capture_output=True).stdout.decode()
+    db.query("INSERT INTO acme.tenant_table_3 (name) VALUES ('after the backup')")
+
+    # restoring it needs acme's MIGRATE_TENANT_SCHEMA: never the whole database's, nor another tenant's
+    name = Path(path).name
+    for env in ({**acme, "MIGRATE_TENANT_SCHEMA": ""}, globex):
+        refused = run_job("restore", name, "--yes", env=env)
+        assert refused.code == 2 and "MIGRATE_TENANT_SCHEMA=acme" in refused.failure
+    restored = run_job("restore", name, "--yes", env=acme)
+    assert restored.code == 0, restored.stdout[-2000:]
+    assert versions(db) == {"acme": ["t001"], "globex": ["t001"]}
+    assert "tenant_table_3" not in db.tables("acme")
+    assert db.query("SELECT name FROM globex.tenant_table_1 WHERE id > 100") == [("globex keeps this",)]
+
+    # status is about the tenant: its revision, its backups, its runs
+    report = json.loads(run_job("status", "--format", "json", env=acme).stdout)
+    assert report["tenant_schema"] == "acme" and report["current"] == ["t001"]
+    assert [b["path"] for b in report["backups"]] == [path]  # (globex's backups are globex's)
+    assert report["history"][0]["command"] == "restore" and len(report["history"]) == 3
+    assert "(tenant schema acme)" in run_job("status", env=acme).stdout
+
+
+def _archive(path: str) -> bytes:
+    from tests.conftest import custom_archive
+
+    return custom_archive(Path(path).read_bytes())
+
+
+@pytest.mark.parametrize("shape", ["version_table_schema", "search_path"])
+def test_an_env_py_that_loops_over_tenant_schemas_itself_is_run_once_per_tenant(db: Db, tmp_path: Path,
+                                                                                shape: str) -> None:
+    """Netflix Dispatch's shape, both ways, with the schemas in MIGRATE_FLEET: each run passes over
+    every other schema's turn of env.py's loop, so each tenant is planned, locked and recorded
+    alone, and a tenant added later is migrated (not taken for up to date)."""
+    make_schemas(db, ["tenant_a", "tenant_b", "tenant_c"])
+    env = tenant_env(db, tmp_path, ALEMBIC_CONFIG=scenario("schema_loop"), SCENARIO_LOOP=shape,
+                     MIGRATE_FLEET="query:SELECT nspname FROM pg_namespace WHERE nspname LIKE 'tenant%'")
+
+    result = run_job("run", env=env, timeout=300)
+
+    assert result.code == 0, result.stdout[-3000:]
+    assert outcomes(result) == {s: "migrated" for s in ("tenant_a", "tenant_b", "tenant_c")}
+    assert len(result.events("migration.done")) == 3  # (one revision in each of three schemas: not 9)
+    assert versions(db) == {s: ["l001"] for s in ("tenant_a", "tenant_b", "tenant_c")}
+    assert db.query("SELECT count(*) FROM migrate_job.migrate_job_history WHERE kind = 'revision'") == [(3,)]
+
+    make_schemas(db, ["tenant_d"])
+    again = run_job("run", env=env, timeout=300)
+    assert again.code == 0, again.stdout[-3000:]
+    assert outcomes(again) == {"tenant_a": "up-to-date", "tenant_b": "up-to-date", "tenant_c": "up-to-date",
+                               "tenant_d": "migrated"}
+    assert "things" in db.tables("tenant_d")
