@@ -193,6 +193,29 @@ COMMANDS: dict[str, Callable[[config.Settings, argparse.Namespace], tuple[str, i
 PRINTS = {"plan", "status"}
 
 
+def tenant_status(settings: config.Settings) -> tuple[str, int, dict[str, Any]]:
+    """`status` of one tenant of a fleet: at-target or pending, and the state the fleet reports."""
+    report = commands.status(settings)
+    last = report.history[0] if report.history else None
+    state = {"current": report.current, "heads": report.heads, "pending": report.pending_count,
+             "lock_held": report.lock["held"], "drift": len(report.drift),
+             "last_run": {k: last[k] for k in ("command", "outcome", "started_at")} if last else None}
+    if report.problem:
+        return "unknown", RevisionError.exit_code, {**state, "problem": report.problem}
+    return ("pending" if report.pending_count else "at-target"), 0, state
+
+
+# what each command that takes MIGRATE_FLEET runs on one tenant (None: job.pipeline's run)
+FLEET_COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {
+    "run": lambda args: None,
+    "check": lambda args: lambda one: cmd_check(one, args),
+    "status": lambda args: tenant_status,
+}
+# the commands that ignore MIGRATE_FLEET: they touch no tenant's schema (wait for the server; the
+# offline ones); every other one works on one tenant and refuses a fleet rather than do one alone
+ONE_OR_ANY = {"wait", "lint", "manifest"}
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     env = os.environ
@@ -217,14 +240,18 @@ def main(argv: list[str] | None = None) -> int:
         settings = config.load(env, vars(args), need_database=not offline)
         logs.redactor.add(settings.secrets)
         credentials.install(settings.password_source, logs.redactor.add)
-        if settings.fleet and args.command in ("run", "check"):
+        if settings.fleet and args.command in FLEET_COMMANDS:
             from job import fleet
 
             if args.command == "check" and args.format == "json":
-                raise ConfigError("check over a fleet (MIGRATE_FLEET) says each database's state in its "
-                                  "fleet.target line: --format json is for one database")
-            return fleet.run(settings, env, vars(args), args.command,
-                             None if args.command == "run" else lambda one: COMMANDS[args.command](one, args))
+                raise ConfigError("check over a fleet (MIGRATE_FLEET) says each tenant's state in its "
+                                  "fleet.target line: --format json is for one tenant (status --format json "
+                                  "reports the fleet)")
+            return fleet.run(settings, env, vars(args), args.command, FLEET_COMMANDS[args.command](args))
+        if settings.fleet and args.command not in ONE_OR_ANY:
+            raise ConfigError(f"{args.command} works on one tenant, and MIGRATE_FLEET names a fleet: unset "
+                              "MIGRATE_FLEET and name the tenant (MIGRATE_TENANT_SCHEMA for a schema, DATABASE_URL "
+                              "for a database); run, check and status take the fleet")
         return COMMANDS[args.command](settings, args)
 
     return ending.attempt(work, started, termination).exit_code

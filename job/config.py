@@ -756,8 +756,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("allow_ahead", "--allow-ahead", "MIGRATE_ALLOW_AHEAD", lambda value, name: _boolean(value, name, True), True,
            "start on a database ahead of these scripts on their own line (older code after newer)"),
     Option("fleet", "--fleet", "MIGRATE_FLEET", _text, None,
-           "run every database of a fleet: URLs or database names (spaces, commas or lines), @FILE of them, "
-           "or a SELECT on DATABASE_URL's database that gives them"),
+           "run every tenant of a fleet: schema names of DATABASE_URL's database, database:NAME or URLs (spaces, "
+           "commas or lines), @FILE of them, or query:SQL on DATABASE_URL's database that gives them"),
     Option("fleet_parallel", "--fleet-parallel", "MIGRATE_FLEET_PARALLEL", count(1, 64), 4,
            "how many of the fleet's databases are migrated at once"),
     Option("fleet_canary", "--fleet-canary", "MIGRATE_FLEET_CANARY", count(0, 10000), 0,

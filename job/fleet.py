@@ -1,21 +1,21 @@
-"""`run` over a fleet of databases (MIGRATE_FLEET): one database per tenant, one code version.
-
-Each database is migrated exactly as `run` migrates one (job.pipeline: its own lock, backup, plan,
-revisions and history), by one of at most MIGRATE_FLEET_PARALLEL workers forked from this process:
-Python, the job and Alembic are loaded once. A worker runs databases in turn while it finds them
-at their target (a run at head costs its few queries, not a Python start-up, nor a fork: `make
-bench`, 200 databases at head in 1.9 s); a run that did work or failed is its last. The
-first MIGRATE_FLEET_CANARY must all succeed before the others start; with
+"""`run` over a fleet of tenants (MIGRATE_FLEET), one code version: schemas of one database, or
+databases, each migrated exactly as `run` migrates one database (job.pipeline: its own lock,
+backup, plan, revisions and history; a schema's with MIGRATE_TENANT_SCHEMA, job.config), by one of
+at most MIGRATE_FLEET_PARALLEL workers forked from this process: Python, the job and Alembic are
+loaded once. A worker runs tenants in turn while it finds them at their target (a run at head costs
+its few queries, not a Python start-up, nor a fork: `make bench`); a run that did work or failed is
+its last. The first MIGRATE_FLEET_CANARY must all succeed before the others start; with
 MIGRATE_FLEET_FAIL_FAST, none starts once one failed. A signal stops the fleet: the running
-databases get it (each rolls back its running revision and releases its lock, as `run` does),
-no other starts, and the summary says which were done.
+tenants get it (each rolls back its running revision and releases its lock, as `run` does), no
+other starts, and the summary says which were done.
 
-Every line a database's run logs carries `tenant` (the database, without its password) and
-`fleet_run_id`; `fleet.target` says how each ended, `fleet.done` sums up. The fleet exits 0 when
-every database succeeded, 6 when any failed (its own exit code is in its `fleet.target`), 143/130
-when a signal stopped it. A re-run redoes only what is not at its target: the others answer at head.
+Every line a tenant's run logs carries `tenant` (the schema, or the database without its
+password) and `fleet_run_id`; `fleet.target` says how each ended, `fleet.done` sums up. The fleet
+exits 0 when every tenant succeeded, 6 when any failed (its own exit code is in its
+`fleet.target`), 143/130 when a signal stopped it. A re-run redoes only what is not at its target:
+the others answer at head.
 
-With MIGRATE_FLEET_SHARDS, each pod of an Indexed Job takes the databases of its shard
+With MIGRATE_FLEET_SHARDS, each pod of an Indexed Job takes the tenants of its shard
 (JOB_COMPLETION_INDEX), by a hash of each one's name (`shard_of`).
 """
 
@@ -62,16 +62,19 @@ class Ended(NamedTuple):
     """How one target's run ended."""
 
     target: Target
-    outcome: str  # migrated, up-to-date, failed, interrupted, not-started
+    outcome: str  # migrated, up-to-date, failed, interrupted, not-started (check, status: at-target, pending)
     exit_code: int | None
     seconds: float
     error: str | None = None
+    # `status`: what the tenant's status said (its revisions, pending count, lock, last run)
+    state: dict[str, Any] | None = None
 
 
 def targets(settings: Settings, env: Mapping[str, str]) -> list[Target]:
     """The fleet MIGRATE_FLEET names: its entries (spaces, commas or lines), the lines of @FILE, or
-    the first column of `query:SQL` (or a bare SELECT/WITH) run on DATABASE_URL's database. An entry is a PostgreSQL URL, or
-    a database name on DATABASE_URL's server (its user, password and parameters)."""
+    the first column of `query:SQL` (or a bare SELECT/WITH) run on DATABASE_URL's database. An
+    entry is a schema name in DATABASE_URL's database, `database:NAME` on its server (its user,
+    password and parameters), or a PostgreSQL URL (`_target`)."""
     given = (settings.fleet or "").strip()
     if given.startswith("@"):
         path = Path(given[1:])
@@ -110,8 +113,8 @@ def shard_index(shards: int, env: Mapping[str, str]) -> int:
 
 
 def shard_of(target: Target, shards: int) -> int:
-    """The shard a database belongs to, by its name alone: every pod agrees on it whatever order
-    its list came in, and a database added later moves no other."""
+    """The shard a tenant belongs to, by its name alone: every pod agrees on it whatever order
+    its list came in, and a tenant added later moves no other."""
     return int.from_bytes(hashlib.sha256(target.label.encode()).digest()[:8], "big") % shards
 
 
@@ -160,9 +163,9 @@ def _base(entry: str, env: Mapping[str, str], what: str) -> str:
 
 
 def run(settings: Settings, env: Mapping[str, str], flags: Mapping[str, Any], command: str = "run",
-        work: Callable[[Settings], tuple[str, int]] | None = None) -> tuple[str, int, str]:
-    """`command` on every database of the fleet (`run`: job.pipeline; `check`: `work`, the CLI's
-    check of one database): the fleet's outcome, exit code (module docstring) and termination message."""
+        work: Callable[[Settings], tuple[Any, ...]] | None = None) -> tuple[str, int, str]:
+    """`command` on every tenant of the fleet (`run`: job.pipeline; `check`: `work`, the CLI's
+    check of one tenant): the fleet's outcome, exit code (module docstring) and termination message."""
     log.release()  # (a single run holds its lines until the lock; the fleet takes none itself)
     fleet = targets(settings, env)
     log.info("fleet.start", command=command, targets=len(fleet), parallel=settings.fleet_parallel,
@@ -189,13 +192,21 @@ def run(settings: Settings, env: Mapping[str, str], flags: Mapping[str, Any], co
             ended += scheduler.run(rest)
     finally:
         scheduler.close()
+    if command == "status":
+        from job import text
+
+        report = [{"tenant": e.target.label, "outcome": e.outcome, **(e.state or {}),
+                   **({"error": e.error} if e.error else {})} for e in sorted(ended, key=lambda e: e.target.label)]
+        logs.output_for(sys.stdout).write(json.dumps({"tenants": report}) + "\n" if flags.get("format") == "json"
+                                          else text.fleet_status(report))
     return summary(ended, scheduler.signalled, command)
 
 
 def summary(ended: list[Ended], signalled: int | None, command: str = "run") -> tuple[str, int, str]:
     """Log fleet.done; the fleet's outcome, exit code and termination message (failures first).
-    `run`: 0, or 6 when any database failed or was not started. `check`: 0 when every database is
-    at its target, 8 when any is pending and none failed, else the first failure's exit code."""
+    `run`: 0, or 6 when any tenant failed or was not started. `check`: 0 when every tenant is at
+    its target, 8 when any is pending and none failed, else the first failure's exit code.
+    `status`: 0, or the first tenant's exit code that is not (its status could not be read)."""
     counts: dict[str, int] = {}
     for e in ended:
         counts[e.outcome] = counts.get(e.outcome, 0) + 1
@@ -204,6 +215,8 @@ def summary(ended: list[Ended], signalled: int | None, command: str = "run") -> 
         code = SIGNAL_CODES.get(signalled, 143)
     elif command == "check":
         code = (failed[0].exit_code or 1) if failed else (Pending.exit_code if PENDING in counts else 0)
+    elif command == "status":
+        code = next((e.exit_code for e in ended if e.exit_code), 0)
     else:
         code = FAILED_CODE if failed or NOT_STARTED in counts else 0
     log.info("fleet.done", command=command, targets=len(ended), counts=counts, exit_code=code,
@@ -249,11 +262,17 @@ class _Worker:
 AT_TARGET = ("up-to-date", "at-target")
 
 
+def _reusable(command: str, outcome: str) -> bool:
+    """Whether a worker may take another target after this one: `status` loads Alembic and runs
+    env.py every time, so never after it."""
+    return command != "status" and outcome in AT_TARGET
+
+
 class _Scheduler:
     """Targets given to at most `parallel` workers (`_Worker`) at a time, and their results collected."""
 
     def __init__(self, settings: Settings, env: Mapping[str, str], flags: Mapping[str, Any], command: str,
-                 work: Callable[[Settings], tuple[str, int]]) -> None:
+                 work: Callable[[Settings], tuple[Any, ...]]) -> None:
         self.settings, self.env, self.flags, self.command, self.work = settings, env, flags, command, work
         self.signalled: int | None = None
         self.failed = False
@@ -368,41 +387,43 @@ class _Scheduler:
                 result = {"outcome": "failed", "exit_code": code if code > 0 else 128 - code,
                           "error": f"its process ended without a result ({_how(status)})"}
             worker.target = None
-            if not line or result["outcome"] not in AT_TARGET:  # (that run was the worker's last)
+            if not line or not _reusable(self.command, result["outcome"]):  # (that run was the worker's last)
                 self._forget(worker, reaped=not line)
             done = Ended(target, result["outcome"], result["exit_code"], round(time.monotonic() - started, 3),
-                         result.get("error"))
+                         result.get("error"), result.get("state"))
             self.failed = self.failed or done.outcome not in (*SUCCEEDED, PENDING)
             log.info("fleet.target", tenant=target.label, outcome=done.outcome, exit_code=done.exit_code,
-                     seconds=done.seconds, **({"error": done.error} if done.error else {}))
+                     seconds=done.seconds, **({"error": done.error} if done.error else {}), **(done.state or {}))
             ended.append(done)
         return ended
 
 
-def _serve(tasks: int, results: int, command: str, work: Callable[[Settings], tuple[str, int]],
+def _serve(tasks: int, results: int, command: str, work: Callable[[Settings], tuple[Any, ...]],
            env: Mapping[str, str], flags: Mapping[str, Any]) -> int:
     """A worker: each target it reads from `tasks` run in turn, how each ended written to `results`;
     it ends after a run that did not find its database at the target, or at the end of its tasks."""
     with os.fdopen(tasks, "r") as given, os.fdopen(results, "w") as said:
         for line in given:
-            ended = _run_target(Target(**json.loads(line)), command, work, env, flags)
-            said.write(json.dumps({"outcome": ended.outcome, "exit_code": ended.exit_code, "error": ended.error})
-                       + "\n")
+            ended, state = _run_target(Target(**json.loads(line)), command, work, env, flags)
+            said.write(json.dumps({"outcome": ended.outcome, "exit_code": ended.exit_code, "error": ended.error,
+                                   **({"state": state} if state else {})}) + "\n")
             said.flush()
-            if ended.outcome not in AT_TARGET:
+            if not _reusable(command, ended.outcome):
                 return ended.exit_code
     return 0
 
 
-def _run_target(target: Target, command: str, work: Callable[[Settings], tuple[str, int]], env: Mapping[str, str],
-                flags: Mapping[str, Any]) -> Any:
+def _run_target(target: Target, command: str, work: Callable[[Settings], tuple[Any, ...]], env: Mapping[str, str],
+                flags: Mapping[str, Any]) -> tuple[Any, dict[str, Any] | None]:
     """In a worker: `command` on one target, exactly as the CLI runs it, its lines carrying the
-    target; how it ended (job.ending.Ended)."""
+    target; how it ended (job.ending.Ended), and the state `work` reported (`status`), if any."""
     from job import ending
 
     started = time.monotonic()
     fleet_run_id = logs.run_id()
-    logs.configure(*config.log_options(env, flags), stream=sys.stdout, hold=command == "run")
+    # (`status` prints the fleet's report on stdout: its lines go to stderr, as the CLI sends them)
+    logs.configure(*config.log_options(env, flags), stream=sys.stderr if command == "status" else sys.stdout,
+                   hold=command == "run")
     db.install_signal_handlers()
     os.environ.pop("MIGRATE_FLEET", None)
     child_env = {k: v for k, v in env.items() if k != "MIGRATE_FLEET"}
@@ -417,15 +438,19 @@ def _run_target(target: Target, command: str, work: Callable[[Settings], tuple[s
     with logs.about(tenant=target.label, fleet_run_id=fleet_run_id):
         log.info("run.start", command=command, version=__version__)
 
+        state: dict[str, Any] = {}
+
         def one() -> tuple[str, int]:  # (as cli.main prepares a command)
             settings = config.load(child_env, child_flags)
             logs.redactor.add(settings.secrets)
             credentials.install(settings.password_source, logs.redactor.add)  # (this database's, not the fleet's)
-            return work(settings)
+            outcome, code, *reported = work(settings)
+            state.update(*reported)
+            return outcome, code
 
         ended = ending.attempt(one, started, os.devnull)  # (the fleet writes the termination message)
     logs.drain(2.0)
-    return ended
+    return ended, state or None
 
 
 def _how(status: int) -> str:

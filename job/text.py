@@ -109,3 +109,17 @@ def age(seconds: float) -> str:
         if seconds >= length:
             return f"{seconds / length:.0f} {unit}"
     return f"{seconds:.0f} s"
+
+
+def fleet_status(tenants: list[dict[str, Any]]) -> str:
+    """`status` over a fleet: a row per tenant (job.fleet), the ones needing attention first."""
+    order = {"failed": 0, "interrupted": 0, "unknown": 1, "pending": 2, "not-started": 3, "at-target": 4}
+    rows = [("tenant", "state", "current", "pending", "lock", "last run")]
+    for t in sorted(tenants, key=lambda t: (order.get(t["outcome"], 1), t["tenant"])):
+        last = t.get("last_run")
+        rows.append((t["tenant"], t["outcome"], ", ".join(t.get("current") or []) or "base",
+                     "?" if t.get("pending") is None else str(t["pending"]), "held" if t.get("lock_held") else "free",
+                     f"{last['command']} {last['outcome'] or 'running'} {last['started_at'][:19]}" if last
+                     else t.get("error") or t.get("problem") or ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows) + "\n"

@@ -10,12 +10,14 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from job import schema as schemas
-from tests.conftest import ROOT, Db, base_env, run_job, scenario
+from tests.conftest import ROOT, Db, base_env, finish_logged, kill, run_job, scenario, start_logged
+from tests.events import events
 
 TENANT_HEAD = ["t003"]
 
@@ -115,13 +117,17 @@ def test_a_tenant_schema_the_database_lacks_is_exit_2_and_creates_nothing(db: Db
         assert result.code == 2 and "is not a schema name" in result.failure, bad
 
 
-def test_the_job_and_bare_alembic_leave_the_same_tenant_schema(db: Db, tmp_path: Path) -> None:
+@pytest.mark.parametrize("project, head, table", [("tenant", TENANT_HEAD, "tenant_table_1"),
+                                                 ("blog", ["0006"], "users")])
+def test_the_job_and_bare_alembic_leave_the_same_tenant_schema(db: Db, tmp_path: Path, project: str, head: list[str],
+                                                              table: str) -> None:
     """The same project into two schemas: by the job with MIGRATE_TENANT_SCHEMA, and by bare
     `alembic upgrade head` with the search path in PGOPTIONS, as a shell loop would: the same
-    objects, the same rows, the same version."""
+    objects, the same rows, the same version (the tenant scenario, and the blog service's history)."""
+    config = scenario("tenant") if project == "tenant" else str(ROOT / "alembic.ini")
     make_schemas(db, ["by_job", "by_alembic"])
-    assert run_job("run", env=tenant_env(db, tmp_path, MIGRATE_TENANT_SCHEMA="by_job")).code == 0
-    bare = subprocess.run([sys.executable, "-m", "alembic", "-c", scenario("tenant"), "upgrade", "head"],
+    assert run_job("run", env=tenant_env(db, tmp_path, ALEMBIC_CONFIG=config, MIGRATE_TENANT_SCHEMA="by_job")).code == 0
+    bare = subprocess.run([sys.executable, "-m", "alembic", "-c", config, "upgrade", "head"],
                           env={**os.environ, "DATABASE_URL": db.url, "PGOPTIONS": "-csearch_path=by_alembic"},
                           capture_output=True, text=True, cwd=ROOT)
     assert bare.returncode == 0, bare.stderr
@@ -134,9 +140,9 @@ def test_the_job_and_bare_alembic_leave_the_same_tenant_schema(db: Db, tmp_path:
     finally:
         conn.close()
     assert job_side == alembic_side and len(job_side) > 5
-    assert versions(db) == {"by_job": TENANT_HEAD, "by_alembic": TENANT_HEAD}
-    assert (db.query("SELECT count(*), sum(id) FROM by_job.tenant_table_1")
-            == db.query("SELECT count(*), sum(id) FROM by_alembic.tenant_table_1"))
+    assert versions(db) == {"by_job": head, "by_alembic": head}
+    assert (db.query(f"SELECT count(*) FROM by_job.{table}") == db.query(f"SELECT count(*) FROM by_alembic.{table}"))
+    assert db.tables("public") == set()
 
 
 def test_a_tenant_backup_holds_its_schema_and_restores_it_alone(db: Db, tmp_path: Path) -> None:
@@ -202,3 +208,52 @@ def test_an_env_py_that_loops_over_tenant_schemas_itself_is_run_once_per_tenant(
     assert outcomes(again) == {"tenant_a": "up-to-date", "tenant_b": "up-to-date", "tenant_c": "up-to-date",
                                "tenant_d": "migrated"}
     assert "things" in db.tables("tenant_d")
+
+
+def test_status_over_a_fleet_reports_each_tenant_and_other_commands_refuse_a_fleet(db: Db, tmp_path: Path) -> None:
+    make_schemas(db, ["acme", "globex", "initech"])
+    env = tenant_env(db, tmp_path, MIGRATE_FLEET="acme,globex,initech")
+    assert run_job("run", env={**env, "MIGRATE_FLEET": "acme,globex"}).code == 0
+    assert run_job("run", env={**env, "MIGRATE_FLEET": "initech", "MIGRATE_TARGET": "t001"}).code == 0
+
+    report = json.loads(run_job("status", "--format", "json", env=env).stdout)
+    by_tenant = {t["tenant"]: t for t in report["tenants"]}
+    assert {name: (t["outcome"], t["current"], t["pending"]) for name, t in by_tenant.items()} == {
+        "acme": ("at-target", TENANT_HEAD, 0), "globex": ("at-target", TENANT_HEAD, 0), "initech": ("pending", ["t001"], 2)}
+    assert by_tenant["initech"]["last_run"]["outcome"] == "migrated" and not by_tenant["acme"]["lock_held"]
+    text = run_job("status", env=env)
+    assert text.code == 0
+    rows = [line.split() for line in text.stdout.splitlines()]
+    assert rows[0][:3] == ["tenant", "state", "current"] and rows[1][:4] == ["initech", "pending", "t001", "2"]
+    assert run_job("check", env=env).code == 8
+
+    # a command that works on one tenant never does one alone when a fleet is named
+    for command in (["backup"], ["downgrade", "base", "--yes"], ["plan"], ["drift"]):
+        refused = run_job(*command, env=env)
+        assert refused.code == 2 and "works on one tenant, and MIGRATE_FLEET names a fleet" in refused.failure, command
+    assert versions(db) == {"acme": TENANT_HEAD, "globex": TENANT_HEAD, "initech": ["t001"]}
+
+
+def test_sigterm_mid_schema_fleet_leaves_every_tenant_clean_and_says_which_were_done(db: Db, tmp_path: Path) -> None:
+    names = ["tenant_a", "tenant_b", "tenant_c", "tenant_d"]
+    make_schemas(db, names)
+    env = tenant_env(db, tmp_path, ALEMBIC_CONFIG=scenario("slow"), SCENARIO_SLEEP="30", MIGRATE_BACKUP="off",
+                     MIGRATE_FLEET=",".join(names), MIGRATE_FLEET_PARALLEL="2")
+    out = tmp_path / "out"
+    proc = start_logged(env, out)
+    deadline = time.monotonic() + 60
+    while events(out.read_text()).count("migration.done") < 2:  # (both running tenants past s001, into s002)
+        assert time.monotonic() < deadline, out.read_text()
+        time.sleep(0.05)
+    time.sleep(0.5)
+    kill(proc)
+    result = finish_logged(proc, out, timeout=60)
+
+    assert result.code == 143, result.stdout[-3000:]
+    ended = outcomes(result)
+    interrupted = {name for name, outcome in ended.items() if outcome == "interrupted"}
+    assert len(interrupted) == 2 and sorted(ended.values()) == ["interrupted"] * 2 + ["not-started"] * 2
+    # s002 rolled back where it ran, in that schema alone; nothing where nothing started; no lock left
+    assert versions(db) == {name: ["s001"] for name in interrupted}
+    assert all(db.tables(name) == ({"alembic_version", "ran"} if name in interrupted else set()) for name in names)
+    assert db.advisory_locks() == 0 and db.tables("public") == set()
