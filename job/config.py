@@ -381,7 +381,8 @@ def load(env: Mapping[str, str], flags: Mapping[str, object], need_database: boo
     # the settings that depend on others or on more than one variable
     x_args = values.pop("x_args")
     if values["tenant_schema"] is not None and values["tenant_schema_via"].startswith("x:"):
-        x_args = (*x_args, f"{values['tenant_schema_via'][2:]}={values['tenant_schema']}")  # (env.py reads the tenant from -x)
+        # (env.py reads the tenant from -x)
+        x_args = (*x_args, f"{values['tenant_schema_via'][2:]}={values['tenant_schema']}")
     alembic = AlembicFiles.find(Path(_given(_OPTION["config"], env, flags) or "alembic.ini"),
                                 values.pop("ini_section"), x_args)
     url = _given(_OPTION["database_url"], env, flags)

@@ -429,7 +429,8 @@ def _run_target(target: Target, command: str, work: Callable[[Settings], tuple[A
     child_env = {k: v for k, v in env.items() if k != "MIGRATE_FLEET"}
     child_flags = {**flags, "fleet": None}
     if target.schema is not None:  # a tenant schema: `run` with MIGRATE_TENANT_SCHEMA, on the fleet's database
-        os.environ["MIGRATE_TENANT_SCHEMA"] = child_env["MIGRATE_TENANT_SCHEMA"] = child_flags["tenant_schema"] = target.schema
+        os.environ["MIGRATE_TENANT_SCHEMA"] = child_env["MIGRATE_TENANT_SCHEMA"] = target.schema
+        child_flags["tenant_schema"] = target.schema
     else:
         # env.py, and the project's settings it imports, often read DATABASE_URL themselves: it is the target's
         os.environ.pop("DATABASE_URL_FILE", None)

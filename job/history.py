@@ -205,9 +205,10 @@ class History:
             return True
         db.plpgsql(connection, (
             f"{prelude} BEGIN INSERT INTO {self.table.as_string(self.conn)} (run_id, kind, revision, direction, "
-            f"started_at, finished_at, seconds, outcome, host, tenant_schema) VALUES ({run_id}, 'revision', {revision}, "
-            f"{direction}, {started_at}::timestamptz, {started_at}::timestamptz + make_interval(secs => "
-            f"{seconds_text}::float8), {seconds_text}::float8, 'applied', {host}, {schema}); EXCEPTION WHEN OTHERS THEN "
+            f"started_at, finished_at, seconds, outcome, host, tenant_schema) VALUES ({run_id}, 'revision', "
+            f"{revision}, {direction}, {started_at}::timestamptz, {started_at}::timestamptz + make_interval(secs => "
+            f"{seconds_text}::float8), {seconds_text}::float8, 'applied', {host}, {schema}); "
+            f"EXCEPTION WHEN OTHERS THEN "
             f"RAISE WARNING USING MESSAGE = 'migrate-job history: ' || SQLERRM; END;"))
         return True
 

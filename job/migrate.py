@@ -178,10 +178,11 @@ class Project:
         finally:
             self.rollback()
         if not seen and self.schema is not None:
-            raise ConfigError(f"env.py ran no migrations in the tenant's schema {self.schema!r} (MIGRATE_TENANT_SCHEMA): "
-                              "it configured every run for another schema (its version_table_schema, or the "
-                              "connection's search path). With MIGRATE_TENANT_SCHEMA_VIA=search_path the job sets the "
-                              "search path; an env.py that sets its own needs x:KEY, and to read the schema from -x KEY")
+            raise ConfigError(f"env.py ran no migrations in the tenant's schema {self.schema!r} "
+                              "(MIGRATE_TENANT_SCHEMA): it configured every run for another schema (its "
+                              "version_table_schema, or the connection's search path). With "
+                              "MIGRATE_TENANT_SCHEMA_VIA=search_path the job sets the search path; an env.py that "
+                              "sets its own needs x:KEY, and to read the schema from -x KEY")
         if not seen:
             raise ConfigError("env.py ran no migrations online (it never called context.run_migrations())")
         if len(seen) > 1 and not self._multidb:

@@ -227,5 +227,6 @@ def session_options(settings: Settings) -> dict[str, str]:
         # never sit on locks in an abandoned transaction
         "idle_in_transaction_session_timeout": "60000ms",
         # a tenant's schema (MIGRATE_TENANT_SCHEMA), also for the drivers whose URL cannot carry libpq's options
-        **({"search_path": f'"{settings.tenant_schema}"'} if settings.tenant_schema and settings.tenant_schema_via == "search_path" else {}),
+        **({"search_path": f'"{settings.tenant_schema}"'}
+           if settings.tenant_schema and settings.tenant_schema_via == "search_path" else {}),
     }

@@ -259,7 +259,8 @@ def test_three_shards_of_an_indexed_job_share_the_fleet_each_database_once(tmp_p
     assert sum(len(shard) for shard in taken) == 9 and set().union(*taken) == {t.name for t in tenants}
     assert all(version(t) == HEAD for t in tenants)
     # the shards do not depend on the list's order
-    reordered = {**env, "MIGRATE_FLEET": ",".join("database:" + t.name for t in reversed(tenants)), "JOB_COMPLETION_INDEX": "1"}
+    reordered = {**env, "MIGRATE_FLEET": ",".join("database:" + t.name for t in reversed(tenants)),
+                 "JOB_COMPLETION_INDEX": "1"}
     assert set(outcomes(run_job("run", env=reordered, timeout=300))) == taken[1]
 
 
