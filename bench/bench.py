@@ -22,7 +22,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import psycopg2
 
@@ -594,38 +594,21 @@ def fleet() -> list[tuple[str, str, str]]:
     """migrate-job run over FLEET_TENANTS tenant databases (MIGRATE_FLEET), 3 pending revisions each,
     vs a shell loop of `alembic upgrade head` per tenant (DATABASE_URL set for each, as such loops
     do), each on its own fresh set; then the same fleet again, at head."""
-    ini = ROOT / "tests" / "scenarios" / "tenant" / "alembic.ini"
-    loop = ("for url in $TENANTS; do DATABASE_URL=$url " + str(BIN / "alembic") + " -c " + str(ini)
-            + " upgrade head || exit 1; done")
-    ours, theirs, at_head = [], [], []
-    for _ in range(2):
+    def sides() -> tuple[str, str, str, list[str]]:
         sets = [[new_database() for _ in range(FLEET_TENANTS)] for _ in range(2)]
-        env = env_for(sets[0][0], ini, MIGRATE_FLEET=",".join("database:" + name for name in sets[0]))
-        ours.append(timed([str(BIN / "migrate-job"), "run"], env, ROOT))
-        theirs.append(timed(["bash", "-c", loop], {**env, "TENANTS": " ".join(url_of(n) for n in sets[1])}, ROOT))
-        at_head += [timed([str(BIN / "migrate-job"), "run"], env, ROOT) for _ in range(3)]
-        for name in sets[0] + sets[1]:
-            admin(f'DROP DATABASE "{name}" WITH (FORCE)')
-    print(f"fleet of {FLEET_TENANTS} tenant databases, 3 revisions each: migrate-job {med(ours):.1f} s, "
-          f"shell loop of alembic upgrade head {med(theirs):.1f} s; at head {med(at_head):.2f} s")
-    return [
-        (f"fleet of {FLEET_TENANTS} databases x 3 revisions vs a loop of alembic", f"{med(ours)/med(theirs):.2f}x",
-         "<=0.25x"),
-        ("  the same fleet at head", f"{med(at_head):.2f} s", "<=2 s"),
-    ]
+        return (sets[0][0], ",".join("database:" + name for name in sets[0]), " ".join(url_of(n) for n in sets[1]),
+                sets[0] + sets[1])
+
+    return _fleet_against_a_loop("databases", "DATABASE_URL=$tenant", sides)
 
 
 def fleet_schemas() -> list[tuple[str, str, str]]:
-    """migrate-job run over FLEET_TENANTS tenant schemas of one database (MIGRATE_FLEET's schema
-    names), 3 pending revisions each, vs a shell loop of `alembic upgrade head` per schema (the
-    search path in PGOPTIONS, as such loops do), each on its own fresh database; then the same
-    fleet again, at head."""
-    ini = ROOT / "tests" / "scenarios" / "tenant" / "alembic.ini"
+    """The same for FLEET_TENANTS tenant schemas of one database (MIGRATE_FLEET's schema names), the
+    loop giving each `alembic upgrade head` its schema in PGOPTIONS, as such loops do; each side on
+    its own fresh database."""
     schemas = [f"tenant_{i:04d}" for i in range(FLEET_TENANTS)]
-    loop = ("for s in $TENANTS; do PGOPTIONS=-csearch_path=$s " + str(BIN / "alembic") + " -c " + str(ini)
-            + " upgrade head || exit 1; done")
-    ours, theirs, at_head = [], [], []
-    for _ in range(2):
+
+    def sides() -> tuple[str, str, str, list[str]]:
         databases = [new_database() for _ in range(2)]
         for name in databases:
             conn = psycopg2.connect(url_of(name))
@@ -633,21 +616,35 @@ def fleet_schemas() -> list[tuple[str, str, str]]:
             with conn.cursor() as cur:
                 cur.execute("".join(f"CREATE SCHEMA {s};" for s in schemas))
             conn.close()
-        env = env_for(databases[0], ini, MIGRATE_FLEET=",".join(schemas))
+        return databases[0], ",".join(schemas), " ".join(schemas), databases
+
+    return _fleet_against_a_loop("schemas", f"DATABASE_URL={url_of('$BENCH_LOOP_DB')} PGOPTIONS=-csearch_path=$tenant",
+                                 sides)
+
+
+def _fleet_against_a_loop(kind: str, loop_env: str,
+                          sides: Callable[[], tuple[str, str, str, list[str]]]) -> list[tuple[str, str, str]]:
+    """Twice: `sides()` makes two fresh fleets (the fleet's database, its MIGRATE_FLEET, the loop's
+    tenants, every database made: the last one the loop's own, as BENCH_LOOP_DB); migrate-job runs
+    the first, the loop the second, then migrate-job three times more at head."""
+    ini = ROOT / "tests" / "scenarios" / "tenant" / "alembic.ini"
+    loop = (f"for tenant in $TENANTS; do {loop_env} {BIN / 'alembic'} -c {ini} upgrade head || exit 1; done")
+    ours, theirs, at_head = [], [], []
+    for _ in range(2):
+        database, listed, tenants, made = sides()
+        env = env_for(database, ini, MIGRATE_FLEET=listed)
         ours.append(timed([str(BIN / "migrate-job"), "run"], env, ROOT))
-        theirs.append(timed(["bash", "-c", loop], {**env, "DATABASE_URL": url_of(databases[1]),
-                                                    "TENANTS": " ".join(schemas)}, ROOT))
+        theirs.append(timed(["bash", "-c", loop], {**env, "TENANTS": tenants, "BENCH_LOOP_DB": made[-1]}, ROOT))
         at_head += [timed([str(BIN / "migrate-job"), "run"], env, ROOT) for _ in range(3)]
-        for name in databases:
+        for name in made:
             admin(f'DROP DATABASE "{name}" WITH (FORCE)')
-    print(f"fleet of {FLEET_TENANTS} tenant schemas, 3 revisions each: migrate-job {med(ours):.1f} s, "
+    print(f"fleet of {FLEET_TENANTS} tenant {kind}, 3 revisions each: migrate-job {med(ours):.1f} s, "
           f"shell loop of alembic upgrade head {med(theirs):.1f} s; at head {med(at_head):.2f} s")
     return [
-        (f"fleet of {FLEET_TENANTS} schemas x 3 revisions vs a loop of alembic", f"{med(ours)/med(theirs):.2f}x",
+        (f"fleet of {FLEET_TENANTS} {kind} x 3 revisions vs a loop of alembic", f"{med(ours)/med(theirs):.2f}x",
          "<=0.25x"),
         ("  the same fleet at head", f"{med(at_head):.2f} s", "<=2 s"),
     ]
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,7 +4,6 @@ tenant, a tenant added later, resume, canary, fail-fast, the sources of the list
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from pathlib import Path
@@ -13,8 +12,8 @@ from typing import Iterator
 import psycopg2
 import pytest
 
-from tests.conftest import (ADMIN_URL, ROOT, Db, base_env, create_database, drop_database, finish_logged, kill,
-                            run_job, scenario, start_logged)
+from tests.conftest import (ADMIN_URL, ROOT, Db, Result, base_env, create_database, drop_database, finish_logged,
+                            kill, run_job, scenario, start_logged)
 from tests.events import events
 
 HEAD = ["0006"]
@@ -55,6 +54,19 @@ def version(tenant: Db) -> list[str]:
         return tenant.version()
     except psycopg2.errors.UndefinedTable:
         return []
+
+
+def terminated_mid_fleet(env: dict[str, str], out: Path) -> Result:
+    """A fleet of two at a time over the slow scenario, sent SIGTERM once both running tenants are
+    past their first revision, into their second (SCENARIO_SLEEP long)."""
+    proc = start_logged(env, out)
+    deadline = time.monotonic() + 60
+    while events(out.read_text()).count("migration.done") < 2:
+        assert time.monotonic() < deadline, out.read_text()
+        time.sleep(0.05)
+    time.sleep(0.5)
+    kill(proc)
+    return finish_logged(proc, out, timeout=60)
 
 
 def outcomes(result) -> dict[str, str]:
@@ -207,15 +219,7 @@ def test_sigterm_mid_fleet_leaves_every_tenant_clean_and_says_which_were_done(tm
                                                                               tenants: list[Db]) -> None:
     env = fleet_env(tmp_path, tenants, ALEMBIC_CONFIG=scenario("slow"), SCENARIO_SLEEP="30",
                     MIGRATE_FLEET_PARALLEL="2", MIGRATE_BACKUP="off")
-    out = tmp_path / "out"
-    proc = start_logged(env, out)
-    deadline = time.monotonic() + 60
-    while events(out.read_text()).count("migration.done") < 2:  # (both running tenants past s001, into s002)
-        assert time.monotonic() < deadline, out.read_text()
-        time.sleep(0.05)
-    time.sleep(0.5)
-    kill(proc)
-    result = finish_logged(proc, out, timeout=60)
+    result = terminated_mid_fleet(env, tmp_path / "out")
 
     assert result.code == 143, result.stdout[-3000:]
     ended = outcomes(result)
@@ -227,7 +231,7 @@ def test_sigterm_mid_fleet_leaves_every_tenant_clean_and_says_which_were_done(tm
     for tenant in tenants:  # s002 rolled back where it ran; nothing where nothing started; no lock left
         assert version(tenant) == (["s001"] if tenant.name in interrupted else [])
         assert tenant.advisory_locks() == 0
-    assert json.loads(out.read_text().splitlines()[-1])["event"] == "run.done"
+    assert result.lines[-1]["event"] == "run.done"
 
 
 @pytest.mark.count(5)

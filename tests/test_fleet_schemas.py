@@ -10,14 +10,13 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from job import schema as schemas
-from tests.conftest import ROOT, Db, base_env, finish_logged, kill, run_job, scenario, start_logged
-from tests.events import events
+from tests.conftest import ROOT, Db, base_env, run_job, scenario
+from tests.test_fleet import outcomes, terminated_mid_fleet
 
 TENANT_HEAD = ["t003"]
 
@@ -44,10 +43,6 @@ def versions(db: Db) -> dict[str, list[str]]:
     """Each schema's version table's rows (a schema without one is left out)."""
     rows = db.query("SELECT table_schema FROM information_schema.tables WHERE table_name = 'alembic_version'")
     return {s: sorted(r[0] for r in db.query(f'SELECT version_num FROM "{s}".alembic_version')) for (s,) in rows}
-
-
-def outcomes(result) -> dict[str, str]:
-    return {e["tenant"]: e["outcome"] for e in result.events("fleet.target")}
 
 
 def test_two_hundred_tenant_schemas_one_failing_then_resumed_and_one_added(db: Db, tmp_path: Path) -> None:
@@ -242,15 +237,7 @@ def test_sigterm_mid_schema_fleet_leaves_every_tenant_clean_and_says_which_were_
     make_schemas(db, names)
     env = tenant_env(db, tmp_path, ALEMBIC_CONFIG=scenario("slow"), SCENARIO_SLEEP="30", MIGRATE_BACKUP="off",
                      MIGRATE_FLEET=",".join(names), MIGRATE_FLEET_PARALLEL="2")
-    out = tmp_path / "out"
-    proc = start_logged(env, out)
-    deadline = time.monotonic() + 60
-    while events(out.read_text()).count("migration.done") < 2:  # (both running tenants past s001, into s002)
-        assert time.monotonic() < deadline, out.read_text()
-        time.sleep(0.05)
-    time.sleep(0.5)
-    kill(proc)
-    result = finish_logged(proc, out, timeout=60)
+    result = terminated_mid_fleet(env, tmp_path / "out")
 
     assert result.code == 143, result.stdout[-3000:]
     ended = outcomes(result)
