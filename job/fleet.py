@@ -167,6 +167,7 @@ def run(settings: Settings, env: Mapping[str, str], flags: Mapping[str, Any], co
     """`command` on every tenant of the fleet (`run`: job.pipeline; `check`: `work`, the CLI's
     check of one tenant): the fleet's outcome, exit code (module docstring) and termination message."""
     log.release()  # (a single run holds its lines until the lock; the fleet takes none itself)
+    env = dict(env)  # (as the fleet was given it: each target's run changes the process's own)
     fleet = targets(settings, env)
     log.info("fleet.start", command=command, targets=len(fleet), parallel=settings.fleet_parallel,
              canary=settings.fleet_canary, fail_fast=settings.fleet_fail_fast,
@@ -425,6 +426,12 @@ def _run_target(target: Target, command: str, work: Callable[[Settings], tuple[A
     logs.configure(*config.log_options(env, flags), stream=sys.stderr if command == "status" else sys.stdout,
                    hold=command == "run")
     db.install_signal_handlers()
+    # (a worker's earlier target set these for its run: each target starts from the fleet's own)
+    for variable in ("DATABASE_URL", "DATABASE_URL_FILE", "MIGRATE_TENANT_SCHEMA"):
+        if variable in env:
+            os.environ[variable] = env[variable]
+        else:
+            os.environ.pop(variable, None)
     os.environ.pop("MIGRATE_FLEET", None)
     child_env = {k: v for k, v in env.items() if k != "MIGRATE_FLEET"}
     child_flags = {**flags, "fleet": None}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from job import schema as schemas
-from tests.conftest import ROOT, Db, base_env, run_job, scenario
+from tests.conftest import ADMIN_URL, ROOT, Db, base_env, create_database, drop_database, run_job, scenario
 from tests.test_fleet import outcomes, terminated_mid_fleet
 
 TENANT_HEAD = ["t003"]
@@ -247,3 +247,24 @@ def test_sigterm_mid_schema_fleet_leaves_every_tenant_clean_and_says_which_were_
     assert versions(db) == {name: ["s001"] for name in interrupted}
     assert all(db.tables(name) == ({"alembic_version", "ran"} if name in interrupted else set()) for name in names)
     assert db.advisory_locks() == 0 and db.tables("public") == set()
+
+
+def test_a_fleet_of_schemas_and_databases_runs_each_where_it_is(db: Db, tmp_path: Path) -> None:
+    """One list of both kinds, one worker: after a tenant database at head the same worker takes a
+    tenant schema, which is in DATABASE_URL's database still (each run starts from the fleet's
+    environment, not the one the worker's last run set)."""
+    other = create_database(ADMIN_URL, prefix="fleet")
+    try:
+        make_schemas(db, ["acme", "globex"])
+        env = tenant_env(db, tmp_path, MIGRATE_FLEET=f"database:{other.name},acme,globex", MIGRATE_FLEET_PARALLEL="1")
+        assert run_job("run", env=env).code == 0
+        make_schemas(db, ["initech"])
+        again = run_job("run", env={**env, "MIGRATE_FLEET": env["MIGRATE_FLEET"] + ",initech"})
+
+        assert again.code == 0, again.stdout[-3000:]
+        assert outcomes(again) == {other.name: "up-to-date", "acme": "up-to-date", "globex": "up-to-date",
+                                   "initech": "migrated"}
+        assert versions(db) == {s: TENANT_HEAD for s in ("acme", "globex", "initech")}
+        assert versions(other) == {"public": TENANT_HEAD}
+    finally:
+        drop_database(other)
