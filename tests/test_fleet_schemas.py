@@ -268,3 +268,20 @@ def test_a_fleet_of_schemas_and_databases_runs_each_where_it_is(db: Db, tmp_path
         assert versions(other) == {"public": TENANT_HEAD}
     finally:
         drop_database(other)
+
+
+@pytest.mark.parametrize("setting, value, rest", [("MIGRATE_FLEET_CANARY", "2", "not-started"),
+                                                  ("MIGRATE_FLEET_FAIL_FAST", "true", "not-started"),
+                                                  ("MIGRATE_FLEET_FAIL_FAST", "false", "migrated")])
+def test_a_failing_canary_or_fail_fast_stops_a_schema_fleet(db: Db, tmp_path: Path, setting: str, value: str,
+                                                            rest: str) -> None:
+    names = [f"tenant_{i}" for i in range(6)]
+    make_schemas(db, names)
+    db.query("CREATE TABLE tenant_1.tenant_table_1 (id int)")  # (the second tenant's first revision fails)
+    env = tenant_env(db, tmp_path, MIGRATE_FLEET=",".join(names), MIGRATE_FLEET_PARALLEL="1", **{setting: value})
+
+    result = run_job("run", env=env, timeout=300)
+
+    assert result.code == 6, result.stdout[-3000:]
+    assert outcomes(result) == {"tenant_0": "migrated", "tenant_1": "failed", **{n: rest for n in names[2:]}}
+    assert set(versions(db)) == {"tenant_0"} | (set(names[2:]) if rest == "migrated" else set())
