@@ -12,7 +12,7 @@ import warnings
 from typing import Any, Callable
 
 from job import __version__, commands, config, credentials, db, ending, logs, pipeline, text
-from job.errors import ConfigError, Pending, RevisionError
+from job.errors import ConfigError, LoopsOverSchemas, Pending, RevisionError
 from job.logs import log
 
 class _Parser(argparse.ArgumentParser):
@@ -216,6 +216,16 @@ FLEET_COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {
 ONE_OR_ANY = {"wait", "lint", "manifest"}
 
 
+def over_fleet(settings: config.Settings, args: argparse.Namespace) -> tuple[Any, ...]:
+    """`run`, `check` or `status` on every tenant of the fleet (job.fleet)."""
+    from job import fleet
+
+    if args.command == "check" and args.format == "json":
+        raise ConfigError("check over a fleet (MIGRATE_FLEET) says each tenant's state in its fleet.target line: "
+                          "--format json is for one tenant (status --format json reports the fleet)")
+    return fleet.run(settings, os.environ, vars(args), args.command, FLEET_COMMANDS[args.command](args))
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     env = os.environ
@@ -241,18 +251,21 @@ def main(argv: list[str] | None = None) -> int:
         logs.redactor.add(settings.secrets)
         credentials.install(settings.password_source, logs.redactor.add)
         if settings.fleet and args.command in FLEET_COMMANDS:
-            from job import fleet
-
-            if args.command == "check" and args.format == "json":
-                raise ConfigError("check over a fleet (MIGRATE_FLEET) says each tenant's state in its "
-                                  "fleet.target line: --format json is for one tenant (status --format json "
-                                  "reports the fleet)")
-            return fleet.run(settings, env, vars(args), args.command, FLEET_COMMANDS[args.command](args))
+            return over_fleet(settings, args)
         if settings.fleet and args.command not in ONE_OR_ANY:
             raise ConfigError(f"{args.command} works on one tenant, and MIGRATE_FLEET names a fleet: unset "
                               "MIGRATE_FLEET and name the tenant (MIGRATE_TENANT_SCHEMA for a schema, DATABASE_URL "
                               "for a database); run, check and status take the fleet")
-        return COMMANDS[args.command](settings, args)
+        try:
+            return COMMANDS[args.command](settings, args)
+        except LoopsOverSchemas as loop:
+            if args.command not in FLEET_COMMANDS:
+                raise
+            # (nothing was changed: the run found the loop while asking env.py where its version table is)
+            log.warning("fleet.from_env_py", schemas=len(loop.schemas), first=loop.schemas[:5],
+                        reason="env.py runs the migrations once per schema: each schema is migrated as a tenant "
+                               "of a fleet (MIGRATE_FLEET naming them says so, or names others)")
+            return over_fleet(settings._replace(fleet=" ".join(loop.schemas)), args)
 
     return ending.attempt(work, started, termination).exit_code
 

@@ -13,6 +13,16 @@ class ConfigError(JobError):
     exit_code = 2
 
 
+class LoopsOverSchemas(ConfigError):
+    """env.py runs the migrations once per schema it finds, a tenant each (Netflix Dispatch's
+    shape): `run`, `check` and `status` take those schemas as a fleet (job.fleet), each tenant
+    planned, locked and recorded alone; any other command works on one and refuses them all."""
+
+    def __init__(self, message: str, schemas: list[str]) -> None:
+        super().__init__(message)
+        self.schemas = schemas
+
+
 class DatabaseUnavailable(JobError):
     """The database did not accept queries within the wait timeout, or refused us outright."""
 

@@ -31,7 +31,7 @@ from sqlalchemy.pool import StaticPool
 from job import commits, db, lineage, lock, logs, manifest, plan, stepper, watchdog
 from job.alembic_files import AlembicFiles
 from job.config import Database, Settings
-from job.errors import ConfigError, MigrationFailed, RevisionError, first_line
+from job.errors import ConfigError, LoopsOverSchemas, MigrationFailed, RevisionError, first_line
 from job.history import History
 from job.logs import log
 from job.plan import Step, VersionTable
@@ -160,9 +160,11 @@ class Project:
         if self._version_table is not None:
             return self._version_table
         seen: list[VersionTable] = []
+        schemas: list[str | None] = []  # (the schema of each turn: for an env.py that loops over them)
 
         def found(rev: Any, context: Any) -> list[Any]:
             seen.append(VersionTable(context.version_table, context.version_table_schema))
+            schemas.append(context.version_table_schema or _current_schema(context.connection))
             return []
 
         try:
@@ -186,7 +188,7 @@ class Project:
         if not seen:
             raise ConfigError("env.py ran no migrations online (it never called context.run_migrations())")
         if len(seen) > 1 and not self._multidb:
-            raise ConfigError(_loops_itself(seen))
+            raise _loops_itself(seen, schemas)
         self._version_table = seen[0]
         return seen[0]
 
@@ -497,14 +499,20 @@ def _another_schema(options: Mapping[str, Any], schema: str) -> bool:
     named = options.get("version_table_schema")
     if named:
         return named != schema
-    connection = options.get("connection")
+    current = _current_schema(options.get("connection"))
+    return current is not None and current != schema
+
+
+def _current_schema(connection: Any) -> str | None:
+    """The schema first on the search path of env.py's connection (None: none, or no connection),
+    asked without leaving a transaction open that env.py did not have."""
     if connection is None or not hasattr(connection, "exec_driver_sql"):
-        return False
+        return None
     began = not connection.in_transaction()
     current = connection.exec_driver_sql("SELECT current_schema()").scalar()
     if began:
         connection.rollback()
-    return current is not None and current != schema
+    return current
 
 
 def _config(files: AlembicFiles) -> Config:
@@ -524,18 +532,23 @@ def _config(files: AlembicFiles) -> Config:
 
 # --- what every command that loads Alembic shares ---------------------------------------------
 
-def _loops_itself(seen: list[VersionTable]) -> str:
-    """Why the job refuses an env.py that runs the migrations more than once in one run (but for a
-    multidb env.py's engines): it loops over tenants itself, a schema each (Netflix Dispatch's
-    shape), with a version table in each schema or the search_path alone. The job would take one
-    version table for all of them: plan one tenant's revisions, record the others' as more of them,
-    and call a tenant added later up to date."""
+def _loops_itself(seen: list[VersionTable], schemas: list[str | None]) -> ConfigError:
+    """An env.py that runs the migrations more than once in one run (but for a multidb env.py's
+    engines) loops over tenants itself, a schema each (Netflix Dispatch's shape), with a version
+    table in each schema or the search_path alone. One run cannot follow it (it would take one
+    version table for all of them, and call a tenant added later up to date); when each turn is in
+    a schema of its own, those schemas are a fleet (LoopsOverSchemas: the CLI runs them so)."""
     tables = sorted({f"{t.schema}.{t.name}" if t.schema else f"{t.name} (on the search_path)" for t in seen})
-    return (f"env.py runs the migrations {len(seen)} times in one run (version tables: {', '.join(tables)}): it loops "
-            "over tenants itself, one schema each. The job plans, locks, backs up and records one schema per run; "
-            "nothing was changed. List the tenant schemas in MIGRATE_FLEET (for instance MIGRATE_FLEET=\"query:SELECT "
-            "nspname FROM pg_namespace WHERE nspname LIKE 'tenant%'\"), or name one in MIGRATE_TENANT_SCHEMA: each "
-            "run then migrates that schema's turn of the loop alone (README: Many tenants)")
+    message = (f"env.py runs the migrations {len(seen)} times in one run (version tables: {', '.join(tables)}): it "
+               "loops over tenants itself, one schema each. The job plans, locks, backs up and records one schema per "
+               "run; nothing was changed. List the tenant schemas in MIGRATE_FLEET (for instance MIGRATE_FLEET=\""
+               "query:SELECT nspname FROM pg_namespace WHERE nspname LIKE 'tenant%'\"), or name one in "
+               "MIGRATE_TENANT_SCHEMA: each run then migrates that schema's turn of the loop alone (README: Many "
+               "tenants)")
+    distinct = list(dict.fromkeys(s for s in schemas if s is not None))
+    if len(distinct) == len(schemas):
+        return LoopsOverSchemas(message, distinct)
+    return ConfigError(message)
 
 
 @contextlib.contextmanager

@@ -304,21 +304,6 @@ def test_check_over_a_fleet_says_each_database_and_exits_8_while_any_is_pending(
     assert run_job("check", "--format", "json", env=env).code == 2
 
 
-@pytest.mark.parametrize("shape", ["version_table_schema", "search_path"])
-def test_an_env_py_that_loops_over_tenant_schemas_itself_is_refused_before_anything_runs(
-        db: Db, env: dict[str, str], shape: str) -> None:
-    """Netflix Dispatch's shape, both ways: the job would record one tenant's plan for all of them
-    (and call a tenant added later up to date), so it refuses, saying what to use instead."""
-    for schema in ("tenant_a", "tenant_b", "tenant_c"):
-        db.query(f"CREATE SCHEMA {schema}")
-    result = run_job("run", env={**env, "ALEMBIC_CONFIG": scenario("schema_loop"), "SCENARIO_LOOP": shape})
-
-    assert result.code == 2, result.stdout[-2000:]
-    assert "runs the migrations 3 times in one run" in result.failure and "MIGRATE_FLEET" in result.failure
-    assert db.query("SELECT count(*) FROM pg_tables WHERE tablename IN ('things', 'alembic_version')") == [(0,)]
-    assert not result.events("migration.start") and not result.events("backup.start")
-
-
 def test_each_database_of_a_fleet_gets_its_password_from_the_password_file(password_cluster, tmp_path: Path) -> None:
     """Names on DATABASE_URL's server, DATABASE_URL without a password, the password in a mounted
     file (job.credentials): every database's run, and the env.py engine it builds, connects with it."""

@@ -181,30 +181,51 @@ def _archive(path: str) -> bytes:
     return custom_archive(Path(path).read_bytes())
 
 
+@pytest.mark.parametrize("listed", [True, False], ids=["schemas-listed", "schemas-found"])
 @pytest.mark.parametrize("shape", ["version_table_schema", "search_path"])
 def test_an_env_py_that_loops_over_tenant_schemas_itself_is_run_once_per_tenant(db: Db, tmp_path: Path,
-                                                                                shape: str) -> None:
-    """Netflix Dispatch's shape, both ways, with the schemas in MIGRATE_FLEET: each run passes over
-    every other schema's turn of env.py's loop, so each tenant is planned, locked and recorded
-    alone, and a tenant added later is migrated (not taken for up to date)."""
+                                                                                shape: str, listed: bool) -> None:
+    """Netflix Dispatch's shape, both ways, with the schemas in MIGRATE_FLEET or found by asking
+    env.py: each tenant's run passes over every other schema's turn of env.py's loop, so each tenant
+    is planned, locked and recorded alone, and a tenant added later is migrated (not taken for up
+    to date)."""
     make_schemas(db, ["tenant_a", "tenant_b", "tenant_c"])
-    env = tenant_env(db, tmp_path, ALEMBIC_CONFIG=scenario("schema_loop"), SCENARIO_LOOP=shape,
-                     MIGRATE_FLEET="query:SELECT nspname FROM pg_namespace WHERE nspname LIKE 'tenant%'")
+    env = tenant_env(db, tmp_path, ALEMBIC_CONFIG=scenario("schema_loop"), SCENARIO_LOOP=shape)
+    if listed:
+        env["MIGRATE_FLEET"] = "query:SELECT nspname FROM pg_namespace WHERE nspname LIKE 'tenant%'"
 
     result = run_job("run", env=env, timeout=300)
 
     assert result.code == 0, result.stdout[-3000:]
+    assert bool(result.events("fleet.from_env_py")) is not listed
     assert outcomes(result) == {s: "migrated" for s in ("tenant_a", "tenant_b", "tenant_c")}
     assert len(result.events("migration.done")) == 3  # (one revision in each of three schemas: not 9)
     assert versions(db) == {s: ["l001"] for s in ("tenant_a", "tenant_b", "tenant_c")}
     assert db.query("SELECT count(*) FROM migrate_job.migrate_job_history WHERE kind = 'revision'") == [(3,)]
 
     make_schemas(db, ["tenant_d"])
+    assert run_job("check", env=env).code == 8
     again = run_job("run", env=env, timeout=300)
     assert again.code == 0, again.stdout[-3000:]
     assert outcomes(again) == {"tenant_a": "up-to-date", "tenant_b": "up-to-date", "tenant_c": "up-to-date",
                                "tenant_d": "migrated"}
-    assert "things" in db.tables("tenant_d")
+    assert "things" in db.tables("tenant_d") and run_job("check", env=env).code == 0
+    assert db.tables("public") == set()
+
+
+@pytest.mark.parametrize("shape", ["version_table_schema", "search_path"])
+def test_a_command_for_one_tenant_refuses_an_env_py_that_loops_over_schemas(db: Db, env: dict[str, str],
+                                                                           shape: str) -> None:
+    """Without a tenant schema to pick its turn, a command that works on one tenant (a backup, a
+    downgrade) cannot follow the loop: exit 2 before anything is written, saying what to set."""
+    make_schemas(db, ["tenant_a", "tenant_b", "tenant_c"])
+    for command in (["backup"], ["downgrade", "base", "--yes"]):
+        result = run_job(*command, env={**env, "ALEMBIC_CONFIG": scenario("schema_loop"), "SCENARIO_LOOP": shape})
+        assert result.code == 2, result.stdout[-2000:]
+        assert "runs the migrations 3 times in one run" in result.failure
+        assert "MIGRATE_TENANT_SCHEMA" in result.failure and "MIGRATE_FLEET" in result.failure
+    assert db.query("SELECT count(*) FROM pg_tables WHERE tablename IN ('things', 'alembic_version')") == [(0,)]
+    assert not result.events("backup.start")
 
 
 def test_status_over_a_fleet_reports_each_tenant_and_other_commands_refuse_a_fleet(db: Db, tmp_path: Path) -> None:
