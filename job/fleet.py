@@ -164,8 +164,9 @@ def _base(entry: str, env: Mapping[str, str], what: str) -> str:
 
 def run(settings: Settings, env: Mapping[str, str], flags: Mapping[str, Any], command: str = "run",
         work: Callable[[Settings], tuple[Any, ...]] | None = None) -> tuple[str, int, str]:
-    """`command` on every tenant of the fleet (`run`: job.pipeline; `check`: `work`, the CLI's
-    check of one tenant): the fleet's outcome, exit code (module docstring) and termination message."""
+    """`command` on every tenant of the fleet (`run`: job.pipeline; `check`, `status`: `work`, the
+    CLI's command on one tenant, and for `status` the fleet's report printed): the fleet's outcome,
+    exit code (module docstring) and termination message."""
     log.release()  # (a single run holds its lines until the lock; the fleet takes none itself)
     env = dict(env)  # (as the fleet was given it: each target's run changes the process's own)
     fleet = targets(settings, env)

@@ -622,7 +622,8 @@ def refuse_missing_schema(settings: Settings, conn: Any) -> None:
         cur.execute("SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = %s)", (settings.tenant_schema,))
         if not cur.fetchone()[0]:
             raise ConfigError(f"the schema {settings.tenant_schema!r} (MIGRATE_TENANT_SCHEMA) is not in the database "
-                              f"{db.database_name(conn)!r}: create it first (CREATE SCHEMA), or correct the name")
+                              f"{db.database_name(conn)!r}: create it first (CREATE SCHEMA), or correct the name "
+                              "(in MIGRATE_FLEET, a tenant database is database:NAME or a URL)")
 
 
 def plan_run(settings: Settings, conn: Any, project: Project, version_table: VersionTable, others: list[lock.Other],
