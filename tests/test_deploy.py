@@ -712,11 +712,19 @@ def test_a_fleet_shared_among_shards_is_an_indexed_job_that_retries_each_shard_a
     assert {k: v for k, v in env.items() if k.startswith("MIGRATE_FLEET")} == {
         "MIGRATE_FLEET": "tenant_a,tenant_b", "MIGRATE_FLEET_PARALLEL": "4", "MIGRATE_FLEET_CANARY": "0",
         "MIGRATE_FLEET_FAIL_FAST": "true", "MIGRATE_FLEET_SHARDS": "3"}
+    assert env["MIGRATE_TENANT_SCHEMA_VIA"] == "search_path"
     kubernetes_validate.validate(job, KUBERNETES, strict=True)
     # the app waits for the whole fleet, not a shard of it
     (waiter,) = one(render(values), "Deployment")["spec"]["template"]["spec"]["initContainers"]
     assert waiter["args"][:2] == ["check", "--wait"]
     assert env_of(waiter)["MIGRATE_FLEET"] == "tenant_a,tenant_b" and "MIGRATE_FLEET_SHARDS" not in env_of(waiter)
+    # an env.py that takes its tenant from -x: the migration and the app's wait both give it
+    by_x = {"migration": {"fleet": {"targets": "tenant_a", "schemaVia": "x:tenant"}}, "backups": {"mode": "off"}}
+    docs = render(by_x)
+    assert env_of(one(docs, "Job")["spec"]["template"]["spec"]["containers"][0])["MIGRATE_TENANT_SCHEMA_VIA"] == \
+        "x:tenant"
+    (waiter,) = one(docs, "Deployment")["spec"]["template"]["spec"]["initContainers"]
+    assert env_of(waiter)["MIGRATE_TENANT_SCHEMA_VIA"] == "x:tenant"
 
 
 def test_a_fleet_in_one_pod_is_a_plain_job_and_no_fleet_renders_nothing_of_it() -> None:
@@ -736,6 +744,8 @@ def test_a_fleet_in_one_pod_is_a_plain_job_and_no_fleet_renders_nothing_of_it() 
     ({"migration": {"fleet": {"targets": "a", "shards": 2}}, "backups": {"persistence": {"create": True}}},
      "must be ReadWriteMany"),
     ({"migration": {"fleet": {"parallel": 0}}}, "parallel"),
+    ({"migration": {"fleet": {"targets": "a", "schemaVia": "x:"}}}, "schemaVia"),
+    ({"migration": {"fleet": {"targets": "a", "schemaVia": "search-path"}}}, "schemaVia"),
 ])
 def test_fleet_values_that_cannot_work_fail_to_render(values: dict[str, Any], message: str) -> None:
     with pytest.raises(Exception) as raised:

@@ -138,6 +138,8 @@ imagePullSecrets:
   value: {{ .canary | quote }}
 - name: MIGRATE_FLEET_FAIL_FAST
   value: {{ .failFast | quote }}
+- name: MIGRATE_TENANT_SCHEMA_VIA
+  value: {{ .schemaVia | quote }}
 {{- if and $.withBackups (gt (int .shards) 1) }}
 - name: MIGRATE_FLEET_SHARDS
   value: {{ .shards | quote }}
