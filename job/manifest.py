@@ -261,12 +261,16 @@ def _prepended(files: AlembicFiles) -> list[str]:
 
 
 def _resolve(location: str, base: Path, search_path: list[str]) -> Path | None:
-    """A directory option: a path (relative to `base`), or a package resource `package:path`
-    (found without importing a top-level package, as Alembic's `importlib.resources` would)."""
+    """A directory option: a path, or a package resource `package:path` (found without importing a
+    top-level package, as Alembic's `importlib.resources` would). A relative path is where Alembic
+    finds it, from the working directory (MLflow's alembic.ini, deep in its package, names its
+    scripts from site-packages); else from `base`, the file that set it."""
     package, colon, resource = location.partition(":")
     if not colon or Path(location).is_absolute() or os.sep in package or not package.replace(".", "").isidentifier():
         path = Path(location)
-        return (path if path.is_absolute() else base / path).resolve()
+        if path.is_absolute():
+            return path.resolve()
+        return (path.resolve() if path.is_dir() else base / path).resolve()
     import importlib.util
 
     import sys

@@ -214,3 +214,24 @@ def test_a_run_with_work_takes_the_lock_exclusive(db: Db, env: dict[str, str], t
     result = run_job("run", env=run_env, cwd=ini.parent)
 
     assert ("exclusive", "migrated") == (result.event("lock.acquired")["mode"], result.event("run.done")["outcome"])
+
+
+def test_scripts_named_from_the_working_directory_are_known_at_head(db: Db, env: dict[str, str],
+                                                                    tmp_path: Path) -> None:
+    """MLflow's layout: alembic.ini deep in the package names `script_location = mlflow/store/...`,
+    relative to the working directory (site-packages), as Alembic reads it, not to the ini's own
+    directory. What the first run learned of those scripts answers the next start at head without
+    Alembic; so does a manifest written for them."""
+    package = tmp_path / "app" / "store" / "migrations"
+    shutil.copytree(SCENARIOS / "tenant", package)
+    ini = package / "alembic.ini"
+    ini.write_text("[alembic]\nscript_location = app/store/migrations\npath_separator = os\n")
+    run_env = {**env, "ALEMBIC_CONFIG": str(ini), "PYTHONVERBOSE": "1"}
+    assert run_job("run", env=run_env, cwd=tmp_path).code == 0
+
+    result = run_job("run", env=run_env, cwd=tmp_path)
+
+    assert ("up-to-date", "shared") == (result.event("run.done")["outcome"], result.event("lock.acquired")["mode"])
+    assert "import 'alembic'" not in result.stderr and "import 'psycopg2'" in result.stderr
+    assert run_job("manifest", env=run_env, cwd=tmp_path).code == 0
+    assert json.loads((package / manifest.NAME).read_text())["heads"] == ["t003"]
