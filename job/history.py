@@ -190,11 +190,9 @@ class History:
         if self.table is None or not self._created:
             return False
         values = [self.run_id, revision, direction, started.isoformat(), repr(float(seconds)), self.host]
-        if any(db.DO_TAG in value for value in values):
+        if any(db.DO_TAG in value for value in [*values, self.schema or ""]):
             return False
         run_id, revision, direction, started_at, seconds_text, host = (db.literal(v) for v in values)
-        if self.schema is not None and db.DO_TAG in self.schema:
-            return False
         schema = "NULL" if self.schema is None else db.literal(self.schema)
         if row is not None:  # (the row `begun` wrote, completed in the version row's transaction)
             db.plpgsql(connection, (
@@ -221,7 +219,6 @@ def recent(conn: Any, own: tables.Own | None, limit: int = 10, schema: str | Non
         return []
     with conn.cursor() as cur:
         scoped = db.has_column(cur, table.identifier(), "tenant_schema")
-    with conn.cursor() as cur:
         cur.execute(
             sql.SQL(
                 "SELECT run_id, command, started_at, seconds, outcome, error, backup_path, host, "

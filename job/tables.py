@@ -103,7 +103,8 @@ def prepare(cur: Any, own: Own, kind: str, ddl: str) -> Table:
     (its CREATE TABLE IF NOT EXISTS, {table} the table)."""
     table = own.table(kind)
     pairs = [(k, own.table(k), own.legacy(k)) for k in SUFFIXES]
-    present = _columns(cur.connection, [t for _, new, old in pairs for t in (new, old) if t is not None])
+    everywhere = [t for _, new, old in pairs for t in (new, old) if t is not None]
+    present = _columns(cur.connection, everywhere)
     if table in present and all(old is None or old not in present or new in present for _, new, old in pairs):
         _check(table, kind, present[table])
         cur.execute(sql.SQL(ddl).format(table=table.identifier()))
@@ -113,7 +114,7 @@ def prepare(cur: Any, own: Own, kind: str, ddl: str) -> Table:
     # (In autocommit, as the job writes its tables: a session-level lock, released here.)
     cur.execute("SELECT pg_advisory_lock(%s)", (CREATING_KEY,))
     try:
-        present = _columns(cur.connection, [t for _, new, old in pairs for t in (new, old) if t is not None])
+        present = _columns(cur.connection, everywhere)  # (as another run may have left them meanwhile)
         if own.schema is not None:
             cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(own.schema)))
         for k, new, old in pairs:
