@@ -85,12 +85,19 @@ def cmd_wait(settings: config.Settings, args: argparse.Namespace) -> tuple[str, 
 
 
 def cmd_check(settings: config.Settings, args: argparse.Namespace) -> tuple[str, int]:
+    outcome, code, report = checked(settings, args)
+    if args.format == "json":
+        _out(json.dumps(report))
+    return outcome, code
+
+
+def checked(settings: config.Settings, args: argparse.Namespace) -> tuple[str, int, dict[str, Any]]:
+    """`check` of one database (or tenant): at-target or pending, and what its JSON says."""
     the_plan = commands.check(settings, block=args.wait)
     at_target = not the_plan.pending
-    if args.format == "json":
-        _out(json.dumps({"at_target": at_target, **the_plan.as_dict()}))
     log.info("check", at_target=at_target, current=list(the_plan.current), pending=len(the_plan.pending))
-    return ("at-target", 0) if at_target else ("pending", Pending.exit_code)
+    report = {"at_target": at_target, **the_plan.as_dict()}
+    return ("at-target", 0, report) if at_target else ("pending", Pending.exit_code, report)
 
 
 def cmd_plan(settings: config.Settings, args: argparse.Namespace) -> tuple[str, int]:
@@ -197,7 +204,7 @@ def tenant_status(settings: config.Settings) -> tuple[str, int, dict[str, Any]]:
     """`status` of one tenant of a fleet: at-target or pending, and the state the fleet reports."""
     report = commands.status(settings)
     last = report.history[0] if report.history else None
-    state = {"current": report.current, "heads": report.heads, "pending": report.pending_count,
+    state = {"current": report.current, "heads": report.heads, "pending_count": report.pending_count,
              "lock_held": report.lock["held"], "drift": len(report.drift),
              "last_run": {k: last[k] for k in ("command", "outcome", "started_at")} if last else None}
     if report.problem:
@@ -208,7 +215,7 @@ def tenant_status(settings: config.Settings) -> tuple[str, int, dict[str, Any]]:
 # what each command that takes MIGRATE_FLEET runs on one tenant (None: job.pipeline's run)
 FLEET_COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "run": lambda args: None,
-    "check": lambda args: lambda one: cmd_check(one, args),
+    "check": lambda args: lambda one: checked(one, args),
     "status": lambda args: tenant_status,
 }
 # the commands that ignore MIGRATE_FLEET: they touch no tenant's schema (wait for the server; the
@@ -220,9 +227,6 @@ def over_fleet(settings: config.Settings, args: argparse.Namespace) -> tuple[Any
     """`run`, `check` or `status` on every tenant of the fleet (job.fleet)."""
     from job import fleet
 
-    if args.command == "check" and args.format == "json":
-        raise ConfigError("check over a fleet (MIGRATE_FLEET) says each tenant's state in its fleet.target line: "
-                          "--format json is for one tenant (status --format json reports the fleet)")
     return fleet.run(settings, os.environ, vars(args), args.command, FLEET_COMMANDS[args.command](args))
 
 

@@ -35,7 +35,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
 
-from job import __version__, config, credentials, db, logs
+from job import __version__, config, credentials, db, logs, text
 from job.config import Settings
 from job.errors import ConfigError, MigrationFailed, Pending, first_line
 from job.logs import log
@@ -194,14 +194,25 @@ def run(settings: Settings, env: Mapping[str, str], flags: Mapping[str, Any], co
             ended += scheduler.run(rest)
     finally:
         scheduler.close()
-    if command == "status":
-        from job import text
-
+    if _prints(command, flags):
         report = [{"tenant": e.target.label, "outcome": e.outcome, **(e.state or {}),
                    **({"error": e.error} if e.error else {})} for e in sorted(ended, key=lambda e: e.target.label)]
-        logs.output_for(sys.stdout).write(json.dumps({"tenants": report}) + "\n" if flags.get("format") == "json"
+        logs.output_for(sys.stdout).write(_document(command, report) if flags.get("format") == "json"
                                           else text.fleet_status(report))
     return summary(ended, scheduler.signalled, command)
+
+
+def _prints(command: str, flags: Mapping[str, Any]) -> bool:
+    """Whether the fleet prints a report on stdout (its lines, and every tenant's, then go to
+    stderr, as the CLI sends a printing command's): `status`, and `--format json`."""
+    return command == "status" or flags.get("format") == "json"
+
+
+def _document(command: str, report: list[dict[str, Any]]) -> str:
+    """`--format json` over a fleet: one document, every tenant in it (`check`: and whether all are
+    at their target)."""
+    return json.dumps({**({"at_target": all(t["outcome"] == "at-target" for t in report)} if command == "check"
+                          else {}), "tenants": report}) + "\n"
 
 
 def summary(ended: list[Ended], signalled: int | None, command: str = "run") -> tuple[str, int, str]:
@@ -423,8 +434,7 @@ def _run_target(target: Target, command: str, work: Callable[[Settings], tuple[A
 
     started = time.monotonic()
     fleet_run_id = logs.run_id()
-    # (`status` prints the fleet's report on stdout: its lines go to stderr, as the CLI sends them)
-    logs.configure(*config.log_options(env, flags), stream=sys.stderr if command == "status" else sys.stdout,
+    logs.configure(*config.log_options(env, flags), stream=sys.stderr if _prints(command, flags) else sys.stdout,
                    hold=command == "run")
     db.install_signal_handlers()
     # (a worker's earlier target set these for its run: each target starts from the fleet's own)

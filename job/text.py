@@ -118,7 +118,8 @@ def fleet_status(tenants: list[dict[str, Any]]) -> str:
     for t in sorted(tenants, key=lambda t: (order.get(t["outcome"], 1), t["tenant"])):
         last = t.get("last_run")
         rows.append((t["tenant"], t["outcome"], ", ".join(t.get("current") or []) or "base",
-                     "?" if t.get("pending") is None else str(t["pending"]), "held" if t.get("lock_held") else "free",
+                     "?" if t.get("pending_count") is None else str(t["pending_count"]),
+                     "held" if t.get("lock_held") else "free",
                      f"{last['command']} {last['outcome'] or 'running'} {last['started_at'][:19]}" if last
                      else t.get("error") or t.get("problem") or ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -4,6 +4,7 @@ tenant, a tenant added later, resume, canary, fail-fast, the sources of the list
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from pathlib import Path
@@ -301,7 +302,13 @@ def test_check_over_a_fleet_says_each_database_and_exits_8_while_any_is_pending(
     assert waited.code == 0, waited.stdout[-2000:]
     assert set(outcomes(waited).values()) == {"at-target"}
 
-    assert run_job("check", "--format", "json", env=env).code == 2
+    # --format json: one document for the fleet, every tenant in it (CONTRACT.md: one JSON document)
+    report = run_job("check", "--format", "json", env=env)
+    assert report.code == 0 and report.stderr.count("fleet.target") == len(tenants)
+    document = json.loads(report.stdout)
+    assert document["at_target"] is True and {t["tenant"] for t in document["tenants"]} == {t.name for t in tenants}
+    assert {(t["outcome"], tuple(t["current"]), t["pending"] == []) for t in document["tenants"]} == {
+        ("at-target", tuple(HEAD), True)}
 
 
 def test_each_database_of_a_fleet_gets_its_password_from_the_password_file(password_cluster, tmp_path: Path) -> None:

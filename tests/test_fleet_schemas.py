@@ -205,6 +205,10 @@ def test_an_env_py_that_loops_over_tenant_schemas_itself_is_run_once_per_tenant(
 
     make_schemas(db, ["tenant_d"])
     assert run_job("check", env=env).code == 8
+    checked = json.loads(run_job("check", "--format", "json", env=env).stdout)
+    assert checked["at_target"] is False and {t["tenant"]: [s["revision"] for s in t["pending"]]
+                                              for t in checked["tenants"]} == {
+        "tenant_a": [], "tenant_b": [], "tenant_c": [], "tenant_d": ["l001"]}
     again = run_job("run", env=env, timeout=300)
     assert again.code == 0, again.stdout[-3000:]
     assert outcomes(again) == {"tenant_a": "up-to-date", "tenant_b": "up-to-date", "tenant_c": "up-to-date",
@@ -236,7 +240,7 @@ def test_status_over_a_fleet_reports_each_tenant_and_other_commands_refuse_a_fle
 
     report = json.loads(run_job("status", "--format", "json", env=env).stdout)
     by_tenant = {t["tenant"]: t for t in report["tenants"]}
-    assert {name: (t["outcome"], t["current"], t["pending"]) for name, t in by_tenant.items()} == {
+    assert {name: (t["outcome"], t["current"], t["pending_count"]) for name, t in by_tenant.items()} == {
         "acme": ("at-target", TENANT_HEAD, 0), "globex": ("at-target", TENANT_HEAD, 0),
         "initech": ("pending", ["t001"], 2)}
     assert by_tenant["initech"]["last_run"]["outcome"] == "migrated" and not by_tenant["acme"]["lock_held"]
@@ -245,6 +249,10 @@ def test_status_over_a_fleet_reports_each_tenant_and_other_commands_refuse_a_fle
     rows = [line.split() for line in text.stdout.splitlines()]
     assert rows[0][:3] == ["tenant", "state", "current"] and rows[1][:4] == ["initech", "pending", "t001", "2"]
     assert run_job("check", env=env).code == 8
+    checked = json.loads(run_job("check", "--format", "json", env=env).stdout)
+    assert checked["at_target"] is False and {t["tenant"]: [s["revision"] for s in t["pending"]]
+                                              for t in checked["tenants"]} == {
+        "acme": [], "globex": [], "initech": ["t002", "t003"]}
 
     # a command that works on one tenant never does one alone when a fleet is named
     for command in (["backup"], ["downgrade", "base", "--yes"], ["plan"], ["drift"]):
